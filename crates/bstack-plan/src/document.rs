@@ -1,0 +1,377 @@
+//! Contract documents: any contract, in either form, in memory or in a file.
+//!
+//! A [`Document`] is one top-level contract value. It reads from and writes to
+//! JSON (self-describing: the `kind` key says which contract) and protobuf
+//! (compact, but not self-describing: the caller, or the file name, says which
+//! contract). Files are replaced atomically, so a failed write leaves the
+//! previous file intact.
+
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+
+use prost::Message;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{PlanError, Result};
+use crate::json;
+use crate::validate::{Problem, Validate};
+use crate::{CachePlan, SCHEMA_VERSION, SwapPlan, SwapWindow, WaveSpec, WeightManifest};
+
+/// Which contract a document holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ContractKind {
+    /// [`WeightManifest`].
+    WeightManifest,
+    /// [`CachePlan`].
+    CachePlan,
+    /// [`SwapWindow`].
+    SwapWindow,
+    /// [`SwapPlan`].
+    SwapPlan,
+    /// [`WaveSpec`].
+    WaveSpec,
+}
+
+impl ContractKind {
+    /// Every contract kind.
+    pub const ALL: [ContractKind; 5] = [
+        ContractKind::WeightManifest,
+        ContractKind::CachePlan,
+        ContractKind::SwapWindow,
+        ContractKind::SwapPlan,
+        ContractKind::WaveSpec,
+    ];
+
+    /// The name used as JSON `kind` and in file names (`cache_plan`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ContractKind::WeightManifest => "weight_manifest",
+            ContractKind::CachePlan => "cache_plan",
+            ContractKind::SwapWindow => "swap_window",
+            ContractKind::SwapPlan => "swap_plan",
+            ContractKind::WaveSpec => "wave_spec",
+        }
+    }
+
+    /// Parses a kind name; `-` and `_` are interchangeable (`cache-plan`).
+    pub fn from_name(name: &str) -> Option<ContractKind> {
+        let name = name.replace('-', "_");
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// The kind named in a file name (`plan.cache_plan.pb`, `v2-manifest.bin`), if any.
+    pub fn from_file_name(path: &Path) -> Option<ContractKind> {
+        let name = path
+            .file_name()?
+            .to_string_lossy()
+            .to_lowercase()
+            .replace('-', "_");
+        Self::ALL
+            .into_iter()
+            .find(|k| name.contains(k.name()))
+            .or_else(|| {
+                name.contains("manifest")
+                    .then_some(ContractKind::WeightManifest)
+            })
+    }
+
+    /// All names, for messages.
+    pub fn names() -> String {
+        Self::ALL.map(ContractKind::name).join(", ")
+    }
+}
+
+impl fmt::Display for ContractKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The two encodings of a contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Pretty JSON with `kind` and `schema_version`.
+    Json,
+    /// Protobuf binary.
+    Proto,
+}
+
+impl Format {
+    /// Tells the format of a file from its extension (`.json`; `.pb`,
+    /// `.binpb`, `.bin`, `.proto.bin`), or else from its first non-blank byte.
+    pub fn detect(path: &Path, bytes: &[u8]) -> Format {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("json") => Format::Json,
+            Some("pb" | "binpb" | "bin") => Format::Proto,
+            _ => match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+                Some(b'{') => Format::Json,
+                _ => Format::Proto,
+            },
+        }
+    }
+}
+
+/// Behaviour shared by the top-level contracts.
+pub trait Contract:
+    Message + Default + Clone + Serialize + DeserializeOwned + Validate + Sized
+{
+    /// Which contract this is.
+    const KIND: ContractKind;
+    /// The value's `schema_version` field.
+    fn schema_version_mut(&mut self) -> &mut u32;
+    /// Wraps the value in a [`Document`].
+    fn into_document(self) -> Document;
+    /// Unwraps a document of this kind; `None` for another kind.
+    fn from_document(doc: Document) -> Option<Self>;
+
+    /// Decodes protobuf bytes. An absent `schema_version` (0, as in messages of
+    /// the earlier `bw.stack` format) reads as version 1.
+    fn decode_proto(bytes: &[u8], origin: &str) -> Result<Self> {
+        let mut value = Self::decode(bytes).map_err(|source| PlanError::Proto {
+            origin: origin.to_owned(),
+            kind: Self::KIND.name(),
+            source,
+        })?;
+        let version = value.schema_version_mut();
+        match *version {
+            0 => *version = SCHEMA_VERSION,
+            v if v == SCHEMA_VERSION => {}
+            v => {
+                return Err(PlanError::SchemaVersion {
+                    origin: origin.to_owned(),
+                    found: v.into(),
+                    supported: SCHEMA_VERSION,
+                });
+            }
+        }
+        Ok(value)
+    }
+
+    /// Parses the JSON form; the document's `kind` must be this contract.
+    fn from_json(text: &str, origin: &str) -> Result<Self> {
+        let doc = Document::from_json(text, origin)?;
+        let found = doc.kind();
+        Self::from_document(doc).ok_or_else(|| PlanError::KindMismatch {
+            origin: origin.to_owned(),
+            found: found.name(),
+            expected: Self::KIND.name(),
+        })
+    }
+
+    /// The JSON form: pretty, `kind` first, ending in a newline.
+    fn to_json(&self) -> String {
+        json::write_document(Self::KIND.name(), self)
+    }
+}
+
+macro_rules! contracts {
+    ($($ty:ident),* $(,)?) => {
+        /// Any top-level contract value.
+        // Documents are few and short-lived; boxing the larger variants
+        // would cost every user an indirection and buy nothing.
+        #[allow(clippy::large_enum_variant)]
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Document {
+            $(
+                #[doc = concat!("A [`", stringify!($ty), "`].")]
+                $ty($ty),
+            )*
+        }
+
+        $(
+            impl Contract for $ty {
+                const KIND: ContractKind = ContractKind::$ty;
+                fn schema_version_mut(&mut self) -> &mut u32 {
+                    &mut self.schema_version
+                }
+                fn into_document(self) -> Document {
+                    Document::$ty(self)
+                }
+                fn from_document(doc: Document) -> Option<Self> {
+                    match doc {
+                        Document::$ty(v) => Some(v),
+                        _ => None,
+                    }
+                }
+            }
+        )*
+
+        impl Document {
+            /// Which contract this is.
+            pub fn kind(&self) -> ContractKind {
+                match self { $(Document::$ty(_) => ContractKind::$ty,)* }
+            }
+
+            /// Every problem found by the contract's `validate()`.
+            pub fn problems(&self) -> Vec<Problem> {
+                match self { $(Document::$ty(v) => v.problems(),)* }
+            }
+
+            /// The protobuf encoding.
+            pub fn to_proto(&self) -> Vec<u8> {
+                match self { $(Document::$ty(v) => v.encode_to_vec(),)* }
+            }
+
+            /// The JSON form: pretty, `kind` first, ending in a newline.
+            pub fn to_json(&self) -> String {
+                match self { $(Document::$ty(v) => v.to_json(),)* }
+            }
+
+            /// Decodes protobuf bytes holding a `kind` contract.
+            pub fn from_proto(kind: ContractKind, bytes: &[u8], origin: &str) -> Result<Document> {
+                match kind { $(ContractKind::$ty => $ty::decode_proto(bytes, origin).map(Document::$ty),)* }
+            }
+
+            fn parse_json_body(kind: ContractKind, text: &str, origin: &str) -> Result<Document> {
+                match kind { $(ContractKind::$ty => json::read_body::<$ty>(text, origin).map(Document::$ty),)* }
+            }
+        }
+    };
+}
+
+contracts!(WeightManifest, CachePlan, SwapWindow, SwapPlan, WaveSpec);
+
+impl Document {
+    /// Parses a JSON document, whose `kind` says which contract it holds and
+    /// whose `schema_version` must be one this build reads.
+    pub fn from_json(text: &str, origin: &str) -> Result<Document> {
+        let header = json::read_header(text, origin)?;
+        let kind_error = |message: String| PlanError::Kind {
+            origin: origin.to_owned(),
+            message,
+        };
+        let kind = match header.kind {
+            None => {
+                return Err(kind_error(format!(
+                    "missing; expected one of {}",
+                    ContractKind::names()
+                )));
+            }
+            Some(name) => ContractKind::from_name(&name).ok_or_else(|| {
+                kind_error(format!(
+                    "unknown contract {name:?}; expected one of {}",
+                    ContractKind::names()
+                ))
+            })?,
+        };
+        match header.schema_version {
+            Some(v) if v == u64::from(SCHEMA_VERSION) => {}
+            found => {
+                return Err(PlanError::SchemaVersion {
+                    origin: origin.to_owned(),
+                    found: found.unwrap_or(0),
+                    supported: SCHEMA_VERSION,
+                });
+            }
+        }
+        Self::parse_json_body(kind, text, origin)
+    }
+
+    /// Reads a contract file in either format. `kind` is required for a
+    /// protobuf file whose name does not contain the contract's name, and if
+    /// given for a JSON file, must match its `kind`.
+    pub fn read(path: &Path, kind: Option<ContractKind>) -> Result<Document> {
+        let origin = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| PlanError::Io {
+            origin: origin.clone(),
+            source,
+        })?;
+        Self::from_bytes(
+            &bytes,
+            Format::detect(path, &bytes),
+            kind.or_else(|| ContractKind::from_file_name(path)),
+            &origin,
+        )
+        .and_then(|doc| match kind {
+            Some(expected) if doc.kind() != expected => Err(PlanError::KindMismatch {
+                origin: origin.clone(),
+                found: doc.kind().name(),
+                expected: expected.name(),
+            }),
+            _ => Ok(doc),
+        })
+    }
+
+    /// Parses bytes in `format`; `kind` is needed for protobuf.
+    pub fn from_bytes(
+        bytes: &[u8],
+        format: Format,
+        kind: Option<ContractKind>,
+        origin: &str,
+    ) -> Result<Document> {
+        match format {
+            Format::Json => {
+                let text = std::str::from_utf8(bytes).map_err(|e| PlanError::Json {
+                    origin: origin.to_owned(),
+                    path: ".".to_owned(),
+                    line: 0,
+                    column: 0,
+                    message: format!(
+                        "not UTF-8 text (byte {}); is this a protobuf file?",
+                        e.valid_up_to()
+                    ),
+                })?;
+                Document::from_json(text, origin)
+            }
+            Format::Proto => {
+                let kind = kind.ok_or_else(|| PlanError::UnknownProtoKind {
+                    origin: origin.to_owned(),
+                    names: ContractKind::names(),
+                })?;
+                Document::from_proto(kind, bytes, origin)
+            }
+        }
+    }
+
+    /// The encoding in `format`.
+    pub fn encode(&self, format: Format) -> Vec<u8> {
+        match format {
+            Format::Json => self.to_json().into_bytes(),
+            Format::Proto => self.to_proto(),
+        }
+    }
+
+    /// Writes the document to `path` in `format`, atomically: the file is
+    /// either the previous one or the complete new one, never a part.
+    pub fn write(&self, path: &Path, format: Format) -> Result<()> {
+        write_atomic(path, &self.encode(format))
+    }
+}
+
+/// Replaces `path` with `bytes` through a temporary file in the same directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let origin = path.display().to_string();
+    let io = |source| PlanError::Io {
+        origin: origin.clone(),
+        source,
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    tmp.write_all(bytes).map_err(io)?;
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
+}
+
+impl SwapPlan {
+    /// The digest of this plan: `blake3:` and the hex BLAKE3 of its protobuf
+    /// encoding with `digest` empty. Any change to any field changes it.
+    pub fn compute_digest(&self) -> String {
+        let mut unsealed = self.clone();
+        unsealed.digest.clear();
+        format!(
+            "blake3:{}",
+            blake3::hash(&unsealed.encode_to_vec()).to_hex()
+        )
+    }
+
+    /// Sets `digest` to [`SwapPlan::compute_digest`]. Call after the last change.
+    pub fn seal(&mut self) {
+        self.digest = self.compute_digest();
+    }
+}

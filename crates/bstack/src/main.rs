@@ -1,0 +1,124 @@
+//! `bstack`: one command line for the BStack components.
+//!
+//! The binary is thin: it parses arguments, calls the libraries and prints.
+//! Exit codes are the same for every command: 0 ok, 1 problems found (a plan
+//! that does not validate), 2 bad usage or unreadable input. Errors print one
+//! line, `error: ` and the cause.
+
+mod bench;
+mod demo;
+mod output;
+mod plan;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// BStack: plans for LLM infrastructure: weight rollouts, KV-cache movement,
+/// DataFrame pipelines and wave runtimes, all exchanged as validated contracts.
+#[derive(Parser, Debug)]
+#[command(
+    name = "bstack",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+struct Cli {
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// More log output on stderr (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    /// Only errors on stderr.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Inspect, validate and convert contract files (manifests, cache plans,
+    /// swap windows, swap plans, wave specs), in JSON or protobuf form.
+    #[command(subcommand)]
+    Plan(plan::PlanCommand),
+
+    /// Run the whole stack on built-in examples and write every contract to a
+    /// directory as JSON and protobuf.
+    Demo(demo::DemoArgs),
+
+    /// Measure a component's speed; prints one JSON object per figure, with a
+    /// same-run baseline where a physical limit exists.
+    Bench(bench::BenchArgs),
+}
+
+/// The outcome of a command that ran to the end.
+pub enum Outcome {
+    /// Everything checked out.
+    Ok,
+    /// The input was read but has problems (exit 1).
+    Problems,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout with 0; usage errors exit 2.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    init_logging(cli.verbose, cli.quiet);
+    let out = output::Output { json: cli.json };
+    let result = match cli.command {
+        Command::Plan(cmd) => plan::run(cmd, &out),
+        Command::Demo(args) => demo::run(args, &out),
+        Command::Bench(args) => bench::run(args, &out),
+    };
+    match result {
+        Ok(Outcome::Ok) => ExitCode::SUCCESS,
+        Ok(Outcome::Problems) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The error and its causes on one line, leaving out a cause whose text the
+/// line already holds (library errors often include their source's message).
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BSTACK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
