@@ -192,6 +192,9 @@ impl<'de, T: de::Deserialize<'de>> de::Deserialize<'de> for WithoutKind<T> {
 }
 
 /// Map access that drops the `kind` entry.
+///
+/// The key is read inside the underlying (path-tracking) key deserializer, so
+/// an unknown top-level field is reported with its name as the path.
 struct SkipKind<A>(A);
 
 impl<'de, A: MapAccess<'de>> MapAccess<'de> for SkipKind<A> {
@@ -201,15 +204,14 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for SkipKind<A> {
         &mut self,
         seed: K,
     ) -> Result<Option<K::Value>, A::Error> {
+        let mut seed = Some(seed);
         loop {
-            match self.0.next_key::<String>()? {
+            match self.0.next_key_seed(KeyFilter(&mut seed))? {
                 None => return Ok(None),
-                Some(key) if key == "kind" => {
+                Some(Some(key)) => return Ok(Some(key)),
+                // The `kind` entry: its value was checked by the header pass.
+                Some(None) => {
                     self.0.next_value::<de::IgnoredAny>()?;
-                }
-                Some(key) => {
-                    let key: de::value::StringDeserializer<A::Error> = key.into_deserializer();
-                    return seed.deserialize(key).map(Some);
                 }
             }
         }
@@ -217,5 +219,26 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for SkipKind<A> {
 
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
         self.0.next_value_seed(seed)
+    }
+}
+
+/// Reads a key; `None` for `kind`, otherwise the inner seed's value. The
+/// seed is only used up when the key is not `kind`.
+struct KeyFilter<'a, K>(&'a mut Option<K>);
+
+impl<'de, K: DeserializeSeed<'de>> DeserializeSeed<'de> for KeyFilter<'_, K> {
+    type Value = Option<K::Value>;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        let key = <String as de::Deserialize>::deserialize(d)?;
+        if key == "kind" {
+            return Ok(None);
+        }
+        let seed = self
+            .0
+            .take()
+            .ok_or_else(|| de::Error::custom("map key read twice"))?;
+        let key: de::value::StringDeserializer<D::Error> = key.into_deserializer();
+        seed.deserialize(key).map(Some)
     }
 }

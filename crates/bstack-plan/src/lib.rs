@@ -64,6 +64,8 @@ pub mod v1 {
 pub use address::{Address, AddressError, TierKind, TierName};
 pub use document::{Contract, ContractKind, Document, Format, write_atomic};
 pub use error::{PlanError, Result};
+/// Protobuf encoding and decoding of every contract (`encode_to_vec`, `decode`).
+pub use prost::Message;
 pub use v1::*;
 pub use validate::{Checker, Problem, Problems, Validate};
 

@@ -563,7 +563,12 @@ impl Validate for SwapPlan {
             None => c.report_at("window", "missing"),
         }
         check_buckets(c, &self.buckets, self.to.as_ref());
-        if !self.digest.is_empty() {
+        // Required: a plan is only executed as sealed, and protobuf cannot
+        // tell a plan cut short between two fields from a complete one; the
+        // digest (encoded after every other field but schema_version) can.
+        if self.digest.is_empty() {
+            c.report_at("digest", "missing: seal the finished plan (SwapPlan::seal)");
+        } else {
             let expected = self.compute_digest();
             if self.digest != expected {
                 c.report_at(

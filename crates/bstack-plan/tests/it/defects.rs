@@ -1,0 +1,177 @@
+//! `validate()` rejects each kind of defect, at the right path.
+//!
+//! Each property takes a valid generated value, breaks it in one specific
+//! way, and requires a problem at the path of the broken field.
+
+use bstack_plan::{Problem, TransferKind, Validate};
+use proptest::prelude::*;
+
+use crate::strategies;
+
+/// Fails unless some problem is at `path` and mentions `needle`.
+fn expect(problems: &[Problem], path: &str, needle: &str) -> Result<(), TestCaseError> {
+    prop_assert!(
+        problems
+            .iter()
+            .any(|p| p.path == path && p.message.contains(needle)),
+        "expected a problem at {path} mentioning {needle:?}, got {problems:#?}"
+    );
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn zero_length_op(mut plan in strategies::cache_plan(), pick in any::<prop::sample::Index>()) {
+        prop_assume!(!plan.ops.is_empty());
+        let i = pick.index(plan.ops.len());
+        plan.ops[i].length = 0;
+        expect(&plan.problems(), &format!("ops[{i}].length"), "must be > 0")?;
+    }
+
+    #[test]
+    fn overlapping_destinations(mut plan in strategies::cache_plan(), pick in any::<prop::sample::Index>(), shift in 0u64..64) {
+        prop_assume!(!plan.ops.is_empty());
+        let i = pick.index(plan.ops.len());
+        let mut copy = plan.ops[i].clone();
+        copy.dst_offset += shift.min(copy.length - 1);
+        plan.ops.push(copy);
+        let n = plan.ops.len() - 1;
+        let problems = plan.problems();
+        prop_assert!(
+            problems.iter().any(|p| (p.path == format!("ops[{n}]") || p.path == format!("ops[{i}]")) && p.message.contains("also writes")),
+            "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn window_ends_before_it_starts(mut plan in strategies::cache_plan(), back in 1u64..1000) {
+        let w = plan.window.as_mut().unwrap();
+        w.start_ns = w.end_ns + back;
+        expect(&plan.problems(), "window.end_ns", "before start_ns")?;
+    }
+
+    #[test]
+    fn swap_window_deadline_before_start(mut w in strategies::swap_window(), back in 1u64..1000) {
+        w.t_start_ns += 2000;
+        w.t_deadline_ns = w.t_start_ns - back;
+        expect(&w.problems(), "t_deadline_ns", "before t_start_ns")?;
+    }
+
+    #[test]
+    fn unknown_transfer_kind(mut plan in strategies::cache_plan(), pick in any::<prop::sample::Index>(), kind in 7i32..) {
+        prop_assume!(!plan.ops.is_empty());
+        let i = pick.index(plan.ops.len());
+        plan.ops[i].kind = kind;
+        expect(&plan.problems(), &format!("ops[{i}].kind"), "unknown transfer kind")?;
+        plan.ops[i].kind = TransferKind::KindUnspecified as i32;
+        expect(&plan.problems(), &format!("ops[{i}].kind"), "must be set")?;
+    }
+
+    #[test]
+    fn bad_address(mut plan in strategies::cache_plan(), pick in any::<prop::sample::Index>(), junk in "[a-z ]{0,8}") {
+        prop_assume!(!plan.ops.is_empty());
+        let i = pick.index(plan.ops.len());
+        plan.ops[i].src = junk;
+        expect(&plan.problems(), &format!("ops[{i}].src"), "")?;
+    }
+
+    #[test]
+    fn duplicate_tensor_names(mut m in strategies::manifest(), pick in any::<prop::sample::Index>()) {
+        prop_assume!(!m.tensors.is_empty());
+        let i = pick.index(m.tensors.len());
+        let mut copy = m.tensors[i].clone();
+        copy.file = "other.safetensors".into();
+        m.tensors.push(copy);
+        let n = m.tensors.len() - 1;
+        expect(&m.problems(), &format!("tensors[{n}].name"), &format!("duplicate of tensors[{i}]"))?;
+    }
+
+    #[test]
+    fn duplicate_page_in_evict(mut plan in strategies::cache_plan()) {
+        prop_assume!(!plan.evict.is_empty());
+        plan.evict.push(plan.evict[0].clone());
+        let n = plan.evict.len() - 1;
+        expect(&plan.problems(), &format!("evict[{n}]"), "duplicate of evict[0]")?;
+    }
+
+    #[test]
+    fn chunks_that_do_not_tile(mut m in strategies::manifest(), pick in any::<prop::sample::Index>(), gap in 1u64..16) {
+        let multi: Vec<usize> = (0..m.tensors.len()).filter(|&i| m.tensors[i].chunks.len() >= 2).collect();
+        prop_assume!(!multi.is_empty());
+        let i = multi[pick.index(multi.len())];
+        m.tensors[i].chunks[1].offset += gap;
+        expect(&m.problems(), &format!("tensors[{i}].chunks[1].offset"), "tile")?;
+    }
+
+    #[test]
+    fn length_disagrees_with_shape(mut m in strategies::manifest(), pick in any::<prop::sample::Index>()) {
+        prop_assume!(!m.tensors.is_empty());
+        let i = pick.index(m.tensors.len());
+        // Tripling the element count changes the byte count even for packed 4-bit types.
+        m.tensors[i].shape.push(3);
+        expect(&m.problems(), &format!("tensors[{i}].length"), "takes")?;
+    }
+
+    #[test]
+    fn tampered_swap_plan(mut plan in strategies::swap_plan(), extra in 1u64..100) {
+        plan.window.as_mut().unwrap().wave_end += extra;
+        expect(&plan.problems(), "digest", "does not match")?;
+        plan.digest.clear();
+        expect(&plan.problems(), "digest", "missing")?;
+    }
+
+    #[test]
+    fn bucket_item_past_capacity(mut plan in strategies::swap_plan()) {
+        prop_assume!(plan.buckets.first().is_some_and(|b| !b.items.is_empty()));
+        let b = &mut plan.buckets[0];
+        b.items[0].bucket_offset = b.capacity;
+        plan.seal();
+        expect(&plan.problems(), "buckets[0].items[0]", "past the bucket's capacity")?;
+    }
+
+    #[test]
+    fn partly_staged_chunk(mut plan in strategies::swap_plan()) {
+        prop_assume!(plan.buckets.first().is_some_and(|b| b.items.first().is_some_and(|i| i.length >= 2)));
+        plan.buckets[0].items[0].length -= 1;
+        plan.seal();
+        let problems = plan.problems();
+        prop_assert!(problems.iter().any(|p| p.path == "buckets" && p.message.contains("only partly")), "{problems:#?}");
+    }
+
+    #[test]
+    fn swap_range_reversed(mut w in strategies::wave_spec(), back in 1u64..10) {
+        w.swap_end = w.swap_begin;
+        w.swap_begin += back;
+        expect(&w.problems(), "swap_end", "before swap_begin")?;
+    }
+
+    #[test]
+    fn pack_order_not_a_permutation(mut w in strategies::wave_spec()) {
+        prop_assume!(!w.pack_order.is_empty());
+        let n = w.pack_order.len();
+        w.pack_order.push(0);
+        expect(&w.problems(), &format!("pack_order[{n}]"), "")?;
+    }
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let mut plan = bstack_plan::example::cache_plan();
+    plan.plan_id.clear();
+    plan.ops[0].length = 0;
+    plan.ops[1].dst = "nowhere".into();
+    plan.window = None;
+    let text: Vec<String> = plan.problems().iter().map(ToString::to_string).collect();
+    assert_eq!(
+        text,
+        [
+            "plan_id: must not be empty",
+            "ops[0].length: must be > 0",
+            "ops[1].dst: no scheme; expected one of file:///abs/path, tier://NODE/TIER, \
+             device://DEVICE[/RESOURCE], strata://KEY or tcp://HOST:PORT",
+            "window: missing",
+        ]
+    );
+}
