@@ -343,9 +343,13 @@ impl Document {
 /// Replaces `path` with `bytes` through a temporary file in the same directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let origin = path.display().to_string();
-    let io = |source| PlanError::Io {
+    // tempfile's errors name the temporary file; the user only knows `path`.
+    let io = |e: std::io::Error| PlanError::Io {
         origin: origin.clone(),
-        source,
+        source: e
+            .raw_os_error()
+            .map(std::io::Error::from_raw_os_error)
+            .unwrap_or(e),
     };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,

@@ -35,7 +35,7 @@ pub struct BenchArgs {
     scale: f64,
 }
 
-pub fn run(args: BenchArgs, _out: &Output) -> Result<Outcome> {
+pub fn run(args: BenchArgs, out: &Output) -> Result<Outcome> {
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
@@ -43,7 +43,7 @@ pub fn run(args: BenchArgs, _out: &Output) -> Result<Outcome> {
         bail!("--scale must be a positive number");
     }
     match args.component.as_str() {
-        "plan" => bench_plan(&args),
+        "plan" => bench_plan(&args, out)?,
         other => bail!("no benchmarks for {other:?}; available: plan"),
     }
     Ok(Outcome::Ok)
@@ -75,7 +75,15 @@ pub fn memcpy_baseline(runs: usize, len: usize) -> Duration {
 }
 
 /// Prints one figure.
-fn emit(bench: &str, n: usize, runs: usize, bytes: usize, time: Duration, baseline: Duration) {
+fn emit(
+    out: &Output,
+    bench: &str,
+    n: usize,
+    runs: usize,
+    bytes: usize,
+    time: Duration,
+    baseline: Duration,
+) -> std::io::Result<()> {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let figure = json!({
         "bench": bench,
@@ -88,22 +96,34 @@ fn emit(bench: &str, n: usize, runs: usize, bytes: usize, time: Duration, baseli
         "baseline_ms": ms(baseline),
         "ratio": ms(time) / ms(baseline).max(1e-9),
     });
-    println!("{figure}");
+    out.json_line(&figure)
 }
 
 /// Encode, decode, JSON write, JSON read and validate, for a large manifest
 /// and a large cache plan.
-fn bench_plan(args: &BenchArgs) {
+fn bench_plan(args: &BenchArgs, out: &Output) -> std::io::Result<()> {
     let runs = args.runs;
     let scaled = |n: f64| ((n * args.scale) as usize).max(1);
 
     let manifest = synthetic_manifest(scaled(20_000.0));
-    measure_contract("plan.manifest", manifest.tensors.len(), runs, &manifest);
+    measure_contract(
+        out,
+        "plan.manifest",
+        manifest.tensors.len(),
+        runs,
+        &manifest,
+    )?;
     let plan = synthetic_cache_plan(scaled(100_000.0));
-    measure_contract("plan.cache_plan", plan.ops.len(), runs, &plan);
+    measure_contract(out, "plan.cache_plan", plan.ops.len(), runs, &plan)
 }
 
-fn measure_contract<T: Contract>(name: &str, n: usize, runs: usize, value: &T) {
+fn measure_contract<T: Contract>(
+    out: &Output,
+    name: &str,
+    n: usize,
+    runs: usize,
+    value: &T,
+) -> std::io::Result<()> {
     let proto = value.encode_to_vec();
     let text = value.to_json();
     let proto_base = memcpy_baseline(runs, proto.len());
@@ -111,51 +131,56 @@ fn measure_contract<T: Contract>(name: &str, n: usize, runs: usize, value: &T) {
 
     let t = median(runs, || drop(black_box(value.encode_to_vec())));
     emit(
+        out,
         &format!("{name}.proto_encode"),
         n,
         runs,
         proto.len(),
         t,
         proto_base,
-    );
+    )?;
     let t = median(runs, || drop(black_box(T::decode(black_box(&proto[..])))));
     emit(
+        out,
         &format!("{name}.proto_decode"),
         n,
         runs,
         proto.len(),
         t,
         proto_base,
-    );
+    )?;
     let t = median(runs, || drop(black_box(value.to_json())));
     emit(
+        out,
         &format!("{name}.json_write"),
         n,
         runs,
         text.len(),
         t,
         json_base,
-    );
+    )?;
     let t = median(runs, || {
         drop(black_box(T::from_json(black_box(&text), "<bench>")))
     });
     emit(
+        out,
         &format!("{name}.json_read"),
         n,
         runs,
         text.len(),
         t,
         json_base,
-    );
+    )?;
     let t = median(runs, || drop(black_box(value.problems())));
     emit(
+        out,
         &format!("{name}.validate"),
         n,
         runs,
         proto.len(),
         t,
         proto_base,
-    );
+    )
 }
 
 fn hex_hash(seed: u64) -> String {

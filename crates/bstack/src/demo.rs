@@ -12,7 +12,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::Outcome;
-use crate::output::{Output, bytes, table};
+use crate::output::{Output, bytes, plural, table};
 use crate::plan::read_back;
 
 #[derive(Args, Debug)]
@@ -64,7 +64,7 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
                 })
             })
             .collect();
-        out.json_line(&json!({ "out": args.out, "contracts": stages }));
+        out.json_line(&json!({ "out": args.out, "contracts": stages }))?;
     } else {
         let mut t = table(
             &["contract", "example", "JSON", "protobuf", "valid"],
@@ -79,13 +79,13 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
                 "yes, read back from both".to_owned(),
             ]);
         }
-        println!("{t}");
-        println!(
+        out.line(t)?;
+        out.line(format_args!(
             "wrote {} files to {}; inspect one with `bstack plan show {}`",
             rows.len() * 2,
             args.out.display(),
             args.out.join("swap_plan.json").display()
-        );
+        ))?;
     }
     Ok(Outcome::Ok)
 }
@@ -102,11 +102,11 @@ struct Row {
 fn detail(doc: &Document) -> String {
     match doc {
         Document::WeightManifest(m) => format!(
-            "{} {}: {} tensors, {} files",
+            "{} {}: {}, {}",
             m.model_id,
             m.version,
-            m.tensors.len(),
-            m.files.len()
+            plural(m.tensors.len() as u64, "tensor"),
+            plural(m.files.len() as u64, "file")
         ),
         Document::CachePlan(p) => format!(
             "{} ops, {} prefetch, {} evict, {} admit",

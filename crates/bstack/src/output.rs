@@ -1,18 +1,41 @@
 //! Printing: human tables by default, JSON with `--json`.
 
+use std::io::Write;
+
 use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{CellAlignment, ContentArrangement, Table};
 
 /// Where and how commands print their results.
+///
+/// All results go through here rather than `println!`, which panics when
+/// stdout is closed (`bstack plan show x | head -3`); a failed write becomes
+/// an error that `main` handles.
 pub struct Output {
     /// Machine-readable JSON instead of tables.
     pub json: bool,
 }
 
 impl Output {
+    /// Prints one line of results on stdout.
+    pub fn line(&self, text: impl std::fmt::Display) -> std::io::Result<()> {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "{text}")?;
+        stdout.flush()
+    }
+
     /// Prints a JSON value on one line (for `--json`).
-    pub fn json_line(&self, value: &serde_json::Value) {
-        println!("{value}");
+    pub fn json_line(&self, value: &serde_json::Value) -> std::io::Result<()> {
+        self.line(value)
+    }
+}
+
+/// `1 page`, `2 pages`.
+pub fn plural(n: impl Into<u64>, word: &str) -> String {
+    let n = n.into();
+    if n == 1 {
+        format!("{n} {word}")
+    } else {
+        format!("{n} {word}s")
     }
 }
 
@@ -79,5 +102,7 @@ mod tests {
         assert_eq!(bytes(64 << 20), "64.0 MiB");
         assert_eq!(duration_ns(20_000_000), "20.0 ms");
         assert_eq!(duration_ns(6_000_000_000), "6.00 s");
+        assert_eq!(plural(1u64, "page"), "1 page");
+        assert_eq!(plural(0u64, "page"), "0 pages");
     }
 }

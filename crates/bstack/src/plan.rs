@@ -12,7 +12,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
 use crate::Outcome;
-use crate::output::{Output, bytes, duration_ns, table};
+use crate::output::{Output, bytes, duration_ns, plural, table};
 
 #[derive(Subcommand, Debug)]
 pub enum PlanCommand {
@@ -80,6 +80,16 @@ pub enum FormatArg {
     Proto,
 }
 
+impl FormatArg {
+    /// The flag spelling.
+    fn name(self) -> &'static str {
+        match self {
+            FormatArg::Json => "json",
+            FormatArg::Proto => "proto",
+        }
+    }
+}
+
 impl From<FormatArg> for Format {
     fn from(f: FormatArg) -> Format {
         match f {
@@ -94,7 +104,7 @@ pub fn run(cmd: PlanCommand, out: &Output) -> Result<Outcome> {
         PlanCommand::Validate { files, kind } => validate(&files, kind.kind, out),
         PlanCommand::Show { file, kind, top } => {
             let doc = read(&file, kind.kind)?;
-            show(&file, &doc, top, out);
+            show(&file, &doc, top, out)?;
             Ok(Outcome::Ok)
         }
         PlanCommand::Convert {
@@ -115,16 +125,16 @@ pub fn run(cmd: PlanCommand, out: &Output) -> Result<Outcome> {
             let size = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
             if out.json {
                 out.json_line(&json!({
-                    "file": output, "kind": doc.kind().name(), "format": format!("{to:?}").to_lowercase(), "bytes": size,
-                }));
+                    "file": output, "kind": doc.kind().name(), "format": to.name(), "bytes": size,
+                }))?;
             } else {
-                println!(
-                    "wrote {} ({}, {:?}, {})",
+                out.line(format_args!(
+                    "wrote {} ({}, {}, {})",
                     output.display(),
                     doc.kind(),
-                    to,
+                    to.name(),
                     bytes(size)
-                );
+                ))?;
             }
             Ok(Outcome::Ok)
         }
@@ -145,7 +155,7 @@ fn validate(files: &[PathBuf], kind: Option<ContractKind>, out: &Output) -> Resu
             Err(e) => {
                 unreadable += 1;
                 if out.json {
-                    out.json_line(&json!({ "file": file, "error": crate::one_line(&e) }));
+                    out.json_line(&json!({ "file": file, "error": crate::one_line(&e) }))?;
                 } else {
                     eprintln!("error: {}", crate::one_line(&e));
                 }
@@ -159,19 +169,19 @@ fn validate(files: &[PathBuf], kind: Option<ContractKind>, out: &Output) -> Resu
         if out.json {
             out.json_line(&json!({
                 "file": file, "kind": doc.kind().name(), "valid": problems.is_empty(), "problems": problems,
-            }));
+            }))?;
         } else if problems.is_empty() {
-            println!("{}: valid {}", file.display(), doc.kind());
+            out.line(format_args!("{}: valid {}", file.display(), doc.kind()))?;
         } else {
             for p in &problems {
-                println!("{}: {p}", file.display());
+                out.line(format_args!("{}: {p}", file.display()))?;
             }
-            println!(
-                "{}: {} problems in this {}",
+            out.line(format_args!(
+                "{}: {} in this {}",
                 file.display(),
-                problems.len(),
+                plural(problems.len() as u64, "problem"),
                 doc.kind()
-            );
+            ))?;
         }
     }
     if unreadable > 0 {
@@ -199,14 +209,15 @@ impl Summary {
             table: None,
         }
     }
-    /// Adds a figure shown as `text` in the table and as `value` in JSON.
-    fn add(&mut self, key: &'static str, text: String, value: Value) {
-        self.rows.push((key, text));
-        self.json.insert(key.to_owned(), value);
+    /// Adds a figure shown as `text` in the table and as `value` in JSON,
+    /// under `label` with spaces turned to underscores.
+    fn add(&mut self, label: &'static str, text: String, value: Value) {
+        self.rows.push((label, text));
+        self.json.insert(label.replace(' ', "_"), value);
     }
 }
 
-fn show(path: &Path, doc: &Document, top: usize, out: &Output) {
+fn show(path: &Path, doc: &Document, top: usize, out: &Output) -> std::io::Result<()> {
     let mut s = Summary::new();
     s.json.insert("file".into(), json!(path));
     s.json.insert("kind".into(), json!(doc.kind().name()));
@@ -220,17 +231,17 @@ fn show(path: &Path, doc: &Document, top: usize, out: &Output) {
     let problems = doc.problems().len();
     s.add("problems", problems.to_string(), json!(problems));
     if out.json {
-        out.json_line(&Value::Object(s.json));
-        return;
+        return out.json_line(&Value::Object(s.json));
     }
-    println!("{} ({})", path.display(), doc.kind());
+    out.line(format_args!("{} ({})", path.display(), doc.kind()))?;
     let mut t = crate::output::key_value_table();
     for (k, v) in s.rows {
         t.add_row(vec![k.to_owned(), v]);
     }
-    println!("{t}");
-    if let Some(largest) = s.table {
-        println!("{largest}");
+    out.line(t)?;
+    match s.table {
+        Some(largest) => out.line(largest),
+        None => Ok(()),
     }
 }
 
@@ -358,7 +369,7 @@ fn summarise_cache_plan(s: &mut Summary, p: &CachePlan, top: usize) {
         ("admit", &p.admit),
     ] {
         let n = pages(list);
-        s.add(key, format!("{n} pages"), json!(n));
+        s.add(key, plural(n, "page"), json!(n));
     }
     summarise_ops(s, &p.ops, top);
 }

@@ -1,1 +1,11 @@
-//! Integration tests of the `bstack` binary.
+//! Integration tests of the `bstack` binary: each test runs the built
+//! executable in a temporary directory and checks its exit code, stdout and
+//! stderr. One test binary, one module per command.
+
+mod bench_cmd;
+mod cli;
+mod common;
+mod demo_cmd;
+mod plan_convert;
+mod plan_show;
+mod plan_validate;

@@ -1,0 +1,100 @@
+//! `bstack bench`: the `plan` benches at a tiny scale print one JSON figure
+//! per line with its baseline; unknown components and bad `--runs` or
+//! `--scale` values are usage errors (exit 2).
+
+use crate::common::Sandbox;
+
+#[test]
+fn plan_prints_one_json_figure_per_bench() {
+    let sandbox = Sandbox::empty();
+    let run = sandbox.run(&["bench", "plan", "--runs", "1", "--scale", "0.002"]);
+    run.code(0).quiet_stderr();
+    let figures = run.json_lines();
+
+    let mut names = Vec::new();
+    for figure in &figures {
+        for key in [
+            "bench",
+            "n",
+            "median_ms",
+            "baseline",
+            "baseline_ms",
+            "ratio",
+        ] {
+            assert!(figure.get(key).is_some(), "{figure} lacks {key:?}{run}");
+        }
+        let name = figure["bench"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{figure}: bench is not a string{run}"));
+        names.push(name.to_owned());
+        assert_eq!(figure["runs"], 1, "{run}");
+        assert_eq!(figure["baseline"], "memcpy", "{run}");
+        // 0.002 of the reference 20,000 tensors and 100,000 ops.
+        let n = if name.starts_with("plan.manifest.") {
+            40
+        } else {
+            200
+        };
+        assert_eq!(figure["n"], n, "{name}{run}");
+        let number = |key: &str| {
+            figure[key]
+                .as_f64()
+                .filter(|v| v.is_finite() && *v >= 0.0)
+                .unwrap_or_else(|| panic!("{name}: {key} is not a finite number >= 0{run}"))
+        };
+        let (median, baseline, ratio) =
+            (number("median_ms"), number("baseline_ms"), number("ratio"));
+        let expected = median / baseline.max(1e-9);
+        assert!(
+            (ratio - expected).abs() <= 1e-6 * expected.max(1.0),
+            "{name}: ratio {ratio} is not median_ms / baseline_ms = {expected}{run}"
+        );
+    }
+
+    let mut want = Vec::new();
+    for contract in ["manifest", "cache_plan"] {
+        for step in [
+            "proto_encode",
+            "proto_decode",
+            "json_write",
+            "json_read",
+            "validate",
+        ] {
+            want.push(format!("plan.{contract}.{step}"));
+        }
+    }
+    assert_eq!(names, want, "{run}");
+    assert!(names.iter().any(|n| n == "plan.manifest.proto_decode"));
+    assert!(names.iter().any(|n| n == "plan.cache_plan.json_read"));
+}
+
+#[test]
+fn unknown_component_is_exit_2() {
+    let run = Sandbox::empty().run(&["bench", "nosuch"]);
+    run.code(2).quiet_stdout();
+    assert_eq!(
+        run.error_line(),
+        "no benchmarks for \"nosuch\"; available: plan",
+        "{run}"
+    );
+}
+
+#[test]
+fn zero_runs_is_exit_2() {
+    let run = Sandbox::empty().run(&["bench", "plan", "--runs", "0"]);
+    run.code(2).quiet_stdout();
+    assert_eq!(run.error_line(), "--runs must be at least 1", "{run}");
+}
+
+#[test]
+fn non_positive_scale_is_exit_2() {
+    for scale in ["--scale=0", "--scale=-1", "--scale=NaN", "--scale=inf"] {
+        let run = Sandbox::empty().run(&["bench", "plan", "--runs", "1", scale]);
+        run.code(2).quiet_stdout();
+        assert_eq!(
+            run.error_line(),
+            "--scale must be a positive number",
+            "{run}"
+        );
+    }
+}

@@ -1,0 +1,125 @@
+//! `bstack demo`: writes the ten contract files (every contract as JSON and
+//! protobuf), byte-identical to the library's examples, that `plan validate`
+//! accepts; its `--json` summary; and an output path it cannot create.
+
+use bstack_plan::{Format, example};
+
+use crate::common::{DEMO, KINDS, Sandbox};
+
+/// The ten file names the demo writes, sorted.
+fn demo_file_names() -> Vec<String> {
+    let mut names: Vec<String> = KINDS
+        .iter()
+        .flat_map(|k| [format!("{k}.json"), format!("{k}.pb")])
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn writes_ten_files_that_validate() {
+    let sandbox = Sandbox::empty();
+    let run = sandbox.run(&["demo", "--out", DEMO]);
+    run.code(0).quiet_stderr();
+    assert!(
+        run.stdout.contains(&format!("wrote 10 files to {DEMO}")),
+        "{run}"
+    );
+    for kind in KINDS {
+        run.stdout_has(kind);
+    }
+
+    let mut names: Vec<String> = std::fs::read_dir(sandbox.path(DEMO))
+        .unwrap_or_else(|e| panic!("listing {DEMO}: {e}{run}"))
+        .map(|entry| {
+            entry
+                .unwrap_or_else(|e| panic!("listing {DEMO}: {e}"))
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    assert_eq!(names, demo_file_names(), "{run}");
+
+    let paths: Vec<String> = names.iter().map(|n| format!("{DEMO}/{n}")).collect();
+    let mut args = vec!["plan", "validate"];
+    args.extend(paths.iter().map(String::as_str));
+    let run = sandbox.run(&args);
+    run.code(0).quiet_stderr();
+    let lines = run.stdout_lines();
+    assert_eq!(lines.len(), 10, "{run}");
+    for (line, path) in lines.iter().zip(&paths) {
+        let kind = path
+            .rsplit('/')
+            .next()
+            .and_then(|name| name.split('.').next())
+            .unwrap_or_default();
+        assert_eq!(*line, format!("{path}: valid {kind}"), "{run}");
+    }
+}
+
+#[test]
+fn files_are_the_library_examples() {
+    let sandbox = Sandbox::with_demo();
+    for doc in example::all() {
+        let kind = doc.kind().name();
+        assert!(
+            sandbox.read(&format!("{DEMO}/{kind}.json")) == doc.encode(Format::Json),
+            "{kind}.json is not the example's JSON"
+        );
+        assert!(
+            sandbox.read(&format!("{DEMO}/{kind}.pb")) == doc.encode(Format::Proto),
+            "{kind}.pb is not the example's protobuf"
+        );
+    }
+}
+
+#[test]
+fn json_summary_lists_five_contracts() {
+    let sandbox = Sandbox::empty();
+    let run = sandbox.run(&["--json", "demo", "--out", DEMO]);
+    run.code(0).quiet_stderr();
+    let summary = run.json();
+    assert_eq!(summary["out"], DEMO, "{run}");
+    let contracts = summary["contracts"]
+        .as_array()
+        .unwrap_or_else(|| panic!("`contracts` is not a list{run}"));
+    assert_eq!(contracts.len(), 5, "{run}");
+    for (entry, kind) in contracts.iter().zip(KINDS) {
+        assert_eq!(entry["contract"], kind, "{run}");
+        assert_eq!(entry["valid"], true, "{run}");
+        assert!(
+            entry["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{run}"
+        );
+        for (form, ext) in [("json", "json"), ("proto", "pb")] {
+            let file = format!("{DEMO}/{kind}.{ext}");
+            assert_eq!(entry[form]["file"], file, "{run}");
+            assert_eq!(
+                entry[form]["bytes"],
+                sandbox.read(&file).len(),
+                "{file}: size{run}"
+            );
+        }
+    }
+}
+
+#[test]
+fn creates_nested_output_directories_and_reruns() {
+    let sandbox = Sandbox::empty();
+    sandbox.run(&["demo", "--out", "a/b/c"]).code(0);
+    assert!(sandbox.exists("a/b/c/swap_plan.pb"));
+    // A second run over the same directory replaces the files.
+    sandbox.run(&["demo", "--out", "a/b/c"]).code(0);
+    assert!(sandbox.exists("a/b/c/swap_plan.pb"));
+}
+
+#[test]
+fn output_path_that_is_a_file_is_one_error_line() {
+    let sandbox = Sandbox::empty();
+    sandbox.write("afile", "not a directory");
+    let run = sandbox.run(&["demo", "--out", "afile"]);
+    run.code(2).quiet_stdout();
+    assert!(run.error_line().starts_with("creating afile: "), "{run}");
+}

@@ -1,0 +1,146 @@
+//! `bstack plan show`: the summary table and its `--json` form, for every
+//! contract; figures checked against the library's example values.
+
+use bstack_plan::example;
+use serde_json::json;
+
+use crate::common::{BROKEN, DEMO, KINDS, Sandbox, write_broken_plan};
+
+#[test]
+fn cache_plan_table_shows_id_and_counts() {
+    let sandbox = Sandbox::with_demo();
+    let file = format!("{DEMO}/cache_plan.json");
+    let run = sandbox.run(&["plan", "show", &file]);
+    run.code(0).quiet_stderr();
+    let plan = example::cache_plan();
+    assert_eq!(
+        run.stdout_lines()[0],
+        format!("{file} (cache_plan)"),
+        "{run}"
+    );
+    run.stdout_has(&plan.plan_id)
+        .stdout_has("ops")
+        .stdout_has(&format!("{} (896.0 KiB)", plan.ops.len()))
+        .stdout_has("H2D 2 (384.0 KiB), STORAGE2H 1 (512.0 KiB)")
+        .stdout_has("problems")
+        // The largest operation's note, from the table of operations.
+        .stdout_has("prefetch for request r3, layer 1");
+}
+
+#[test]
+fn cache_plan_json_has_kind_counts_and_no_problems() {
+    let sandbox = Sandbox::with_demo();
+    let plan = example::cache_plan();
+    let bytes: u64 = plan.ops.iter().map(|o| o.length).sum();
+    for file in ["cache_plan.json", "cache_plan.pb"] {
+        let path = format!("{DEMO}/{file}");
+        let run = sandbox.run(&["--json", "plan", "show", &path]);
+        run.code(0).quiet_stderr();
+        let summary = run.json();
+        assert_eq!(summary["file"], path, "{run}");
+        assert_eq!(summary["kind"], "cache_plan", "{run}");
+        assert_eq!(summary["problems"], 0, "{run}");
+        assert_eq!(summary["plan"], plan.plan_id, "{run}");
+        assert_eq!(
+            summary["ops"],
+            json!({"count": plan.ops.len(), "bytes": bytes}),
+            "{run}"
+        );
+        assert_eq!(summary["evict"], plan.evict.len(), "{run}");
+        assert_eq!(
+            summary["window"],
+            json!({"index": 0, "start_ns": 0, "end_ns": 20_000_000}),
+            "{run}"
+        );
+    }
+}
+
+#[test]
+fn every_contract_shows_in_both_forms() {
+    let sandbox = Sandbox::with_demo();
+    for kind in KINDS {
+        for ext in ["json", "pb"] {
+            let path = format!("{DEMO}/{kind}.{ext}");
+            let run = sandbox.run(&["--json", "plan", "show", &path]);
+            run.code(0).quiet_stderr();
+            let summary = run.json();
+            assert_eq!(summary["kind"], kind, "{run}");
+            assert_eq!(summary["problems"], 0, "{run}");
+
+            let run = sandbox.run(&["plan", "show", &path]);
+            run.code(0).quiet_stderr();
+            assert_eq!(run.stdout_lines()[0], format!("{path} ({kind})"), "{run}");
+        }
+    }
+}
+
+#[test]
+fn manifest_and_swap_plan_figures() {
+    let sandbox = Sandbox::with_demo();
+    let manifest = example::weight_manifest("v2");
+    let run = sandbox.run(&[
+        "--json",
+        "plan",
+        "show",
+        &format!("{DEMO}/weight_manifest.json"),
+    ]);
+    run.code(0);
+    let summary = run.json();
+    assert_eq!(summary["model"], manifest.model_id, "{run}");
+    assert_eq!(summary["version"], "v2", "{run}");
+    assert_eq!(summary["hash"], "BLAKE3", "{run}");
+    assert_eq!(summary["tensors"]["count"], manifest.tensors.len(), "{run}");
+
+    let plan = example::swap_plan();
+    let run = sandbox.run(&["--json", "plan", "show", &format!("{DEMO}/swap_plan.pb")]);
+    run.code(0);
+    let summary = run.json();
+    assert_eq!(summary["plan"], plan.plan_id, "{run}");
+    assert_eq!(summary["digest"], plan.digest, "{run}");
+    assert_eq!(summary["buckets"]["count"], plan.buckets.len(), "{run}");
+
+    let run = sandbox.run(&["plan", "show", &format!("{DEMO}/swap_plan.pb")]);
+    run.code(0).stdout_has("(matches)");
+}
+
+#[test]
+fn top_limits_the_table_of_operations() {
+    let sandbox = Sandbox::with_demo();
+    let file = format!("{DEMO}/cache_plan.json");
+    let run = sandbox.run(&["plan", "show", "--top", "1", &file]);
+    run.code(0).stdout_has("prefetch for request r3, layer 1");
+    assert!(
+        !run.stdout.contains("request r1"),
+        "--top 1 shows only the largest op{run}"
+    );
+    let run = sandbox.run(&["plan", "show", "--top", "0", &file]);
+    run.code(0);
+    assert!(!run.stdout.contains("request r"), "--top 0: no table{run}");
+}
+
+#[test]
+fn invalid_plan_shows_its_problem_count() {
+    // `show` summarises; it does not gate on validity (exit 0).
+    let sandbox = Sandbox::with_demo();
+    let expected = write_broken_plan(&sandbox);
+    let run = sandbox.run(&["--json", "plan", "show", BROKEN]);
+    run.code(0).quiet_stderr();
+    assert_eq!(run.json()["problems"], expected.len(), "{run}");
+}
+
+#[test]
+fn unreadable_file_is_one_error_line() {
+    let sandbox = Sandbox::with_demo();
+    let run = sandbox.run(&["plan", "show", "nope.json"]);
+    run.code(2).quiet_stdout();
+    assert!(run.error_line().starts_with("nope.json: "), "{run}");
+
+    sandbox.write("x.bin", sandbox.read(&format!("{DEMO}/cache_plan.pb")));
+    let run = sandbox.run(&["plan", "show", "x.bin"]);
+    run.code(2).quiet_stdout();
+    assert!(run.error_line().contains("--kind"), "{run}");
+    sandbox
+        .run(&["plan", "show", "--kind", "cache-plan", "x.bin"])
+        .code(0)
+        .stdout_has("demo-window-0");
+}
