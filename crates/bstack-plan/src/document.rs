@@ -374,6 +374,15 @@ impl SwapPlan {
         )
     }
 
+    /// Bytes staged in the buckets: what the rollout moves.
+    pub fn staged_bytes(&self) -> u64 {
+        self.buckets
+            .iter()
+            .flat_map(|b| &b.items)
+            .map(|i| i.length)
+            .sum()
+    }
+
     /// Sets `digest` to [`SwapPlan::compute_digest`]. Call after the last change.
     pub fn seal(&mut self) {
         self.digest = self.compute_digest();

@@ -333,12 +333,7 @@ mod tests {
     #[test]
     fn the_swap_plan_carries_only_the_delta() {
         let plan = swap_plan();
-        let moved: u64 = plan
-            .buckets
-            .iter()
-            .flat_map(|b| &b.items)
-            .map(|i| i.length)
-            .sum();
+        let moved = plan.staged_bytes();
         // One changed 4 KiB chunk of the up projection plus the new 4 KiB gate tensor.
         assert_eq!(moved, 2 * CHUNK_BYTES);
     }

@@ -197,6 +197,21 @@ fn check_schema_version(c: &mut Checker, version: u32) {
     }
 }
 
+/// `end` must not come before `start`.
+fn check_order(c: &mut Checker, end_name: &'static str, end: u64, start_name: &str, start: u64) {
+    if end < start {
+        c.report_at(end_name, format!("{end} is before {start_name} {start}"));
+    }
+}
+
+/// Checks a message field that must be present.
+fn check_required<T: Validate>(c: &mut Checker, name: &'static str, value: Option<&T>) {
+    match value {
+        Some(v) => c.field(name, |c| v.check(c)),
+        None => c.report_at(name, "missing"),
+    }
+}
+
 fn check_non_empty(c: &mut Checker, name: &'static str, value: &str) {
     if value.is_empty() {
         c.report_at(name, "must not be empty");
@@ -490,12 +505,7 @@ fn check_page_list(c: &mut Checker, name: &'static str, pages: &[KvPageRef]) {
 
 impl Validate for PlanWindow {
     fn check(&self, c: &mut Checker) {
-        if self.end_ns < self.start_ns {
-            c.report_at(
-                "end_ns",
-                format!("{} is before start_ns {}", self.end_ns, self.start_ns),
-            );
-        }
+        check_order(c, "end_ns", self.end_ns, "start_ns", self.start_ns);
     }
 }
 
@@ -517,31 +527,23 @@ impl Validate for CachePlan {
                 }
             }
         });
-        match &self.window {
-            Some(w) => c.field("window", |c| w.check(c)),
-            None => c.report_at("window", "missing"),
-        }
+        check_required(c, "window", self.window.as_ref());
     }
 }
 
 impl Validate for SwapWindow {
     fn check(&self, c: &mut Checker) {
         check_schema_version(c, self.schema_version);
-        if self.t_deadline_ns != 0 && self.t_deadline_ns < self.t_start_ns {
-            c.report_at(
+        if self.t_deadline_ns != 0 {
+            check_order(
+                c,
                 "t_deadline_ns",
-                format!(
-                    "{} is before t_start_ns {}",
-                    self.t_deadline_ns, self.t_start_ns
-                ),
+                self.t_deadline_ns,
+                "t_start_ns",
+                self.t_start_ns,
             );
         }
-        if self.wave_end < self.wave_begin {
-            c.report_at(
-                "wave_end",
-                format!("{} is before wave_begin {}", self.wave_end, self.wave_begin),
-            );
-        }
+        check_order(c, "wave_end", self.wave_end, "wave_begin", self.wave_begin);
     }
 }
 
@@ -549,19 +551,10 @@ impl Validate for SwapPlan {
     fn check(&self, c: &mut Checker) {
         check_schema_version(c, self.schema_version);
         check_non_empty(c, "plan_id", &self.plan_id);
-        match &self.from {
-            Some(m) => c.field("from", |c| m.check(c)),
-            None => c.report_at("from", "missing"),
-        }
-        match &self.to {
-            Some(m) => c.field("to", |c| m.check(c)),
-            None => c.report_at("to", "missing"),
-        }
+        check_required(c, "from", self.from.as_ref());
+        check_required(c, "to", self.to.as_ref());
         check_ops(c, &self.ops);
-        match &self.window {
-            Some(w) => c.field("window", |c| w.check(c)),
-            None => c.report_at("window", "missing"),
-        }
+        check_required(c, "window", self.window.as_ref());
         check_buckets(c, &self.buckets, self.to.as_ref());
         // Required: a plan is only executed as sealed, and protobuf cannot
         // tell a plan cut short between two fields from a complete one; the
@@ -758,21 +751,13 @@ impl Validate for WaveSpec {
             for (i, e) in self.io_extents.iter().enumerate() {
                 c.index(i, |c| {
                     check_non_empty(c, "layer", &e.layer);
-                    if e.last_page < e.first_page {
-                        c.report_at(
-                            "last_page",
-                            format!("{} is before first_page {}", e.last_page, e.first_page),
-                        );
-                    }
+                    check_order(c, "last_page", e.last_page, "first_page", e.first_page);
                 });
             }
         });
-        if self.swap_end < self.swap_begin {
-            c.report_at(
-                "swap_end",
-                format!("{} is before swap_begin {}", self.swap_end, self.swap_begin),
-            );
-        } else if self.num_waves > 0 && self.swap_end > self.num_waves {
+        check_order(c, "swap_end", self.swap_end, "swap_begin", self.swap_begin);
+        if self.swap_end >= self.swap_begin && self.num_waves > 0 && self.swap_end > self.num_waves
+        {
             c.report_at(
                 "swap_end",
                 format!("{} is past num_waves {}", self.swap_end, self.num_waves),

@@ -117,12 +117,7 @@ fn detail(doc: &Document) -> String {
         ),
         Document::SwapWindow(w) => format!("waves [{}, {})", w.wave_begin, w.wave_end),
         Document::SwapPlan(p) => {
-            let moved: u64 = p
-                .buckets
-                .iter()
-                .flat_map(|b| &b.items)
-                .map(|i| i.length)
-                .sum();
+            let moved = p.staged_bytes();
             format!(
                 "{} buckets, {} of changed chunks, sealed",
                 p.buckets.len(),

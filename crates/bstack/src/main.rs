@@ -21,7 +21,15 @@ use clap::{Parser, Subcommand};
     name = "bstack",
     version,
     propagate_version = true,
-    max_term_width = 100
+    max_term_width = 100,
+    after_help = "Examples:
+  bstack demo                          write every contract to ./out
+  bstack plan validate out/*           check files, every problem with its path
+  bstack plan show out/swap_plan.json  summary and the largest operations
+  bstack --json plan show FILE         the same as JSON
+
+Exit codes: 0 ok, 1 problems found, 2 bad usage or unreadable input.
+Logs: -v / -q, or BSTACK_LOG=bstack=debug (a tracing filter)."
 )]
 struct Cli {
     /// Print machine-readable JSON instead of tables.

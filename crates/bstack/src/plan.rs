@@ -426,12 +426,7 @@ fn summarise_swap_plan(s: &mut Summary, p: &SwapPlan, top: usize) {
             json!({"added": added, "changed": changed, "removed": removed}),
         );
     }
-    let staged: u64 = p
-        .buckets
-        .iter()
-        .flat_map(|b| &b.items)
-        .map(|i| i.length)
-        .sum();
+    let staged = p.staged_bytes();
     s.add(
         "buckets",
         format!("{} holding {}", p.buckets.len(), bytes(staged)),
