@@ -3,9 +3,11 @@
 //! On the wire an address is a string, so that plans stay readable and any
 //! tool can produce them; in code it is an [`Address`]. Parsing is strict and
 //! printing is exact: for every string `s` that parses,
-//! `s.parse::<Address>()?.to_string() == s`. That makes addresses safe to use
-//! as keys (two spellings of one place cannot exist) and lets `validate()`
-//! reject garbage with a message saying what the right form is.
+//! `s.parse::<Address>()?.to_string() == s`. Only canonical spellings parse
+//! (no `//`, `.` or `..` in paths, IP addresses in their standard form,
+//! lowercase host names), so comparing address strings compares places as far
+//! as syntax can tell, which is what the overlap checks of `validate()` rely
+//! on. Anything else is rejected with a message saying what the right form is.
 //!
 //! | form | meaning |
 //! |---|---|
@@ -164,9 +166,9 @@ impl FromStr for Address {
         if input.is_empty() {
             return Err(fail(format!("empty; expected one of {FORMS}")));
         }
-        if let Some(c) = input.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        if let Some(c) = input.chars().find(|c| !c.is_ascii_graphic()) {
             return Err(fail(format!(
-                "contains {c:?}; addresses have no spaces or controls"
+                "contains {c:?}; addresses are printable ASCII without spaces"
             )));
         }
         let Some((scheme, rest)) = input.split_once("://") else {
@@ -195,22 +197,60 @@ impl TryFrom<&str> for Address {
 }
 
 fn parse_file(rest: &str) -> Result<Address, String> {
-    if !rest.starts_with('/') || rest.len() < 2 {
+    let Some(relative) = rest.strip_prefix('/') else {
         return Err(
             "file addresses take an absolute local path, e.g. file:///data/model.safetensors"
                 .to_owned(),
         );
+    };
+    if relative
+        .split('/')
+        .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        return Err(format!(
+            "path {rest:?} is not canonical: no empty, '.' or '..' components and no trailing '/'"
+        ));
     }
     Ok(Address::File {
         path: rest.to_owned(),
     })
 }
 
-/// Names of nodes and devices: letters, digits, `.`, `_` and `-`.
+/// Names of nodes and devices: letters, digits, `.`, `_` and `-`, but not
+/// `.` or `..`.
 fn is_name(s: &str) -> bool {
     !s.is_empty()
+        && s != "."
+        && s != ".."
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// A host in its one canonical spelling: an IPv4 address as `Ipv4Addr`
+/// prints it, or a lowercase DNS name (labels of letters, digits and `-`,
+/// not starting or ending with `-`).
+fn check_host(host: &str) -> Result<(), String> {
+    if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return match host.parse::<std::net::Ipv4Addr>() {
+            Ok(ip) if ip.to_string() == host => Ok(()),
+            _ => Err(format!("{host:?} is not an IPv4 address in standard form")),
+        };
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    if host.len() <= 253 && host.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(format!(
+            "bad host {host:?}: use a lowercase DNS name or an IP address"
+        ))
+    }
 }
 
 /// A decimal number as printed by `Display`: no sign, no leading zeros.
@@ -275,24 +315,15 @@ fn parse_tcp(rest: &str) -> Result<Address, String> {
     let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
         let (host, after) = bracketed.split_once(']').ok_or_else(|| usage.to_owned())?;
         let port = after.strip_prefix(':').ok_or_else(|| usage.to_owned())?;
-        if host.is_empty()
-            || !host.contains(':')
-            || !host
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() || b":.".contains(&b))
-        {
-            return Err(format!("{host:?} is not an IPv6 address; {usage}"));
+        match host.parse::<std::net::Ipv6Addr>() {
+            Ok(ip) if ip.to_string() == host => {}
+            Ok(ip) => return Err(format!("write the IPv6 address {host:?} as {ip}")),
+            Err(_) => return Err(format!("{host:?} is not an IPv6 address; {usage}")),
         }
         (host, port)
     } else {
         let (host, port) = rest.rsplit_once(':').ok_or_else(|| usage.to_owned())?;
-        if !host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b".-".contains(&b))
-            || host.is_empty()
-        {
-            return Err(format!("bad host {host:?}; {usage}"));
-        }
+        check_host(host).map_err(|e| format!("{e}; {usage}"))?;
         (host, port)
     };
     let port: u16 = canonical_number(port)
@@ -344,6 +375,19 @@ mod tests {
             ("tcp://host:070", "bad port"),
             ("tcp://::1:80", "bad host"),
             ("tier://node 0/cpu", "spaces"),
+            ("file:///a//b", "not canonical"),
+            ("file:///a/./b", "not canonical"),
+            ("file:///a/../b", "not canonical"),
+            ("file:///a/", "not canonical"),
+            ("file:///\u{200b}x", "printable ASCII"),
+            ("tier://../cpu", "node"),
+            ("device://./x", "device"),
+            ("tcp://[0:0:0:0:0:0:0:1]:80", "as ::1"),
+            ("tcp://[:]:80", "not an IPv6"),
+            ("tcp://Host:80", "lowercase"),
+            ("tcp://-a:80", "bad host"),
+            ("tcp://a..b:80", "bad host"),
+            ("tcp://010.0.0.1:80", "standard form"),
         ] {
             let err = s.parse::<Address>().expect_err(s);
             assert!(err.reason.contains(hint), "{s}: {err}");

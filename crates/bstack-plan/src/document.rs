@@ -100,13 +100,22 @@ pub enum Format {
 
 impl Format {
     /// Tells the format of a file from its extension (`.json`; `.pb`,
-    /// `.binpb`, `.bin`, `.proto.bin`), or else from its first non-blank byte.
+    /// `.binpb`, `.bin`), or else from its content: JSON if it is UTF-8 text
+    /// whose first non-blank character is `{`, protobuf otherwise (a protobuf
+    /// message may well start with bytes that look like blanks and a brace).
     pub fn detect(path: &Path, bytes: &[u8]) -> Format {
         match path.extension().and_then(|e| e.to_str()) {
             Some("json") => Format::Json,
             Some("pb" | "binpb" | "bin") => Format::Proto,
-            _ => match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
-                Some(b'{') => Format::Json,
+            _ => match std::str::from_utf8(bytes) {
+                Ok(text)
+                    if text
+                        .trim_start_matches('\u{feff}')
+                        .trim_start()
+                        .starts_with('{') =>
+                {
+                    Format::Json
+                }
                 _ => Format::Proto,
             },
         }
@@ -160,8 +169,15 @@ pub trait Contract:
         })
     }
 
-    /// The JSON form: pretty, `kind` first, ending in a newline.
+    /// The JSON form: pretty, `kind` first, ending in a newline. A value
+    /// whose `schema_version` is 0 (unset) is written as the current version,
+    /// as protobuf decoding reads it.
     fn to_json(&self) -> String {
+        let mut probe = self.clone();
+        if *probe.schema_version_mut() == 0 {
+            *probe.schema_version_mut() = SCHEMA_VERSION;
+            return json::write_document(Self::KIND.name(), &probe);
+        }
         json::write_document(Self::KIND.name(), self)
     }
 }
@@ -237,6 +253,15 @@ impl Document {
     /// Parses a JSON document, whose `kind` says which contract it holds and
     /// whose `schema_version` must be one this build reads.
     pub fn from_json(text: &str, origin: &str) -> Result<Document> {
+        if !text.trim_start().starts_with('{') {
+            return Err(PlanError::Json {
+                origin: origin.to_owned(),
+                path: ".".to_owned(),
+                line: 0,
+                column: 0,
+                message: "expected a JSON object with \"kind\" and \"schema_version\"".to_owned(),
+            });
+        }
         let header = json::read_header(text, origin)?;
         let kind_error = |message: String| PlanError::Kind {
             origin: origin.to_owned(),
@@ -249,12 +274,15 @@ impl Document {
                     ContractKind::names()
                 )));
             }
-            Some(name) => ContractKind::from_name(&name).ok_or_else(|| {
-                kind_error(format!(
-                    "unknown contract {name:?}; expected one of {}",
-                    ContractKind::names()
-                ))
-            })?,
+            Some(name) => ContractKind::ALL
+                .into_iter()
+                .find(|k| k.name() == name)
+                .ok_or_else(|| {
+                    kind_error(format!(
+                        "unknown contract {name:?}; expected one of {}",
+                        ContractKind::names()
+                    ))
+                })?,
         };
         match header.schema_version {
             Some(v) if v == u64::from(SCHEMA_VERSION) => {}
@@ -313,7 +341,7 @@ impl Document {
                         e.valid_up_to()
                     ),
                 })?;
-                Document::from_json(text, origin)
+                Document::from_json(text.trim_start_matches('\u{feff}'), origin)
             }
             Format::Proto => {
                 let kind = kind.ok_or_else(|| PlanError::UnknownProtoKind {
@@ -341,25 +369,43 @@ impl Document {
 }
 
 /// Replaces `path` with `bytes` through a temporary file in the same directory.
+///
+/// The new file gets the permissions of the file it replaces, or those a plain
+/// `create` would give (0666 less the umask); temporary files alone would be
+/// 0600.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let origin = path.display().to_string();
-    // tempfile's errors name the temporary file; the user only knows `path`.
     let io = |e: std::io::Error| PlanError::Io {
         origin: origin.clone(),
-        source: e
-            .raw_os_error()
-            .map(std::io::Error::from_raw_os_error)
-            .unwrap_or(e),
+        source: without_temp_path(e),
     };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut tmp = builder.tempfile_in(dir).map_err(io)?;
+    if let Ok(existing) = std::fs::metadata(path) {
+        tmp.as_file()
+            .set_permissions(existing.permissions())
+            .map_err(io)?;
+    }
     tmp.write_all(bytes).map_err(io)?;
     tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(path).map_err(|e| io(e.error))?;
     Ok(())
+}
+
+/// tempfile's errors name the temporary file, which the user never sees:
+/// they read "{cause} at path {temporary:?}". Keep the cause only.
+fn without_temp_path(e: std::io::Error) -> std::io::Error {
+    let text = e.to_string();
+    match text.split_once(" at path ") {
+        Some((cause, _)) => std::io::Error::new(e.kind(), cause.to_owned()),
+        None => e,
+    }
 }
 
 impl SwapPlan {
@@ -368,6 +414,10 @@ impl SwapPlan {
     pub fn compute_digest(&self) -> String {
         let mut unsealed = self.clone();
         unsealed.digest.clear();
+        // Unset reads as the current version after a round trip; hash it so.
+        if unsealed.schema_version == 0 {
+            unsealed.schema_version = SCHEMA_VERSION;
+        }
         format!(
             "blake3:{}",
             blake3::hash(&unsealed.encode_to_vec()).to_hex()
@@ -379,8 +429,7 @@ impl SwapPlan {
         self.buckets
             .iter()
             .flat_map(|b| &b.items)
-            .map(|i| i.length)
-            .sum()
+            .fold(0u64, |sum, i| sum.saturating_add(i.length))
     }
 
     /// Sets `digest` to [`SwapPlan::compute_digest`]. Call after the last change.

@@ -19,7 +19,7 @@ pub enum PlanError {
         source: std::io::Error,
     },
     /// JSON that is not well formed, or does not match the contract.
-    #[error("{origin}:{line}:{column}: {path}: {message}")]
+    #[error("{origin}{}: {path}: {message}", position(*line, *column))]
     Json {
         /// File (or `<input>`).
         origin: String,
@@ -88,6 +88,15 @@ pub enum PlanError {
     /// A string that is not a valid address.
     #[error(transparent)]
     Address(#[from] AddressError),
+}
+
+/// `:line:column`, or nothing when the position is unknown (0).
+fn position(line: usize, column: usize) -> String {
+    if line == 0 {
+        String::new()
+    } else {
+        format!(":{line}:{column}")
+    }
 }
 
 /// `Result` with this crate's error.

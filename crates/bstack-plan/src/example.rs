@@ -207,28 +207,52 @@ pub fn swap_window() -> SwapWindow {
 }
 
 /// The swap plan from example `v1` to `v2`: the chunks whose hash changed or
-/// that are new, packed in order into 8 KiB buckets (split where a chunk does
-/// not fit), each piece read from the new checkpoint file into its bucket.
+/// that are new (of tensors and of other files), packed in order into 8 KiB
+/// buckets (split where a chunk does not fit), each piece read from the new
+/// checkpoint into its bucket.
 pub fn swap_plan() -> SwapPlan {
+    /// A chunked entry of a manifest: is it a file, its name, the file that
+    /// holds it, where it starts there, its chunks.
+    type Entry<'a> = (bool, &'a str, &'a str, u64, &'a [Chunk]);
+    fn entries(m: &WeightManifest) -> Vec<Entry<'_>> {
+        let tensors = m.tensors.iter().map(|t| {
+            (
+                false,
+                t.name.as_str(),
+                t.file.as_str(),
+                t.offset,
+                t.chunks.as_slice(),
+            )
+        });
+        let files = m.files.iter().map(|f| {
+            (
+                true,
+                f.path.as_str(),
+                f.path.as_str(),
+                f.offset,
+                f.chunks.as_slice(),
+            )
+        });
+        tensors.chain(files).collect()
+    }
+
     let (from, to) = (weight_manifest("v1"), weight_manifest("v2"));
-    let old: std::collections::HashMap<(&str, u32), &str> = from
-        .tensors
-        .iter()
-        .flat_map(|t| {
-            t.chunks
+    let old: std::collections::HashMap<(bool, &str, u32), &str> = entries(&from)
+        .into_iter()
+        .flat_map(|(is_file, name, _, _, chunks)| {
+            chunks
                 .iter()
-                .map(move |c| ((t.name.as_str(), c.index), c.hash.as_str()))
+                .map(move |c| ((is_file, name, c.index), c.hash.as_str()))
         })
         .collect();
     let mut buckets: Vec<Bucket> = Vec::new();
     let mut ops = Vec::new();
     let mut fill = BUCKET_BYTES;
-    for t in &to.tensors {
-        for c in t
-            .chunks
+    for (is_file, name, file, base, chunks) in entries(&to) {
+        let changed = chunks
             .iter()
-            .filter(|c| old.get(&(t.name.as_str(), c.index)) != Some(&c.hash.as_str()))
-        {
+            .filter(|c| old.get(&(is_file, name, c.index)) != Some(&c.hash.as_str()));
+        for c in changed {
             let mut done = 0;
             while done < c.length {
                 if fill == BUCKET_BYTES {
@@ -245,21 +269,21 @@ pub fn swap_plan() -> SwapPlan {
                 };
                 let length = (c.length - done).min(BUCKET_BYTES - fill);
                 bucket.items.push(BucketItem {
-                    name: t.name.clone(),
+                    name: name.into(),
                     chunk: c.index,
                     chunk_offset: done,
                     length,
                     bucket_offset: fill,
-                    is_file: false,
+                    is_file,
                 });
                 ops.push(TransferOp {
                     kind: TransferKind::Storage2h as i32,
-                    src: format!("file://{CHECKPOINT_ROOT}/v2/{}", t.file),
+                    src: format!("file://{CHECKPOINT_ROOT}/v2/{file}"),
                     dst: format!("device://gpu0/bucket{}", bucket.id),
                     length,
-                    src_offset: t.offset + c.offset + done,
+                    src_offset: base + c.offset + done,
                     dst_offset: fill,
-                    note: format!("{} chunk {}", t.name, c.index),
+                    note: format!("{name} chunk {}", c.index),
                     ..Default::default()
                 });
                 fill += length;
@@ -334,7 +358,9 @@ mod tests {
     fn the_swap_plan_carries_only_the_delta() {
         let plan = swap_plan();
         let moved = plan.staged_bytes();
-        // One changed 4 KiB chunk of the up projection plus the new 4 KiB gate tensor.
-        assert_eq!(moved, 2 * CHUNK_BYTES);
+        // One changed 4 KiB chunk of the up projection, the new 4 KiB gate
+        // tensor, and config.json, which names the version.
+        let config = plan.to.as_ref().map_or(0, |m| m.files[0].length);
+        assert_eq!(moved, 2 * CHUNK_BYTES + config);
     }
 }

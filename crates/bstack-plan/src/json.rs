@@ -22,8 +22,7 @@ use crate::error::{PlanError, Result};
 /// Defines a serde `with` module that writes a prost enum field by name and
 /// reads it from a name or a number.
 macro_rules! enum_by_name {
-    ($(#[$doc:meta])* $module:ident, $enum:ty) => {
-        $(#[$doc])*
+    ($(#[$doc:meta])* $module:ident, $enum:ty, $what:literal) => {$(#[$doc])*
         pub mod $module {
             use serde::{Deserializer, Serializer};
 
@@ -38,8 +37,7 @@ macro_rules! enum_by_name {
             /// Reads a protobuf name or an `i32`.
             pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
                 d.deserialize_any(super::EnumVisitor {
-                    what: stringify!($enum),
-                    from_name: |name| <$enum>::from_str_name(name).map(|v| v as i32),
+                    what: $what,from_name: |name| <$enum>::from_str_name(name).map(|v| v as i32),
                     names: || {
                         (0..=255).filter_map(|i| <$enum>::try_from(i).ok())
                             .map(|v| v.as_str_name())
@@ -53,15 +51,16 @@ macro_rules! enum_by_name {
 
 enum_by_name!(
     /// `WeightManifest.hash_algorithm` by name (`"BLAKE3"`).
-    hash_algorithm,
-    crate::HashAlgorithm
+        hash_algorithm,
+    crate::HashAlgorithm,
+    "hash algorithm"
 );
 enum_by_name!(
     /// `TransferOp.kind` by name (`"H2D"`).
-    transfer_kind,
-    crate::TransferKind
+        transfer_kind,
+    crate::TransferKind,
+    "transfer kind"
 );
-
 /// Reads an enum field from its name or its number.
 struct EnumVisitor {
     what: &'static str,

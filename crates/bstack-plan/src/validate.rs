@@ -7,7 +7,7 @@
 //! problems at once, so a user fixes a plan in one round, not one error at a
 //! time. A problem reads `ops[3].length: must be > 0`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use crate::address::Address;
@@ -228,6 +228,11 @@ fn check_address(c: &mut Checker, name: &'static str, value: &str) {
 fn check_relative_path(c: &mut Checker, name: &'static str, value: &str) {
     if value.is_empty() {
         c.report_at(name, "must not be empty");
+    } else if let Some(ch) = value.chars().find(|ch| ch.is_control()) {
+        c.report_at(
+            name,
+            format!("{value:?} contains the control character {ch:?}"),
+        );
     } else if value.starts_with('/') || value.contains('\\') {
         c.report_at(
             name,
@@ -288,6 +293,9 @@ fn check_chunks(c: &mut Checker, chunks: &[Chunk], length: u64, chunk_bytes: u64
             );
         }
         return;
+    }
+    if chunk_bytes == 0 {
+        c.report_at("chunks", "present, but the manifest's chunk_bytes is 0");
     }
     let mut expected_offset = 0u64;
     c.field("chunks", |c| {
@@ -365,23 +373,39 @@ impl Validate for WeightManifest {
             c.field("tensors", |c| {
                 c.index(later, |c| {
                     c.report(format!(
-                        "bytes [{start}, {end}) of {file} overlap tensors[{earlier}]"
+                        "bytes [{start}, {end}) of {file:?} overlap tensors[{earlier}]"
                     ))
                 })
             });
         }
 
-        let mut paths: HashMap<&str, usize> = HashMap::new();
+        // One file may appear as several entries, at disjoint offsets.
+        let mut spans = Vec::with_capacity(self.files.len());
         c.field("files", |c| {
             for (i, f) in self.files.iter().enumerate() {
                 c.index(i, |c| {
                     check_file(c, f, algorithm, chunk_bytes);
-                    if let Some(first) = paths.insert(&f.path, i) {
-                        c.report_at("path", format!("duplicate of files[{first}]"));
-                    }
+                    let end = checked_end(c, "offset", f.offset, f.length);
+                    spans.push(Span {
+                        key: f.path.as_str(),
+                        start: f.offset,
+                        end,
+                        at: i,
+                    });
                 });
             }
         });
+        for (later, earlier, start, end) in overlaps(spans) {
+            let f = &self.files[later];
+            c.field("files", |c| {
+                c.index(later, |c| {
+                    c.report(format!(
+                        "bytes [{start}, {end}) of {:?} are also files[{earlier}]",
+                        f.path
+                    ))
+                })
+            });
+        }
     }
 }
 
@@ -427,10 +451,13 @@ impl Validate for KvPageRef {
         if !self.location.is_empty() {
             check_address(c, "location", &self.location);
         }
-        if self.page.checked_add(self.count.max(1)).is_none() {
+        if self.page.checked_add(self.count.max(1) - 1).is_none() {
             c.report_at(
                 "count",
-                format!("page {} + count {} overflows", self.page, self.count),
+                format!(
+                    "{} pages from page {} run past the largest page id",
+                    self.count, self.page
+                ),
             );
         }
     }
@@ -457,6 +484,18 @@ impl Validate for TransferOp {
             );
         }
         c.each("kv_refs", &self.kv_refs);
+        c.field("kv_refs", |c| {
+            for (i, page) in self.kv_refs.iter().enumerate() {
+                if !page.location.is_empty() {
+                    c.index(i, |c| {
+                        c.report_at(
+                            "location",
+                            "must be empty inside an op: its dst says where the pages go",
+                        )
+                    });
+                }
+            }
+        });
     }
 }
 
@@ -478,16 +517,33 @@ fn check_ops(c: &mut Checker, ops: &[TransferOp]) {
         c.field("ops", |c| {
             c.index(later, |c| {
                 c.report(format!(
-                    "writes bytes [{start}, {end}) of {dst}, which ops[{earlier}] also writes"
+                    "writes bytes [{start}, {end}) of {dst:?}, which ops[{earlier}] also writes"
                 ))
             })
         });
     }
 }
 
-/// Checks a page list: every entry names a location, and none repeats.
+/// The pages of a range, keyed by where they are: (location, tensor, layer, head).
+type PageKey<'a> = (&'a str, &'a str, u32, u32);
+
+fn page_span(page: &KvPageRef, at: usize) -> Span<PageKey<'_>> {
+    Span {
+        key: (
+            page.location.as_str(),
+            page.tensor.as_str(),
+            page.layer,
+            page.head,
+        ),
+        start: page.page,
+        end: page.page.saturating_add(page.count.max(1)),
+        at,
+    }
+}
+
+/// Checks a page list: every entry names a location, and no page is listed
+/// twice, counting the ranges that `count` makes.
 fn check_page_list(c: &mut Checker, name: &'static str, pages: &[KvPageRef]) {
-    let mut seen: HashMap<&KvPageRef, usize> = HashMap::new();
     c.field(name, |c| {
         for (i, page) in pages.iter().enumerate() {
             c.index(i, |c| {
@@ -495,12 +551,24 @@ fn check_page_list(c: &mut Checker, name: &'static str, pages: &[KvPageRef]) {
                 if page.location.is_empty() {
                     c.report_at("location", "must name the tier, e.g. tier://node0/cpu");
                 }
-                if let Some(first) = seen.insert(page, i) {
-                    c.report(format!("duplicate of {name}[{first}]"));
-                }
             });
         }
     });
+    let spans = pages
+        .iter()
+        .enumerate()
+        .map(|(i, p)| page_span(p, i))
+        .collect();
+    for (later, earlier, start, end) in overlaps(spans) {
+        let same = pages[later].page == pages[earlier].page
+            && pages[later].count.max(1) == pages[earlier].count.max(1);
+        let message = if same {
+            format!("duplicate of {name}[{earlier}]")
+        } else {
+            format!("pages [{start}, {end}) overlap {name}[{earlier}]")
+        };
+        c.field(name, |c| c.index(later, |c| c.report(message)));
+    }
 }
 
 impl Validate for PlanWindow {
@@ -518,15 +586,33 @@ impl Validate for CachePlan {
         check_page_list(c, "evict", &self.evict);
         check_page_list(c, "admit", &self.admit);
         // A page cannot be both dropped from and admitted into one tier.
-        let evicted: HashMap<&KvPageRef, usize> =
-            self.evict.iter().enumerate().map(|(i, p)| (p, i)).collect();
-        c.field("admit", |c| {
-            for (i, page) in self.admit.iter().enumerate() {
-                if let Some(e) = evicted.get(page) {
-                    c.index(i, |c| c.report(format!("also evicted by evict[{e}]")));
-                }
-            }
-        });
+        let n = self.evict.len();
+        let spans = self
+            .evict
+            .iter()
+            .enumerate()
+            .map(|(i, p)| page_span(p, i))
+            .chain(
+                self.admit
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| page_span(p, n + i)),
+            )
+            .collect();
+        for (later, earlier, start, end) in overlaps(spans) {
+            let (admit, evict) = match (later >= n, earlier >= n) {
+                (true, false) => (later - n, earlier),
+                (false, true) => (earlier - n, later),
+                _ => continue,
+            };
+            c.field("admit", |c| {
+                c.index(admit, |c| {
+                    c.report(format!(
+                        "pages [{start}, {end}) are also evicted by evict[{evict}]"
+                    ))
+                })
+            });
+        }
         check_required(c, "window", self.window.as_ref());
     }
 }
@@ -555,8 +641,7 @@ impl Validate for SwapPlan {
         check_required(c, "to", self.to.as_ref());
         check_ops(c, &self.ops);
         check_required(c, "window", self.window.as_ref());
-        check_buckets(c, &self.buckets, self.to.as_ref());
-        // Required: a plan is only executed as sealed, and protobuf cannot
+        check_buckets(c, &self.buckets, self.from.as_ref(), self.to.as_ref()); // Required: a plan is only executed as sealed, and protobuf cannot
         // tell a plan cut short between two fields from a complete one; the
         // digest (encoded after every other field but schema_version) can.
         if self.digest.is_empty() {
@@ -566,7 +651,7 @@ impl Validate for SwapPlan {
             if self.digest != expected {
                 c.report_at(
                     "digest",
-                    format!("does not match the plan's contents ({expected})"),
+                    format!("does not match the plan's contents, which hash to {expected}"),
                 );
             }
         }
@@ -581,18 +666,17 @@ type Piece = (u64, u64, usize, usize);
 /// Buckets: unique ids, items inside their bucket and not overlapping, each
 /// piece inside an existing chunk of the target manifest, and every chunk
 /// that appears covered exactly once.
-fn check_buckets(c: &mut Checker, buckets: &[Bucket], to: Option<&WeightManifest>) {
+fn check_buckets(
+    c: &mut Checker,
+    buckets: &[Bucket],
+    from: Option<&WeightManifest>,
+    to: Option<&WeightManifest>,
+) {
     // (is_file, name) -> chunk lengths, from the target manifest.
     let chunks: HashMap<(bool, &str), Vec<u64>> = to
         .map(|m| {
-            let tensors = m
-                .tensors
-                .iter()
-                .map(|t| ((false, t.name.as_str()), &t.chunks));
-            let files = m.files.iter().map(|f| ((true, f.path.as_str()), &f.chunks));
-            tensors
-                .chain(files)
-                .map(|(k, ch)| (k, ch.iter().map(|c| c.length).collect()))
+            entries(m)
+                .map(|(is_file, name, ch)| ((is_file, name), ch.iter().map(|c| c.length).collect()))
                 .collect()
         })
         .unwrap_or_default();
@@ -667,6 +751,7 @@ fn check_buckets(c: &mut Checker, buckets: &[Bucket], to: Option<&WeightManifest
         }
     });
 
+    let staged: HashSet<ChunkKey<'_>> = pieces.keys().copied().collect();
     for ((is_file, name, chunk), mut parts) in pieces {
         let len = chunks
             .get(&(is_file, name))
@@ -674,31 +759,72 @@ fn check_buckets(c: &mut Checker, buckets: &[Bucket], to: Option<&WeightManifest
             .copied()
             .unwrap_or(0);
         parts.sort_unstable();
-        let mut covered = 0u64;
+        // `reach`: furthest byte covered so far; `covered`: bytes of the union.
+        let (mut reach, mut covered) = (0u64, 0u64);
         for &(start, end, b, i) in &parts {
-            if start < covered {
+            covered = covered.saturating_add(end.saturating_sub(start.max(reach)));
+            if start < reach {
                 c.field("buckets", |c| {
                     c.index(b, |c| {
                         c.field("items", |c| {
                             c.index(i, |c| {
-                                c.report(format!("bytes [{start}, {end}) of chunk {chunk} of {name} are already in another bucket item"))
+                                c.report(format!("bytes [{start}, {end}) of chunk {chunk} of {name:?} are already in another bucket item"))
                             })
                         })
                     })
                 });
             }
-            covered = covered.max(end);
+            reach = reach.max(end);
         }
-        let total: u64 = parts.iter().map(|&(s, e, _, _)| e.saturating_sub(s)).sum();
-        if total < len {
+        if covered < len {
             c.report_at(
                 "buckets",
                 format!(
-                    "chunk {chunk} of {name} is only partly in the buckets ({total} of {len} bytes)"
+                    "chunk {chunk} of {name:?} is only partly in the buckets ({covered} of {len} bytes)"
                 ),
             );
         }
     }
+
+    // Every chunk of the target that is new or changed must be staged.
+    let (Some(from), Some(to)) = (from, to) else {
+        return;
+    };
+    let old: HashMap<ChunkKey<'_>, &str> = entries(from)
+        .flat_map(|(is_file, name, chunks)| {
+            chunks
+                .iter()
+                .map(move |ch| ((is_file, name, ch.index), ch.hash.as_str()))
+        })
+        .collect();
+    for (is_file, name, chunks) in entries(to) {
+        for ch in chunks {
+            let key = (is_file, name, ch.index);
+            if old.get(&key) != Some(&ch.hash.as_str()) && !staged.contains(&key) {
+                let what = if is_file { "file" } else { "tensor" };
+                c.report_at(
+                    "buckets",
+                    format!(
+                        "chunk {} of {what} {name:?} is new or changed but in no bucket",
+                        ch.index
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// The chunked entries of a manifest: (is_file, name, chunks).
+fn entries(m: &WeightManifest) -> impl Iterator<Item = (bool, &str, &[Chunk])> {
+    let tensors = m
+        .tensors
+        .iter()
+        .map(|t| (false, t.name.as_str(), t.chunks.as_slice()));
+    let files = m
+        .files
+        .iter()
+        .map(|f| (true, f.path.as_str(), f.chunks.as_slice()));
+    tensors.chain(files)
 }
 
 impl Validate for WaveSpec {

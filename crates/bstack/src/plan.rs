@@ -252,7 +252,7 @@ fn kind_name(kind: i32) -> String {
 }
 
 fn summarise_ops(s: &mut Summary, ops: &[TransferOp], top: usize) {
-    let total: u64 = ops.iter().map(|o| o.length).sum();
+    let total = total(ops.iter().map(|o| o.length));
     s.add(
         "ops",
         format!("{} ({})", ops.len(), bytes(total)),
@@ -262,7 +262,7 @@ fn summarise_ops(s: &mut Summary, ops: &[TransferOp], top: usize) {
     for op in ops {
         let e = by_kind.entry(kind_name(op.kind)).or_default();
         e.0 += 1;
-        e.1 += op.length;
+        e.1 = e.1.saturating_add(op.length);
     }
     let text = by_kind
         .iter()
@@ -303,8 +303,8 @@ fn summarise_ops(s: &mut Summary, ops: &[TransferOp], top: usize) {
 }
 
 fn summarise_manifest(s: &mut Summary, m: &WeightManifest, top: usize) {
-    let tensor_bytes: u64 = m.tensors.iter().map(|t| t.length).sum();
-    let file_bytes: u64 = m.files.iter().map(|f| f.length).sum();
+    let tensor_bytes = total(m.tensors.iter().map(|t| t.length));
+    let file_bytes = total(m.files.iter().map(|f| f.length));
     let chunks: usize = m.tensors.iter().map(|t| t.chunks.len()).sum::<usize>()
         + m.files.iter().map(|f| f.chunks.len()).sum::<usize>();
     let algorithm = HashAlgorithm::try_from(m.hash_algorithm)
@@ -362,7 +362,7 @@ fn summarise_cache_plan(s: &mut Summary, p: &CachePlan, top: usize) {
             json!({"index": w.index, "start_ns": w.start_ns, "end_ns": w.end_ns}),
         );
     }
-    let pages = |list: &[bstack_plan::KvPageRef]| list.iter().map(|p| p.count.max(1)).sum::<u64>();
+    let pages = |list: &[bstack_plan::KvPageRef]| total(list.iter().map(|p| p.count.max(1)));
     for (key, list) in [
         ("prefetch", &p.prefetch),
         ("evict", &p.evict),
@@ -402,29 +402,29 @@ fn summarise_swap_plan(s: &mut Summary, p: &SwapPlan, top: usize) {
     s.add("from", version(&p.from), json!(version(&p.from)));
     s.add("to", version(&p.to), json!(version(&p.to)));
     if let (Some(from), Some(to)) = (&p.from, &p.to) {
-        let hashes = |m: &WeightManifest| -> HashMap<String, Vec<String>> {
+        let tensors = |m: &WeightManifest| -> HashMap<String, Vec<String>> {
+            let hashes =
+                |t: &bstack_plan::TensorEntry| t.chunks.iter().map(|c| c.hash.clone()).collect();
             m.tensors
                 .iter()
-                .map(|t| {
-                    (
-                        t.name.clone(),
-                        t.chunks.iter().map(|c| c.hash.clone()).collect(),
-                    )
-                })
+                .map(|t| (t.name.clone(), hashes(t)))
                 .collect()
         };
-        let (old, new) = (hashes(from), hashes(to));
-        let added = new.keys().filter(|k| !old.contains_key(*k)).count();
-        let removed = old.keys().filter(|k| !new.contains_key(*k)).count();
-        let changed = new
-            .iter()
-            .filter(|(k, v)| old.get(*k).is_some_and(|o| o != *v))
-            .count();
-        s.add(
-            "tensors",
-            format!("{added} added, {changed} changed, {removed} removed"),
-            json!({"added": added, "changed": changed, "removed": removed}),
-        );
+        let files = |m: &WeightManifest| -> HashMap<String, Vec<String>> {
+            let hashes = |f: &bstack_plan::FileEntry| {
+                f.chunks
+                    .iter()
+                    .map(|c| c.hash.clone())
+                    .chain([f.hash.clone()])
+                    .collect()
+            };
+            m.files
+                .iter()
+                .map(|f| (f.path.clone(), hashes(f)))
+                .collect()
+        };
+        summarise_delta(s, "tensors", &tensors(from), &tensors(to));
+        summarise_delta(s, "files", &files(from), &files(to));
     }
     let staged = p.staged_bytes();
     s.add(
@@ -444,6 +444,31 @@ fn summarise_swap_plan(s: &mut Summary, p: &SwapPlan, top: usize) {
     };
     s.add("digest", digest, json!(p.digest));
     summarise_ops(s, &p.ops, top);
+}
+
+/// Entries added, changed (any hash differs) and removed between two versions.
+fn summarise_delta(
+    s: &mut Summary,
+    label: &'static str,
+    old: &HashMap<String, Vec<String>>,
+    new: &HashMap<String, Vec<String>>,
+) {
+    let added = new.keys().filter(|k| !old.contains_key(*k)).count();
+    let removed = old.keys().filter(|k| !new.contains_key(*k)).count();
+    let changed = new
+        .iter()
+        .filter(|(k, v)| old.get(*k).is_some_and(|o| o != *v))
+        .count();
+    s.add(
+        label,
+        format!("{added} added, {changed} changed, {removed} removed"),
+        json!({"added": added, "changed": changed, "removed": removed}),
+    );
+}
+
+/// A sum that stops at `u64::MAX`: figures from input must not overflow.
+fn total(values: impl Iterator<Item = u64>) -> u64 {
+    values.fold(0, u64::saturating_add)
 }
 
 fn summarise_wave_spec(s: &mut Summary, w: &WaveSpec) {

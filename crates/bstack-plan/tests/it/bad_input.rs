@@ -230,3 +230,99 @@ fn failed_write_keeps_the_previous_file() {
         "no temporary file is left behind: {leftovers:?}"
     );
 }
+
+#[test]
+fn unset_schema_version_round_trips_as_the_current_one() {
+    let w = SwapWindow {
+        t_start_ns: 1,
+        ..Default::default()
+    };
+    let back = SwapWindow::from_json(&w.to_json(), "w.json").unwrap();
+    assert_eq!(back.schema_version, bstack_plan::SCHEMA_VERSION);
+    let mut plan = example::swap_plan();
+    plan.schema_version = 0;
+    plan.seal();
+    assert_eq!(plan.problems(), vec![]);
+    let decoded = bstack_plan::SwapPlan::decode_proto(&plan.encode_to_vec(), "p.pb").unwrap();
+    assert_eq!(
+        decoded.problems(),
+        vec![],
+        "the digest survives the round trip"
+    );
+}
+
+#[test]
+fn protobuf_that_starts_like_json_is_read_as_protobuf() {
+    let mut plan = example::cache_plan();
+    plan.plan_id = "x".repeat(123); // field 1, length 123: the bytes 0x0A 0x7B, "\n{"
+    let bytes = plan.encode_to_vec();
+    assert_eq!(&bytes[..2], b"\n{");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("window.cache_plan");
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(Document::read(&path, None).unwrap(), plan.into_document());
+}
+
+#[test]
+fn json_with_a_byte_order_mark_is_read() {
+    let text = format!("\u{feff}{}", cache_plan_json());
+    let doc = Document::from_bytes(text.as_bytes(), Format::Json, None, "bom.json").unwrap();
+    assert_eq!(doc.kind(), ContractKind::CachePlan);
+}
+
+#[test]
+fn json_that_is_not_an_object() {
+    let err = Document::from_json("[\"swap_window\", 1]", "a.json").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "a.json: .: expected a JSON object with \"kind\" and \"schema_version\""
+    );
+}
+
+#[test]
+fn dashed_kind_is_only_for_the_command_line() {
+    let text = cache_plan_json().replacen("\"cache_plan\"", "\"cache-plan\"", 1);
+    assert!(Document::from_json(&text, "p.json").is_err());
+    assert_eq!(
+        ContractKind::from_name("cache-plan"),
+        Some(ContractKind::CachePlan)
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn written_files_have_ordinary_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let doc = example::swap_window().into_document();
+    // What a plain create gives under this process's umask.
+    let plain = dir.path().join("plain");
+    std::fs::write(&plain, b"").unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let new = dir.path().join("w.json");
+    doc.write(&new, Format::Json).unwrap();
+    assert_eq!(mode(&new), mode(&plain));
+    // Replacing a file keeps its permissions.
+    std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o640)).unwrap();
+    doc.write(&new, Format::Proto).unwrap();
+    assert_eq!(mode(&new), 0o640);
+}
+
+#[test]
+fn write_errors_name_the_target_not_the_temporary_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("missing/x.pb");
+    let err = example::swap_window()
+        .into_document()
+        .write(&target, Format::Proto)
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.starts_with(&target.display().to_string()), "{text}");
+    assert_eq!(
+        text,
+        format!(
+            "{}: No such file or directory (os error 2)",
+            target.display()
+        )
+    );
+}

@@ -156,6 +156,93 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn page_ranges_that_overlap(mut plan in strategies::cache_plan(), extra in 2u64..8) {
+        prop_assume!(!plan.evict.is_empty());
+        let mut wider = plan.evict[0].clone();
+        wider.count = wider.count.max(1) + extra;
+        plan.evict.push(wider);
+        let n = plan.evict.len() - 1;
+        expect(&plan.problems(), &format!("evict[{n}]"), "overlap evict[0]")?;
+    }
+
+    #[test]
+    fn admitted_page_that_is_also_evicted(mut plan in strategies::cache_plan()) {
+        prop_assume!(!plan.evict.is_empty());
+        let mut page = plan.evict[0].clone();
+        page.count = 1;
+        plan.admit.push(page);
+        let n = plan.admit.len() - 1;
+        expect(&plan.problems(), &format!("admit[{n}]"), "also evicted by evict[0]")?;
+    }
+
+    #[test]
+    fn changed_chunk_left_out_of_the_buckets(mut plan in strategies::swap_plan()) {
+        prop_assume!(!plan.buckets.is_empty());
+        plan.buckets.clear();
+        plan.seal();
+        expect(&plan.problems(), "buckets", "new or changed but in no bucket")?;
+    }
+
+    #[test]
+    fn file_entries_that_overlap(mut m in strategies::manifest()) {
+        prop_assume!(m.files.first().is_some_and(|f| f.length > 0));
+        // The same file at a disjoint offset is fine ...
+        let mut next = m.files[0].clone();
+        next.offset += next.length;
+        m.files.push(next);
+        prop_assert!(!m.problems().iter().any(|p| p.path.starts_with("files")), "{:#?}", m.problems());
+        // ... the same bytes twice are not.
+        m.files.push(m.files[0].clone());
+        let n = m.files.len() - 1;
+        expect(&m.problems(), &format!("files[{n}]"), "also files[0]")?;
+    }
+
+    #[test]
+    fn chunks_without_a_chunk_size(mut m in strategies::manifest()) {
+        prop_assume!(m.tensors.iter().any(|t| !t.chunks.is_empty()) || m.files.iter().any(|f| !f.chunks.is_empty()));
+        m.chunk_bytes = 0;
+        let problems = m.problems();
+        prop_assert!(problems.iter().any(|p| p.message.contains("chunk_bytes is 0")), "{problems:#?}");
+    }
+
+    #[test]
+    fn page_location_inside_an_op(mut plan in strategies::cache_plan()) {
+        prop_assume!(plan.ops.first().is_some_and(|op| !op.kv_refs.is_empty()));
+        plan.ops[0].kv_refs[0].location = "tier://n0/cpu".into();
+        expect(&plan.problems(), "ops[0].kv_refs[0].location", "must be empty")?;
+    }
+}
+
+#[test]
+fn overlapping_pieces_do_not_hide_a_gap() {
+    let mut plan = bstack_plan::example::swap_plan();
+    // Two pieces over the first half of a 4 KiB chunk: the second half is missing.
+    let first = plan.buckets[0].items[0].clone();
+    plan.buckets[0].items[0].length = 2048;
+    plan.buckets[0].items.push(bstack_plan::BucketItem {
+        length: 2048,
+        bucket_offset: 8192 - 2048,
+        ..first
+    });
+    plan.buckets[0].items.remove(1);
+    plan.seal();
+    let text: Vec<String> = plan.problems().iter().map(ToString::to_string).collect();
+    assert!(
+        text.iter()
+            .any(|p| p.contains("already in another bucket item")),
+        "{text:#?}"
+    );
+    assert!(
+        text.iter()
+            .any(|p| p.contains("only partly in the buckets (2048 of 4096 bytes)")),
+        "{text:#?}"
+    );
+}
+
 #[test]
 fn every_problem_is_reported_at_once() {
     let mut plan = bstack_plan::example::cache_plan();

@@ -21,12 +21,13 @@ fn hash(seed: u128) -> String {
     format!("{seed:064x}")
 }
 
-/// Any valid address, in all five forms.
+/// Any valid address, in all five forms, in canonical spelling.
 pub fn address() -> impl Strategy<Value = String> {
+    let host = "[a-z]([a-z0-9-]{0,6}[a-z0-9])?(\\.[a-z]([a-z0-9-]{0,6}[a-z0-9])?){0,2}";
     prop_oneof![
-        "/[a-z0-9_-]{1,10}(/[a-z0-9_.-]{1,10}){0,3}".prop_map(|p| format!("file://{p}")),
+        "(/[a-z0-9_-][a-z0-9_.-]{0,9}){1,4}".prop_map(|p| format!("file://{p}")),
         (
-            "[a-z0-9._-]{1,8}",
+            "[a-z0-9_-][a-z0-9._-]{0,7}",
             select(vec!["gpu", "cpu", "dax", "ssd", "remote"]),
             prop::option::of(0u32..16)
         )
@@ -43,9 +44,11 @@ pub fn address() -> impl Strategy<Value = String> {
                 None => format!("device://{d}"),
             }),
         "[a-z0-9/_.:-]{1,20}".prop_map(|k| format!("strata://{k}")),
-        ("[a-z][a-z0-9.-]{0,10}", 1u16..).prop_map(|(h, p)| format!("tcp://{h}:{p}")),
-        ("[0-9a-f]{1,4}(:[0-9a-f]{1,4}){1,3}", 1u16..)
-            .prop_map(|(h, p)| format!("tcp://[{h}]:{p}")),
+        (host, 1u16..).prop_map(|(h, p)| format!("tcp://{h}:{p}")),
+        (any::<[u8; 4]>(), 1u16..)
+            .prop_map(|(ip, p)| format!("tcp://{}:{p}", std::net::Ipv4Addr::from(ip))),
+        (any::<[u16; 8]>(), 1u16..)
+            .prop_map(|(ip, p)| format!("tcp://[{}]:{p}", std::net::Ipv6Addr::from(ip))),
     ]
 }
 
@@ -227,9 +230,12 @@ pub fn ops() -> impl Strategy<Value = Vec<TransferOp>> {
     })
 }
 
-fn unique(mut pages: Vec<KvPageRef>) -> Vec<KvPageRef> {
-    let mut seen = std::collections::HashSet::new();
-    pages.retain(|p| seen.insert(p.clone()));
+/// Spreads a page list out so that no two ranges meet: entry `i` starts in
+/// its own block of 16 pages from `base`, and `count` stays below 8.
+fn spread(mut pages: Vec<KvPageRef>, base: u64) -> Vec<KvPageRef> {
+    for (i, p) in pages.iter_mut().enumerate() {
+        p.page = base + i as u64 * 16 + p.page % 8;
+    }
     pages
 }
 
@@ -247,23 +253,18 @@ pub fn cache_plan() -> impl Strategy<Value = CachePlan> {
         0u64..1 << 40,
     )
         .prop_map(
-            |(plan_id, ops, prefetch, evict, admit, index, start_ns, len)| {
-                let evict = unique(evict);
-                let mut admit = unique(admit);
-                admit.retain(|p| !evict.contains(p));
-                CachePlan {
-                    schema_version: SCHEMA_VERSION,
-                    plan_id,
-                    ops,
-                    prefetch: unique(prefetch),
-                    evict,
-                    admit,
-                    window: Some(PlanWindow {
-                        index,
-                        start_ns,
-                        end_ns: start_ns + len,
-                    }),
-                }
+            |(plan_id, ops, prefetch, evict, admit, index, start_ns, len)| CachePlan {
+                schema_version: SCHEMA_VERSION,
+                plan_id,
+                ops,
+                prefetch: spread(prefetch, 0),
+                evict: spread(evict, 1 << 40),
+                admit: spread(admit, 1 << 41),
+                window: Some(PlanWindow {
+                    index,
+                    start_ns,
+                    end_ns: start_ns + len,
+                }),
             },
         )
 }
@@ -285,19 +286,47 @@ pub fn swap_window() -> impl Strategy<Value = SwapWindow> {
         })
 }
 
-/// A valid, sealed swap plan: some chunks of the target manifest packed whole (split
-/// across buckets where needed) into buckets of a random capacity.
+/// A valid, sealed swap plan. The previous version is the target with some
+/// chunks changed (and perhaps one tensor that the target removed); exactly
+/// the changed chunks are packed, split across buckets where needed, into
+/// buckets of a random capacity.
 pub fn swap_plan() -> impl Strategy<Value = SwapPlan> {
     (
         "[a-z0-9-]{1,16}",
-        manifest(),
         manifest(),
         ops(),
         swap_window(),
         16u64..5000,
         any::<u64>(),
+        any::<bool>(),
     )
-        .prop_map(|(plan_id, from, to, ops, window, capacity, pick)| {
+        .prop_map(|(plan_id, to, ops, window, capacity, pick, removed)| {
+            let picked = |n: usize, chunk: u32| pick >> ((n * 7 + chunk as usize) % 64) & 1 == 1;
+            let mut from = to.clone();
+            from.version = format!("{}-prev", to.version);
+            let old_entries = from
+                .tensors
+                .iter_mut()
+                .map(|t| &mut t.chunks)
+                .chain(from.files.iter_mut().map(|f| &mut f.chunks));
+            for (n, chunks) in old_entries.enumerate() {
+                for c in chunks.iter_mut().filter(|c| picked(n, c.index)) {
+                    let flipped = if c.hash.starts_with('0') { "1" } else { "0" };
+                    c.hash.replace_range(0..1, flipped);
+                }
+            }
+            if removed {
+                from.tensors.push(TensorEntry {
+                    name: "removed.w".into(),
+                    dtype: "U8".into(),
+                    shape: vec![16],
+                    file: "old.safetensors".into(),
+                    offset: 0,
+                    length: 16,
+                    chunks: chunks(16, from.chunk_bytes, 7),
+                });
+            }
+
             let mut buckets: Vec<Bucket> = Vec::new();
             let mut fill = capacity;
             let entries = to
@@ -306,10 +335,7 @@ pub fn swap_plan() -> impl Strategy<Value = SwapPlan> {
                 .map(|t| (false, &t.name, &t.chunks))
                 .chain(to.files.iter().map(|f| (true, &f.path, &f.chunks)));
             for (n, (is_file, name, chunks)) in entries.enumerate() {
-                for c in chunks
-                    .iter()
-                    .filter(|c| pick >> ((n * 7 + c.index as usize) % 64) & 1 == 1)
-                {
+                for c in chunks.iter().filter(|c| picked(n, c.index)) {
                     let mut done = 0;
                     while done < c.length {
                         if fill == capacity {

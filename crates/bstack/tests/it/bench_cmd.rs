@@ -80,20 +80,28 @@ fn unknown_component_is_exit_2() {
 }
 
 #[test]
-fn zero_runs_is_exit_2() {
-    let run = Sandbox::empty().run(&["bench", "plan", "--runs", "0"]);
-    run.code(2).quiet_stdout();
-    assert_eq!(run.error_line(), "--runs must be at least 1", "{run}");
+fn runs_out_of_range_is_exit_2() {
+    for runs in ["0", "1001", "18446744073709551615"] {
+        let run = Sandbox::empty().run(&["bench", "plan", "--runs", runs]);
+        run.code(2).quiet_stdout();
+        assert_eq!(run.error_line(), "--runs must be 1 to 1000", "{run}");
+    }
 }
 
 #[test]
-fn non_positive_scale_is_exit_2() {
-    for scale in ["--scale=0", "--scale=-1", "--scale=NaN", "--scale=inf"] {
+fn scale_out_of_range_is_exit_2() {
+    for scale in [
+        "--scale=0",
+        "--scale=-1",
+        "--scale=NaN",
+        "--scale=inf",
+        "--scale=1e15",
+    ] {
         let run = Sandbox::empty().run(&["bench", "plan", "--runs", "1", scale]);
         run.code(2).quiet_stdout();
         assert_eq!(
             run.error_line(),
-            "--scale must be a positive number",
+            "--scale must be above 0 and at most 100",
             "{run}"
         );
     }

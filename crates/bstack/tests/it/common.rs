@@ -243,7 +243,7 @@ pub fn write_broken_plan(sandbox: &Sandbox) -> Vec<(&'static str, Option<String>
         (
             "ops[2]",
             Some(format!(
-                "writes bytes [{start}, {}) of {dst}, which ops[0] also writes",
+                "writes bytes [{start}, {}) of {dst:?}, which ops[0] also writes",
                 start + length
             )),
         ),

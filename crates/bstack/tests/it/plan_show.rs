@@ -144,3 +144,28 @@ fn unreadable_file_is_one_error_line() {
         .code(0)
         .stdout_has("demo-window-0");
 }
+
+#[test]
+fn totals_past_u64_saturate_instead_of_overflowing() {
+    // Valid plans can hold figures whose sum does not fit in 64 bits.
+    let sandbox = Sandbox::with_demo();
+    let mut plan = sandbox.read_json(&format!("{DEMO}/cache_plan.json"));
+    for op in plan["ops"].as_array_mut().into_iter().flatten() {
+        op["length"] = json!(1u64 << 63);
+        op["dst_offset"] = json!(0);
+    }
+    plan["ops"][1]["dst"] = json!("tier://node1/gpu0");
+    plan["ops"][2]["dst"] = json!("tier://node2/cpu");
+    // A run of pages that reaches the last page id, on a tier of its own.
+    plan["evict"][0]["count"] = json!(u64::MAX - 7);
+    plan["evict"][0]["location"] = json!("tier://node9/ssd");
+    plan["evict"][1]["count"] = json!(u64::MAX - 20);
+    plan["evict"][1]["location"] = json!("tier://node8/ssd");
+    sandbox.write_json("huge.json", &plan);
+    sandbox.run(&["plan", "validate", "huge.json"]).code(0);
+    let run = sandbox.run(&["--json", "plan", "show", "huge.json"]);
+    run.code(0).quiet_stderr();
+    let summary = run.json();
+    assert_eq!(summary["ops"]["bytes"], json!(u64::MAX), "{run}");
+    assert_eq!(summary["evict"], json!(u64::MAX), "{run}");
+}
