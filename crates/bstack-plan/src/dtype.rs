@@ -9,7 +9,8 @@ pub fn dtype_bits(name: &str) -> Option<u64> {
     Some(match name {
         "F4" => 4,
         "F6_E2M3" | "F6_E3M2" => 6,
-        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" => 8,
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" | "F8_E4M3FNUZ"
+        | "F8_E5M2FNUZ" => 8,
         "I16" | "U16" | "F16" | "BF16" => 16,
         "I32" | "U32" | "F32" => 32,
         "I64" | "U64" | "F64" | "C64" => 64,
@@ -19,8 +20,28 @@ pub fn dtype_bits(name: &str) -> Option<u64> {
 
 /// Every dtype name [`dtype_bits`] knows.
 pub const DTYPES: &[&str] = &[
-    "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "I16", "U16",
-    "F16", "BF16", "I32", "U32", "F32", "I64", "U64", "F64", "C64",
+    "BOOL",
+    "U8",
+    "I8",
+    "F8_E5M2",
+    "F8_E4M3",
+    "F8_E8M0",
+    "F8_E4M3FNUZ",
+    "F8_E5M2FNUZ",
+    "F4",
+    "F6_E2M3",
+    "F6_E3M2",
+    "I16",
+    "U16",
+    "F16",
+    "BF16",
+    "I32",
+    "U32",
+    "F32",
+    "I64",
+    "U64",
+    "F64",
+    "C64",
 ];
 
 /// Bytes taken by a tensor of `dtype` and `shape`, or `None` if the dtype is

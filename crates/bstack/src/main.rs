@@ -7,6 +7,7 @@
 
 mod bench;
 mod demo;
+mod hotweights;
 mod output;
 mod plan;
 
@@ -20,7 +21,6 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "bstack",
     version,
-    propagate_version = true,
     max_term_width = 100,
     after_help = "Examples:
   bstack demo                          write every contract to ./out
@@ -55,6 +55,10 @@ enum Command {
     #[command(subcommand)]
     Plan(plan::PlanCommand),
 
+    /// Weight rollouts: chunk-level manifests of safetensors checkpoints.
+    #[command(subcommand, visible_alias = "hw")]
+    Hotweights(hotweights::HotweightsCommand),
+
     /// Run the whole stack on built-in examples and write every contract to a
     /// directory as JSON and protobuf.
     Demo(demo::DemoArgs),
@@ -85,6 +89,7 @@ fn main() -> ExitCode {
     let out = output::Output { json: cli.json };
     let result = match cli.command {
         Command::Plan(cmd) => plan::run(cmd, &out),
+        Command::Hotweights(cmd) => hotweights::run(cmd, &out, cli.quiet),
         Command::Demo(args) => demo::run(args, &out),
         Command::Bench(args) => bench::run(args, &out),
     };

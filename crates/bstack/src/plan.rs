@@ -82,7 +82,7 @@ pub enum FormatArg {
 
 impl FormatArg {
     /// The flag spelling.
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             FormatArg::Json => "json",
             FormatArg::Proto => "proto",

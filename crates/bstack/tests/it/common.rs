@@ -178,10 +178,15 @@ impl Sandbox {
         serde_json::from_slice(&self.read(rel)).unwrap_or_else(|e| panic!("{rel} is not JSON: {e}"))
     }
 
-    /// Writes `bytes` to file `rel`.
+    /// Writes `bytes` to file `rel`, creating its directory.
     #[track_caller]
     pub fn write(&self, rel: &str, bytes: impl AsRef<[u8]>) {
-        std::fs::write(self.path(rel), bytes).unwrap_or_else(|e| panic!("writing {rel}: {e}"));
+        let path = self.path(rel);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        }
+        std::fs::write(path, bytes).unwrap_or_else(|e| panic!("writing {rel}: {e}"));
     }
 
     /// Writes `value` as pretty JSON to file `rel`; returns the text written.

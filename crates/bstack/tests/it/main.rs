@@ -6,6 +6,7 @@ mod bench_cmd;
 mod cli;
 mod common;
 mod demo_cmd;
+mod hotweights_cmd;
 mod plan_convert;
 mod plan_show;
 mod plan_validate;

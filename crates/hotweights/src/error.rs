@@ -1,0 +1,59 @@
+//! The one error type of this crate.
+
+use std::path::PathBuf;
+
+/// Why a hotweights operation failed. Every variant names the file, and where
+/// it applies the tensor, so the user knows what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum HotweightsError {
+    /// A file or directory could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// A safetensors file whose header is malformed or inconsistent.
+    #[error("{}: not a valid safetensors file: {message}", path.display())]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (names the tensor where the format allows).
+        message: String,
+    },
+    /// A sharded checkpoint's index file that is malformed or disagrees with
+    /// the shards.
+    #[error("{}: {message}", path.display())]
+    Index {
+        /// The index file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A tensor name found in two files of one checkpoint.
+    #[error("tensor {name:?} is in both {first} and {second}")]
+    DuplicateTensor {
+        /// Tensor name.
+        name: String,
+        /// First file holding it.
+        first: String,
+        /// Second file holding it.
+        second: String,
+    },
+    /// An option out of range.
+    #[error("{0}")]
+    Option(String),
+}
+
+impl HotweightsError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        HotweightsError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// `Result` with this crate's error.
+pub type Result<T, E = HotweightsError> = std::result::Result<T, E>;

@@ -1,0 +1,33 @@
+//! Versioned weight rollouts for live inference clusters.
+//!
+//! Between two RL steps most bf16 weights are bit-identical, and a fine-tune
+//! often touches a fraction of its tensors, so moving a whole checkpoint for
+//! every update wastes minutes. hotweights describes a checkpoint at the
+//! level of tensors and fixed-size chunks ([`publish`] makes a
+//! [`bstack_plan::WeightManifest`]), so that an update moves only the chunks
+//! whose hash changed.
+//!
+//! ```no_run
+//! use hotweights::{PublishOptions, publish};
+//!
+//! let v1 = publish("ckpt/v1".as_ref(), &PublishOptions::new("v1"), &|_| {})?;
+//! let v2 = publish("ckpt/v2".as_ref(), &PublishOptions::new("v2"), &|_| {})?;
+//! let changed = v2.tensors.iter().filter(|t| !v1.tensors.contains(t)).count();
+//! println!("{changed} tensors differ");
+//! # Ok::<(), hotweights::HotweightsError>(())
+//! ```
+//!
+//! - [`checkpoint`]: reading a checkpoint directory (safetensors, single or
+//!   sharded, and other files) and checking its headers.
+//! - [`publish`](mod@publish): hashing it into a manifest.
+//! - [`hash`]: the chunk hash functions.
+
+pub mod checkpoint;
+mod error;
+pub mod hash;
+pub mod publish;
+
+pub use checkpoint::{Checkpoint, CheckpointFile, INDEX_FILE};
+pub use error::{HotweightsError, Result};
+pub use hash::hash_hex;
+pub use publish::{DEFAULT_CHUNK_BYTES, PublishOptions, publish, publish_checkpoint};
