@@ -24,13 +24,15 @@ use crate::output::Output;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Component to measure: `plan` (contract encode, decode, JSON, validate).
+    /// Component to measure: `plan` (contract encode, decode, JSON,
+    /// validate) or `hotweights` (publish against file reading and hashing).
     component: String,
     /// Timed runs per figure, after one warm-up run.
     #[arg(long, default_value_t = 7)]
     runs: usize,
-    /// Scale of the generated inputs, 1.0 = the reference size
-    /// (20,000 tensors x 4 chunks; 100,000 ops).
+    /// Scale of the generated inputs, 1.0 = the reference size (plan:
+    /// 20,000 tensors x 4 chunks and 100,000 ops; hotweights: a 512 MiB
+    /// checkpoint in 4 shards).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
 }
@@ -45,7 +47,8 @@ pub fn run(args: BenchArgs, out: &Output) -> Result<Outcome> {
     }
     match args.component.as_str() {
         "plan" => bench_plan(&args, out)?,
-        other => bail!("no benchmarks for {other:?}; available: plan"),
+        "hotweights" | "hw" => bench_hotweights(&args, out)?,
+        other => bail!("no benchmarks for {other:?}; available: plan, hotweights"),
     }
     Ok(Outcome::Ok)
 }
@@ -75,27 +78,31 @@ pub fn memcpy_baseline(runs: usize, len: usize) -> Duration {
     })
 }
 
-/// Prints one figure.
-fn emit(
-    out: &Output,
-    bench: &str,
+/// One measured figure.
+struct Figure<'a> {
+    bench: &'a str,
+    /// Items processed (tensors, ops, ...).
     n: usize,
-    runs: usize,
+    /// Bytes processed.
     bytes: usize,
     time: Duration,
-    baseline: Duration,
-) -> std::io::Result<()> {
+    /// The physical limit measured in the same run, and its time.
+    baseline: (&'a str, Duration),
+}
+
+/// Prints one figure.
+fn emit(out: &Output, runs: usize, f: Figure<'_>) -> std::io::Result<()> {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let figure = json!({
-        "bench": bench,
-        "n": n,
+        "bench": f.bench,
+        "n": f.n,
         "runs": runs,
-        "bytes": bytes,
-        "median_ms": ms(time),
-        "mb_per_s": bytes as f64 / time.as_secs_f64().max(1e-12) / 1e6,
-        "baseline": "memcpy",
-        "baseline_ms": ms(baseline),
-        "ratio": ms(time) / ms(baseline).max(1e-9),
+        "bytes": f.bytes,
+        "median_ms": ms(f.time),
+        "mb_per_s": f.bytes as f64 / f.time.as_secs_f64().max(1e-12) / 1e6,
+        "baseline": f.baseline.0,
+        "baseline_ms": ms(f.baseline.1),
+        "ratio": ms(f.time) / ms(f.baseline.1).max(1e-9),
     });
     out.json_line(&figure)
 }
@@ -127,61 +134,170 @@ fn measure_contract<T: Contract>(
 ) -> std::io::Result<()> {
     let proto = value.encode_to_vec();
     let text = value.to_json();
-    let proto_base = memcpy_baseline(runs, proto.len());
-    let json_base = memcpy_baseline(runs, text.len());
+    let proto_base = ("memcpy", memcpy_baseline(runs, proto.len()));
+    let json_base = ("memcpy", memcpy_baseline(runs, text.len()));
+    let (pb, js) = (proto.len(), text.len());
+    let figure = |suffix: &str, bytes: usize, time: Duration, baseline| {
+        emit(
+            out,
+            runs,
+            Figure {
+                bench: &format!("{name}.{suffix}"),
+                n,
+                bytes,
+                time,
+                baseline,
+            },
+        )
+    };
 
     let t = median(runs, || drop(black_box(value.encode_to_vec())));
-    emit(
-        out,
-        &format!("{name}.proto_encode"),
-        n,
-        runs,
-        proto.len(),
-        t,
-        proto_base,
-    )?;
+    figure("proto_encode", pb, t, proto_base)?;
     let t = median(runs, || drop(black_box(T::decode(black_box(&proto[..])))));
-    emit(
-        out,
-        &format!("{name}.proto_decode"),
-        n,
-        runs,
-        proto.len(),
-        t,
-        proto_base,
-    )?;
+    figure("proto_decode", pb, t, proto_base)?;
     let t = median(runs, || drop(black_box(value.to_json())));
-    emit(
-        out,
-        &format!("{name}.json_write"),
-        n,
-        runs,
-        text.len(),
-        t,
-        json_base,
-    )?;
+    figure("json_write", js, t, json_base)?;
     let t = median(runs, || {
         drop(black_box(T::from_json(black_box(&text), "<bench>")))
     });
-    emit(
-        out,
-        &format!("{name}.json_read"),
-        n,
-        runs,
-        text.len(),
-        t,
-        json_base,
-    )?;
+    figure("json_read", js, t, json_base)?;
     let t = median(runs, || drop(black_box(value.problems())));
+    figure("validate", pb, t, proto_base)
+}
+
+/// Publish throughput against the two limits it cannot beat, both measured
+/// in the same run on all cores: reading the same files, and hashing the
+/// same bytes already in memory. The figure's baseline is the slower of the
+/// two; a ratio of 1.25 is 80 % of that limit.
+fn bench_hotweights(args: &BenchArgs, out: &Output) -> Result<()> {
+    use rayon::prelude::*;
+    use std::io::Read;
+
+    let runs = args.runs;
+    let total = ((512u64 << 20) as f64 * args.scale).max((1u64 << 20) as f64) as u64;
+    let dir = tempfile::tempdir()?;
+    let files = write_bench_checkpoint(dir.path(), total)?;
+    let on_disk: u64 = files
+        .iter()
+        .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+        .sum();
+    let bytes = on_disk as usize;
+
+    let read = median(runs, || {
+        files.par_iter().for_each(|path| {
+            let mut buf = vec![0u8; 4 << 20];
+            if let Ok(mut f) = std::fs::File::open(path) {
+                while let Ok(n) = f.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    black_box(&buf[..n]);
+                }
+            }
+        })
+    });
+    let contents: Vec<Vec<u8>> = files.iter().map(std::fs::read).collect::<Result<_, _>>()?;
+    let chunks: Vec<&[u8]> = contents.iter().flat_map(|c| c.chunks(4 << 20)).collect();
+    let hash = median(runs, || {
+        chunks.par_iter().for_each(|c| {
+            black_box(blake3::hash(c));
+        });
+    });
+    drop(contents);
+    let options = hotweights::PublishOptions::new("bench");
+    let publish = median(runs, || {
+        drop(black_box(hotweights::publish(
+            dir.path(),
+            &options,
+            &|_| {},
+        )))
+    });
+
+    let memcpy = ("memcpy", memcpy_baseline(runs, bytes.min(256 << 20)));
+    let n = files.len();
     emit(
         out,
-        &format!("{name}.validate"),
-        n,
         runs,
-        proto.len(),
-        t,
-        proto_base,
-    )
+        Figure {
+            bench: "hotweights.read_files",
+            n,
+            bytes,
+            time: read,
+            baseline: memcpy,
+        },
+    )?;
+    emit(
+        out,
+        runs,
+        Figure {
+            bench: "hotweights.hash_in_memory",
+            n,
+            bytes,
+            time: hash,
+            baseline: memcpy,
+        },
+    )?;
+    let limit = ("slower of read_files and hash_in_memory", read.max(hash));
+    emit(
+        out,
+        runs,
+        Figure {
+            bench: "hotweights.publish",
+            n,
+            bytes,
+            time: publish,
+            baseline: limit,
+        },
+    )?;
+    Ok(())
+}
+
+/// Writes a sharded BF16 checkpoint of about `total` bytes (4 shards of
+/// 16 MiB tensors) with its index; returns the shard paths.
+fn write_bench_checkpoint(dir: &std::path::Path, total: u64) -> Result<Vec<std::path::PathBuf>> {
+    const TENSOR: u64 = 16 << 20;
+    let shards = 4u64;
+    let per_shard = (total / shards).max(1);
+    let mut paths = Vec::new();
+    let mut weight_map = serde_json::Map::new();
+    for s in 0..shards {
+        let name = format!("model-{:05}-of-{shards:05}.safetensors", s + 1);
+        let mut header = serde_json::Map::new();
+        let mut offset = 0u64;
+        let mut t = 0;
+        while offset < per_shard {
+            let len = TENSOR.min(per_shard - offset) & !1; // whole BF16 elements
+            if len == 0 {
+                break;
+            }
+            let tensor = format!("model.layers.{s}.w{t}.weight");
+            header.insert(tensor.clone(), json!({"dtype": "BF16", "shape": [len / 2], "data_offsets": [offset, offset + len]}));
+            weight_map.insert(tensor, json!(name));
+            offset += len;
+            t += 1;
+        }
+        let mut text = serde_json::to_string(&header)?;
+        while text.len() % 8 != 0 {
+            text.push(' ');
+        }
+        let mut data = vec![0u8; offset as usize];
+        blake3::Hasher::new()
+            .update(name.as_bytes())
+            .finalize_xof()
+            .fill(&mut data);
+        let mut file = (text.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(text.as_bytes());
+        file.extend_from_slice(&data);
+        let path = dir.join(&name);
+        std::fs::write(&path, file)?;
+        paths.push(path);
+    }
+    let index = json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        dir.join(hotweights::INDEX_FILE),
+        serde_json::to_vec(&index)?,
+    )?;
+    Ok(paths)
 }
 
 fn hex_hash(seed: u64) -> String {

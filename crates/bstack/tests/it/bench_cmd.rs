@@ -74,7 +74,7 @@ fn unknown_component_is_exit_2() {
     run.code(2).quiet_stdout();
     assert_eq!(
         run.error_line(),
-        "no benchmarks for \"nosuch\"; available: plan",
+        "no benchmarks for \"nosuch\"; available: plan, hotweights",
         "{run}"
     );
 }
@@ -105,4 +105,27 @@ fn scale_out_of_range_is_exit_2() {
             "{run}"
         );
     }
+}
+
+#[test]
+fn hotweights_publish_is_measured_against_both_limits() {
+    let run = Sandbox::empty().run(&["bench", "hotweights", "--runs", "1", "--scale", "0.002"]);
+    run.code(0);
+    let figures = run.json_lines();
+    let names: Vec<&str> = figures.iter().filter_map(|f| f["bench"].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "hotweights.read_files",
+            "hotweights.hash_in_memory",
+            "hotweights.publish"
+        ],
+        "{run}"
+    );
+    let publish = &figures[2];
+    let ms = |i: usize| figures[i]["median_ms"].as_f64().unwrap_or(f64::NAN);
+    let limit = Some(ms(0).max(ms(1)));
+    assert_eq!(publish["baseline_ms"].as_f64(), limit, "{run}");
+    assert_eq!(publish["bytes"], figures[0]["bytes"], "{run}");
+    assert!(publish["bytes"].as_u64() > Some(1 << 20), "{run}");
 }
