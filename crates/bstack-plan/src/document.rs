@@ -129,6 +129,8 @@ pub trait Contract:
     /// Which contract this is.
     const KIND: ContractKind;
     /// The value's `schema_version` field.
+    fn schema_version(&self) -> u32;
+    /// The value's `schema_version` field, to set it.
     fn schema_version_mut(&mut self) -> &mut u32;
     /// Wraps the value in a [`Document`].
     fn into_document(self) -> Document;
@@ -173,12 +175,26 @@ pub trait Contract:
     /// whose `schema_version` is 0 (unset) is written as the current version,
     /// as protobuf decoding reads it.
     fn to_json(&self) -> String {
-        let mut probe = self.clone();
-        if *probe.schema_version_mut() == 0 {
-            *probe.schema_version_mut() = SCHEMA_VERSION;
-            return json::write_document(Self::KIND.name(), &probe);
+        if self.schema_version() == 0 {
+            let mut current = self.clone();
+            *current.schema_version_mut() = SCHEMA_VERSION;
+            return json::write_document(Self::KIND.name(), &current);
         }
         json::write_document(Self::KIND.name(), self)
+    }
+
+    /// The encoding in `format`.
+    fn encode_as(&self, format: Format) -> Vec<u8> {
+        match format {
+            Format::Json => self.to_json().into_bytes(),
+            Format::Proto => self.encode_to_vec(),
+        }
+    }
+
+    /// Writes the value to `path` in `format`, atomically: the file is
+    /// either the previous one or the complete new one, never a part.
+    fn write(&self, path: &Path, format: Format) -> Result<()> {
+        write_atomic(path, &self.encode_as(format))
     }
 }
 
@@ -199,6 +215,9 @@ macro_rules! contracts {
         $(
             impl Contract for $ty {
                 const KIND: ContractKind = ContractKind::$ty;
+                                fn schema_version(&self) -> u32 {
+                    self.schema_version
+                }
                 fn schema_version_mut(&mut self) -> &mut u32 {
                     &mut self.schema_version
                 }
@@ -230,9 +249,14 @@ macro_rules! contracts {
                 match self { $(Document::$ty(v) => v.encode_to_vec(),)* }
             }
 
-            /// The JSON form: pretty, `kind` first, ending in a newline.
+                        /// The JSON form: pretty, `kind` first, ending in a newline.
             pub fn to_json(&self) -> String {
                 match self { $(Document::$ty(v) => v.to_json(),)* }
+            }
+
+            /// The encoding in `format`.
+            pub fn encode(&self, format: Format) -> Vec<u8> {
+                match self { $(Document::$ty(v) => v.encode_as(format),)* }
             }
 
             /// Decodes protobuf bytes holding a `kind` contract.
@@ -350,14 +374,6 @@ impl Document {
                 })?;
                 Document::from_proto(kind, bytes, origin)
             }
-        }
-    }
-
-    /// The encoding in `format`.
-    pub fn encode(&self, format: Format) -> Vec<u8> {
-        match format {
-            Format::Json => self.to_json().into_bytes(),
-            Format::Proto => self.to_proto(),
         }
     }
 

@@ -90,7 +90,7 @@ fn publish(args: PublishArgs, out: &Output, quiet: bool) -> Result<Outcome> {
         out.line(manifest.to_json().trim_end())?;
         return Ok(Outcome::Ok);
     };
-    manifest.clone().into_document().write(&path, format)?;
+    manifest.write(&path, format)?;
     summarise(&manifest, &path, total, seconds, out)?;
     Ok(Outcome::Ok)
 }

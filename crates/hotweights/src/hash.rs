@@ -9,15 +9,7 @@ use sha2::Digest;
 pub fn hash_hex(algorithm: HashAlgorithm, bytes: &[u8]) -> Option<String> {
     match algorithm {
         HashAlgorithm::Blake3 => Some(blake3::hash(bytes).to_hex().to_string()),
-        HashAlgorithm::Sha256 => {
-            let digest = sha2::Sha256::digest(bytes);
-            let mut hex = String::with_capacity(64);
-            for byte in digest {
-                hex.push(char::from_digit(u32::from(byte >> 4), 16).unwrap_or('0'));
-                hex.push(char::from_digit(u32::from(byte & 15), 16).unwrap_or('0'));
-            }
-            Some(hex)
-        }
+        HashAlgorithm::Sha256 => Some(format!("{:x}", sha2::Sha256::digest(bytes))),
         HashAlgorithm::Unspecified => None,
     }
 }

@@ -3,7 +3,14 @@
 
 use serde_json::Value;
 
-use crate::common::Sandbox;
+use crate::common::{Run, Sandbox};
+
+/// Runs `bstack ALIAS publish --checkpoint ck ARGS...`.
+fn publish(sandbox: &Sandbox, alias: &str, args: &[&str]) -> Run {
+    let mut all = vec![alias, "publish", "--checkpoint", "ck"];
+    all.extend_from_slice(args);
+    sandbox.run(&all)
+}
 
 /// Writes `ck/model.safetensors` (one F32 tensor of `elements`) and `ck/config.json`.
 fn checkpoint(sandbox: &Sandbox, elements: usize) {
@@ -22,18 +29,11 @@ fn checkpoint(sandbox: &Sandbox, elements: usize) {
 fn publish_writes_a_manifest_that_validates() {
     let sandbox = Sandbox::empty();
     checkpoint(&sandbox, 600_000); // 2.4 MB: three 1 MiB chunks
-    let run = sandbox.run(&[
+    let run = publish(
+        &sandbox,
         "hw",
-        "publish",
-        "--checkpoint",
-        "ck",
-        "--version",
-        "v1",
-        "--chunk-mib",
-        "1",
-        "-o",
-        "m.json",
-    ]);
+        &["--version", "v1", "--chunk-mib", "1", "-o", "m.json"],
+    );
     run.code(0)
         .quiet_stderr()
         .stdout_has("tensors")
@@ -52,16 +52,11 @@ fn publish_writes_a_manifest_that_validates() {
 fn publish_without_output_prints_the_manifest() {
     let sandbox = Sandbox::empty();
     checkpoint(&sandbox, 1000);
-    let run = sandbox.run(&[
+    let run = publish(
+        &sandbox,
         "hotweights",
-        "publish",
-        "--checkpoint",
-        "ck",
-        "--version",
-        "v2",
-        "--model-id",
-        "tiny",
-    ]);
+        &["--version", "v2", "--model-id", "tiny"],
+    );
     run.code(0).quiet_stderr();
     let m: Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}{run}"));
     assert_eq!(
@@ -69,16 +64,11 @@ fn publish_without_output_prints_the_manifest() {
         (Some("tiny"), Some("v2"))
     );
     // Deterministic: the same directory, the same bytes.
-    let again = sandbox.run(&[
+    let again = publish(
+        &sandbox,
         "hotweights",
-        "publish",
-        "--checkpoint",
-        "ck",
-        "--version",
-        "v2",
-        "--model-id",
-        "tiny",
-    ]);
+        &["--version", "v2", "--model-id", "tiny"],
+    );
     assert_eq!(run.stdout, again.stdout);
 }
 
@@ -86,32 +76,22 @@ fn publish_without_output_prints_the_manifest() {
 fn publish_protobuf_needs_a_file() {
     let sandbox = Sandbox::empty();
     checkpoint(&sandbox, 10);
-    let run = sandbox.run(&[
-        "hw",
-        "publish",
-        "--checkpoint",
-        "ck",
-        "--version",
-        "v1",
-        "--format",
-        "proto",
-    ]);
+    let run = publish(&sandbox, "hw", &["--version", "v1", "--format", "proto"]);
     run.code(2).quiet_stdout();
     assert!(run.error_line().contains("-o"), "{run}");
-    sandbox
-        .run(&[
-            "hw",
-            "publish",
-            "--checkpoint",
-            "ck",
+    publish(
+        &sandbox,
+        "hw",
+        &[
             "--version",
             "v1",
             "--format",
             "proto",
             "-o",
             "m.weight_manifest.pb",
-        ])
-        .code(0);
+        ],
+    )
+    .code(0);
     sandbox
         .run(&["plan", "validate", "m.weight_manifest.pb"])
         .code(0);
@@ -124,22 +104,13 @@ fn corrupt_checkpoint_is_one_error_line() {
     let mut bytes = sandbox.read("ck/model.safetensors");
     bytes.truncate(bytes.len() - 4);
     sandbox.write("ck/model.safetensors", bytes);
-    let run = sandbox.run(&["hw", "publish", "--checkpoint", "ck", "--version", "v1"]);
+    let run = publish(&sandbox, "hw", &["--version", "v1"]);
     run.code(2).quiet_stdout();
     assert!(
         run.error_line()
             .contains("ck/model.safetensors: not a valid safetensors file"),
         "{run}"
     );
-    let run = sandbox.run(&[
-        "hw",
-        "publish",
-        "--checkpoint",
-        "ck",
-        "--version",
-        "v1",
-        "--chunk-mib",
-        "0",
-    ]);
+    let run = publish(&sandbox, "hw", &["--version", "v1", "--chunk-mib", "0"]);
     run.code(2);
 }
