@@ -428,16 +428,27 @@ impl SwapPlan {
     /// The digest of this plan: `blake3:` and the hex BLAKE3 of its protobuf
     /// encoding with `digest` empty. Any change to any field changes it.
     pub fn compute_digest(&self) -> String {
-        let mut unsealed = self.clone();
-        unsealed.digest.clear();
-        // Unset reads as the current version after a round trip; hash it so.
-        if unsealed.schema_version == 0 {
-            unsealed.schema_version = SCHEMA_VERSION;
+        // prost writes fields in tag order, so the encoding ends with
+        // `digest` (7) then `schema_version` (15): the encoding with `digest`
+        // empty is this plan's encoding with that tail rewritten. No clone
+        // of a plan that may carry two million-chunk manifests.
+        let mut bytes = Vec::with_capacity(self.encoded_len());
+        self.encode_raw(&mut bytes);
+        let mut tail = 0;
+        if self.schema_version != 0 {
+            tail += prost::encoding::uint32::encoded_len(15, &self.schema_version);
         }
-        format!(
-            "blake3:{}",
-            blake3::hash(&unsealed.encode_to_vec()).to_hex()
-        )
+        if !self.digest.is_empty() {
+            tail += prost::encoding::string::encoded_len(7, &self.digest);
+        }
+        bytes.truncate(bytes.len() - tail);
+        // Unset reads as the current version after a round trip; hash it so.
+        let version = match self.schema_version {
+            0 => SCHEMA_VERSION,
+            v => v,
+        };
+        prost::encoding::uint32::encode(15, &version, &mut bytes);
+        format!("blake3:{}", blake3::hash(&bytes).to_hex())
     }
 
     /// Bytes staged in the buckets: what the rollout moves.

@@ -4,11 +4,17 @@
 //! and the next reads them from there, so the demo exercises exactly what a
 //! user's pipeline would: files, not in-memory structs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use bstack_plan::{Document, Format, example};
+use bstack_plan::{Contract, Document, Format, SwapPlan, example};
 use clap::Args;
+use hotweights::plan::PlanOptions;
+use hotweights::source::DirSource;
+use hotweights::store::{ApplySource, Store};
+use hotweights::synth::SynthModel;
+use hotweights::{PublishOptions, VerifyOptions};
 use serde_json::json;
 
 use crate::Outcome;
@@ -51,6 +57,8 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
         });
     }
 
+    let (steps, hw_summary) = hotweights_stage(&args.out.join("hotweights"))?;
+
     if out.json {
         let stages: Vec<_> = rows
             .iter()
@@ -64,7 +72,7 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
                 })
             })
             .collect();
-        out.json_line(&json!({ "out": args.out, "contracts": stages }))?;
+        out.json_line(&json!({ "out": args.out, "contracts": stages, "hotweights": hw_summary }))?;
     } else {
         let mut t = table(
             &["contract", "example", "JSON", "protobuf", "valid"],
@@ -78,6 +86,11 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
                 bytes(r.proto_bytes),
                 "yes, read back from both".to_owned(),
             ]);
+        }
+        out.line(t)?;
+        let mut t = table(&["hotweights", "result"], &[]);
+        for s in &steps {
+            t.add_row(vec![s.step.to_owned(), s.result.clone()]);
         }
         out.line(t)?;
         out.line(format_args!(
@@ -131,4 +144,179 @@ fn detail(doc: &Document) -> String {
             )
         }
     }
+}
+
+/// One row of the hotweights stage's table.
+struct Step {
+    step: &'static str,
+    result: String,
+}
+
+/// The hotweights stage: two versions of a generated checkpoint (a
+/// fine-tuned layer, an optimizer-like nudge, one tensor added, one
+/// removed), published, planned, verified, applied to a local store,
+/// committed, exported byte-identical, and rolled back.
+fn hotweights_stage(dir: &Path) -> Result<(Vec<Step>, serde_json::Value)> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    let (ckpt1, ckpt2) = (dir.join("ckpt-v1"), dir.join("ckpt-v2"));
+    let mut model = SynthModel::decoder(8, 512, 4096, 1);
+    model.write(&ckpt1, 3)?;
+    model.nudge_where(0.01, 2, |n| {
+        n.starts_with("model.layers.0.") || n.starts_with("model.layers.1.")
+    });
+    model.rewrite("model.layers.7.mlp.down_proj.weight", 3);
+    model.rewrite("lm_head.weight", 3);
+    model.remove("model.layers.5.post_attention_layernorm.weight");
+    model.add(
+        "model.layers.7.mlp.router.weight",
+        hotweights::synth::Dtype::BF16,
+        &[64, 512],
+        4,
+    );
+    model.write(&ckpt2, 3)?;
+
+    let mut steps = Vec::new();
+    let options = |v: &str| PublishOptions {
+        model_id: Some("synth-decoder".into()),
+        chunk_bytes: 1 << 20,
+        ..PublishOptions::new(v)
+    };
+    let m1 = hotweights::publish(&ckpt1, &options("v1"), &|_| {})?;
+    let m2 = hotweights::publish(&ckpt2, &options("v2"), &|_| {})?;
+    m1.write(&dir.join("v1.weight_manifest.json"), Format::Json)?;
+    m2.write(&dir.join("v2.weight_manifest.json"), Format::Json)?;
+    steps.push(Step {
+        step: "publish",
+        result: format!(
+            "v1 and v2: {} tensors, {} in 1 MiB chunks",
+            m2.tensors.len(),
+            bytes(model.bytes())
+        ),
+    });
+
+    let plan_options = PlanOptions {
+        bucket_bytes: 4 << 20,
+        source: Some(std::path::absolute(&ckpt2)?),
+        ..PlanOptions::default()
+    };
+    let planned = hotweights::plan::create(m1.clone(), m2.clone(), &plan_options)?;
+    let plan_path = dir.join("v1-v2.swap_plan.json");
+    planned.plan.write(&plan_path, Format::Json)?;
+    let d = &planned.delta;
+    steps.push(Step {
+        step: "plan",
+        result: format!(
+            "tensors: {} changed, {} added, {} removed, {} unchanged; {} of {} ({:.1} %) to move in {} of up to 4 MiB",
+            d.tensors.changed.count,
+            d.tensors.added.count,
+            d.tensors.removed.count,
+            d.tensors.unchanged.count,
+            bytes(d.bytes_changed),
+            bytes(d.bytes_total),
+            d.changed_percent(),
+            plural(planned.report.buckets, "bucket")
+        ),
+    });
+    let wire = hotweights::plan::wire_report(
+        &planned.plan,
+        &DirSource::new(&ckpt1),
+        &DirSource::new(&ckpt2),
+    )?;
+    steps.push(Step {
+        step: "sparse delta",
+        result: format!(
+            "wire bytes {} whole, {} with zstd(old XOR new) deltas ({:.1} %)",
+            bytes(wire.full_bytes),
+            bytes(wire.delta_bytes),
+            wire.delta_percent()
+        ),
+    });
+
+    let read: SwapPlan = SwapPlan::from_document(Document::read(&plan_path, None)?)
+        .context("the plan file is not a swap plan")?;
+    let problems = hotweights::verify(
+        &read,
+        &VerifyOptions {
+            prev: Some(&m1),
+            next: Some(&m2),
+            align: Some(plan_options.align),
+            bucket_limit: Some(plan_options.bucket_bytes),
+            ..VerifyOptions::default()
+        },
+    );
+    if let Some(p) = problems.first() {
+        bail!("the demo's plan does not verify: {p}");
+    }
+    steps.push(Step {
+        step: "verify-plan",
+        result: format!("no problems; digest {}", &read.digest[..23]),
+    });
+
+    let store_dir = dir.join("store");
+    let mut store = Store::open_or_create(&store_dir)?;
+    store.import(&m1, &DirSource::new(&ckpt1), &|_| {})?;
+    store.commit("v1")?;
+    let applied = store.apply(&read, ApplySource::PlanOps, &|_| {})?;
+    steps.push(Step {
+        step: "apply",
+        result: format!(
+            "v1 imported and current; v2 applied: {} written ({}), {} shared with v1",
+            plural(applied.chunks_written, "chunk"),
+            bytes(applied.bytes_written),
+            plural(applied.chunks_shared, "chunk")
+        ),
+    });
+    let started = Instant::now();
+    store.commit("v2")?;
+    let flip = started.elapsed();
+    let exported = dir.join("export-v2");
+    store.export("v2", &exported)?;
+    let identical = same_files(&ckpt2, &exported)?;
+    if !identical {
+        bail!("the exported v2 differs from its checkpoint");
+    }
+    steps.push(Step {
+        step: "commit + export",
+        result: format!(
+            "v2 current (flip {:.0} µs); exported files byte-identical to ckpt-v2",
+            flip.as_secs_f64() * 1e6
+        ),
+    });
+    let back = store.rollback()?;
+    steps.push(Step {
+        step: "rollback",
+        result: format!(
+            "current is {back:?} again; `bstack hw status --store {}`",
+            store_dir.display()
+        ),
+    });
+    let summary = json!({
+        "delta": d, "buckets": planned.report, "wire": wire, "applied": applied,
+        "commit_flip_us": flip.as_secs_f64() * 1e6, "export_identical": identical, "current": back,
+    });
+    Ok((steps, summary))
+}
+
+/// Whether every file under `a` has an identical twin under `b`, and `b`
+/// has no other files.
+fn same_files(a: &Path, b: &Path) -> Result<bool> {
+    let list = |d: &Path| -> Result<Vec<PathBuf>> {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(d)?
+            .map(|e| e.map(|e| PathBuf::from(e.file_name())))
+            .collect::<std::io::Result<_>>()?;
+        names.sort();
+        Ok(names)
+    };
+    let names = list(a)?;
+    if names != list(b)? {
+        return Ok(false);
+    }
+    for n in names {
+        if std::fs::read(a.join(&n))? != std::fs::read(b.join(&n))? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }

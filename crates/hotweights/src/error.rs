@@ -41,6 +41,29 @@ pub enum HotweightsError {
         /// Second file holding it.
         second: String,
     },
+    /// Inputs that do not belong together: manifests of different models,
+    /// a plan that disagrees with its manifests.
+    #[error("{0}")]
+    Mismatch(String),
+    /// Bytes that do not match the hash or length a manifest gives them.
+    #[error("verification failed: {0}")]
+    Verify(String),
+    /// A store that is not in the state an operation needs (a version it
+    /// lacks, a chunk it lacks, a lock another process holds).
+    #[error("{}: {message}", path.display())]
+    Store {
+        /// The store directory.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// A sparse delta that cannot be decoded, or that does not rebuild the
+    /// chunk it claims to.
+    #[error("sparse delta: {0}")]
+    Delta(String),
+    /// A contract file that cannot be read, decoded or written.
+    #[error(transparent)]
+    Plan(#[from] bstack_plan::PlanError),
     /// An option out of range.
     #[error("{0}")]
     Option(String),

@@ -21,13 +21,27 @@
 //!   sharded, and other files) and checking its headers.
 //! - [`publish`](mod@publish): hashing it into a manifest.
 //! - [`hash`]: the chunk hash functions.
+//! - [`sparse`]: sparse deltas, `zstd(old XOR new)`, for changed chunks whose
+//!   old bytes the receiver holds.
 
 pub mod checkpoint;
+pub mod delta;
 mod error;
+pub mod failpoint;
 pub mod hash;
+pub mod pack;
+pub mod plan;
 pub mod publish;
+pub mod source;
+pub mod sparse;
+pub mod store;
+pub mod synth;
+pub mod verify;
 
 pub use checkpoint::{Checkpoint, CheckpointFile, INDEX_FILE};
 pub use error::{HotweightsError, Result};
 pub use hash::hash_hex;
+pub use plan::{PlanOptions, Planned, TpGroups};
 pub use publish::{DEFAULT_CHUNK_BYTES, PublishOptions, publish, publish_checkpoint};
+pub use store::{ApplySource, Store};
+pub use verify::{VerifyOptions, verify};

@@ -43,6 +43,25 @@ proptest! {
     #[test]
     fn wave_spec(v in strategies::wave_spec()) { round_trip(v)?; }
 
+    /// The digest hashes exactly the encoding of the plan with `digest`
+    /// empty and `schema_version` current, whatever the plan holds.
+    #[test]
+    fn swap_plan_digest_hashes_the_unsealed_encoding(
+        mut v in strategies::swap_plan(),
+        digest in "[a-z0-9:]{0,80}",
+        unset_version in any::<bool>(),
+    ) {
+        if unset_version {
+            v.schema_version = 0;
+        }
+        let mut unsealed = v.clone();
+        unsealed.digest.clear();
+        unsealed.schema_version = bstack_plan::SCHEMA_VERSION;
+        let expected = format!("blake3:{}", blake3::hash(&unsealed.encode_to_vec()).to_hex());
+        v.digest = digest;
+        prop_assert_eq!(v.compute_digest(), expected);
+    }
+
     #[test]
     fn addresses_print_back_identically(s in strategies::address()) {
         let parsed: bstack_plan::Address = s.parse().map_err(|e: bstack_plan::AddressError| TestCaseError::fail(e.to_string()))?;

@@ -31,13 +31,9 @@ fn writes_ten_files_that_validate() {
 
     let mut names: Vec<String> = std::fs::read_dir(sandbox.path(DEMO))
         .unwrap_or_else(|e| panic!("listing {DEMO}: {e}{run}"))
-        .map(|entry| {
-            entry
-                .unwrap_or_else(|e| panic!("listing {DEMO}: {e}"))
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
+        .map(|entry| entry.unwrap_or_else(|e| panic!("listing {DEMO}: {e}")))
+        .filter(|entry| entry.path().is_file())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
     assert_eq!(names, demo_file_names(), "{run}");
@@ -57,6 +53,51 @@ fn writes_ten_files_that_validate() {
             .unwrap_or_default();
         assert_eq!(*line, format!("{path}: valid {kind}"), "{run}");
     }
+}
+
+/// The hotweights stage leaves its manifests and plan (valid contracts), a
+/// store whose current version is v1 after the rollback with v2 available,
+/// and an export of v2.
+#[test]
+fn hotweights_stage_publishes_plans_applies_and_rolls_back() {
+    let sandbox = Sandbox::empty();
+    let run = sandbox.run(&["--json", "demo", "--out", DEMO]);
+    run.code(0).quiet_stderr();
+    let hw = &run.json()["hotweights"];
+    assert_eq!(hw["export_identical"], true, "{run}");
+    assert_eq!(hw["current"], "v1", "{run}");
+    assert_eq!(hw["delta"]["tensors"]["added"]["count"], 1, "{run}");
+    assert_eq!(hw["delta"]["tensors"]["removed"]["count"], 1, "{run}");
+    let moved = hw["delta"]["bytes_changed"].as_u64().unwrap();
+    let total = hw["delta"]["bytes_total"].as_u64().unwrap();
+    assert!(moved > 0 && moved < total / 2, "{run}");
+    // Sparse deltas beat whole chunks on the nudged layers.
+    assert!(
+        hw["wire"]["delta_bytes"].as_u64() < hw["wire"]["full_bytes"].as_u64(),
+        "{run}"
+    );
+
+    let dir = format!("{DEMO}/hotweights");
+    let files = [
+        format!("{dir}/v1.weight_manifest.json"),
+        format!("{dir}/v2.weight_manifest.json"),
+        format!("{dir}/v1-v2.swap_plan.json"),
+    ];
+    let mut args = vec!["plan", "validate"];
+    args.extend(files.iter().map(String::as_str));
+    sandbox.run(&args).code(0);
+
+    let store = format!("{dir}/store");
+    let status = sandbox.run(&["--json", "hw", "status", "--store", &store]);
+    status.code(0);
+    let s = &status.json()["status"];
+    assert_eq!(s["current"], "v1", "{status}");
+    assert_eq!(s["versions"].as_array().map(Vec::len), Some(2), "{status}");
+    assert_eq!(
+        s["interrupted"].as_array().map(Vec::len),
+        Some(0),
+        "{status}"
+    );
 }
 
 #[test]

@@ -6,3 +6,4 @@
 
 mod fixtures;
 mod publish;
+mod sparse;
