@@ -428,27 +428,55 @@ impl SwapPlan {
     /// The digest of this plan: `blake3:` and the hex BLAKE3 of its protobuf
     /// encoding with `digest` empty. Any change to any field changes it.
     pub fn compute_digest(&self) -> String {
-        // prost writes fields in tag order, so the encoding ends with
-        // `digest` (7) then `schema_version` (15): the encoding with `digest`
-        // empty is this plan's encoding with that tail rewritten. No clone
-        // of a plan that may carry two million-chunk manifests.
-        let mut bytes = Vec::with_capacity(self.encoded_len());
-        self.encode_raw(&mut bytes);
-        let mut tail = 0;
-        if self.schema_version != 0 {
-            tail += prost::encoding::uint32::encoded_len(15, &self.schema_version);
+        let mut hasher = blake3::Hasher::new();
+        for piece in self.unsealed_encoding() {
+            // Pieces of million-chunk plans are megabytes: hash on all cores.
+            hasher.update_rayon(&piece);
         }
-        if !self.digest.is_empty() {
-            tail += prost::encoding::string::encoded_len(7, &self.digest);
+        format!("blake3:{}", hasher.finalize().to_hex())
+    }
+
+    /// The protobuf encoding of this plan with `digest` empty and
+    /// `schema_version` current, in consecutive pieces.
+    ///
+    /// A plan for a million-chunk model encodes to a hundred megabytes and
+    /// more, so its long lists are encoded in parallel, each element once.
+    /// The pieces are byte for byte what `encode_to_vec` would write: prost
+    /// writes fields in tag order, a repeated message field is its elements'
+    /// (key, length, body) one after another, and the lists split here
+    /// (`tensors` = 7 of a manifest; `ops` = 4 and `buckets` = 6 of a plan)
+    /// are followed only by the fields re-encoded after them. A property test
+    /// holds this to the plain encoding.
+    fn unsealed_encoding(&self) -> Vec<Vec<u8>> {
+        use prost::encoding::{self, WireType};
+
+        let mut pieces = Vec::new();
+        let mut head = Vec::new();
+        if !self.plan_id.is_empty() {
+            encoding::string::encode(1, &self.plan_id, &mut head);
         }
-        bytes.truncate(bytes.len() - tail);
-        // Unset reads as the current version after a round trip; hash it so.
+        for (tag, manifest) in [(2, &self.from), (3, &self.to)] {
+            let Some(m) = manifest else { continue };
+            let (body_len, body) = manifest_pieces(m);
+            encoding::encode_key(tag, WireType::LengthDelimited, &mut head);
+            encoding::encode_varint(body_len as u64, &mut head);
+            pieces.push(std::mem::take(&mut head));
+            pieces.extend(body);
+        }
+        pieces.extend(repeated_pieces(4, &self.ops));
+        if let Some(window) = &self.window {
+            encoding::message::encode(5, window, &mut head);
+        }
+        pieces.push(std::mem::take(&mut head));
+        pieces.extend(repeated_pieces(6, &self.buckets));
+        // `digest` (7) is left out; `schema_version` (15) goes last.
         let version = match self.schema_version {
             0 => SCHEMA_VERSION,
             v => v,
         };
-        prost::encoding::uint32::encode(15, &version, &mut bytes);
-        format!("blake3:{}", blake3::hash(&bytes).to_hex())
+        encoding::uint32::encode(15, &version, &mut head);
+        pieces.push(head);
+        pieces
     }
 
     /// Bytes staged in the buckets: what the rollout moves.
@@ -463,4 +491,43 @@ impl SwapPlan {
     pub fn seal(&mut self) {
         self.digest = self.compute_digest();
     }
+}
+
+/// The body of a manifest's encoding, in pieces, and its total length:
+/// fields 1-6 (files included), then `tensors` (7) in parallel, then
+/// `schema_version` (15).
+fn manifest_pieces(m: &WeightManifest) -> (usize, Vec<Vec<u8>>) {
+    let head = WeightManifest {
+        schema_version: 0,
+        model_id: m.model_id.clone(),
+        version: m.version.clone(),
+        files: m.files.clone(),
+        hash_algorithm: m.hash_algorithm,
+        created_unix_ms: m.created_unix_ms,
+        chunk_bytes: m.chunk_bytes,
+        tensors: Vec::new(),
+    };
+    let mut pieces = vec![head.encode_to_vec()];
+    pieces.extend(repeated_pieces(7, &m.tensors));
+    let mut tail = Vec::new();
+    if m.schema_version != 0 {
+        prost::encoding::uint32::encode(15, &m.schema_version, &mut tail);
+    }
+    pieces.push(tail);
+    (pieces.iter().map(Vec::len).sum(), pieces)
+}
+
+/// A repeated message field's encoding, in pieces encoded in parallel.
+fn repeated_pieces<M: Message + Sync>(tag: u32, items: &[M]) -> Vec<Vec<u8>> {
+    use rayon::prelude::*;
+    items
+        .par_chunks(4096)
+        .map(|run| {
+            let mut piece = Vec::new();
+            for item in run {
+                prost::encoding::message::encode(tag, item, &mut piece);
+            }
+            piece
+        })
+        .collect()
 }

@@ -86,24 +86,53 @@ struct Figure<'a> {
     /// Bytes processed.
     bytes: usize,
     time: Duration,
-    /// The physical limit measured in the same run, and its time.
-    baseline: (&'a str, Duration),
+    /// The physical limit measured in the same run, and its time; `None`
+    /// where no such limit exists (planning is pure computation).
+    baseline: Option<(&'a str, Duration)>,
+    /// Figure-specific fields (sizes, memory, ratios of bytes).
+    extra: serde_json::Value,
+}
+
+impl<'a> Figure<'a> {
+    fn new(bench: &'a str, n: usize, bytes: usize, time: Duration) -> Self {
+        Figure {
+            bench,
+            n,
+            bytes,
+            time,
+            baseline: None,
+            extra: json!({}),
+        }
+    }
+
+    fn against(mut self, name: &'a str, time: Duration) -> Self {
+        self.baseline = Some((name, time));
+        self
+    }
+
+    fn with(mut self, extra: serde_json::Value) -> Self {
+        self.extra = extra;
+        self
+    }
 }
 
 /// Prints one figure.
 fn emit(out: &Output, runs: usize, f: Figure<'_>) -> std::io::Result<()> {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let figure = json!({
+    let mut figure = json!({
         "bench": f.bench,
         "n": f.n,
         "runs": runs,
         "bytes": f.bytes,
         "median_ms": ms(f.time),
         "mb_per_s": f.bytes as f64 / f.time.as_secs_f64().max(1e-12) / 1e6,
-        "baseline": f.baseline.0,
-        "baseline_ms": ms(f.baseline.1),
-        "ratio": ms(f.time) / ms(f.baseline.1).max(1e-9),
+        "baseline": f.baseline.map(|b| b.0),
+        "baseline_ms": f.baseline.map(|b| ms(b.1)),
+        "ratio": f.baseline.map(|b| ms(f.time) / ms(b.1).max(1e-9)),
     });
+    if let (Some(figure), Some(extra)) = (figure.as_object_mut(), f.extra.as_object()) {
+        figure.extend(extra.clone());
+    }
     out.json_line(&figure)
 }
 
@@ -137,17 +166,12 @@ fn measure_contract<T: Contract>(
     let proto_base = ("memcpy", memcpy_baseline(runs, proto.len()));
     let json_base = ("memcpy", memcpy_baseline(runs, text.len()));
     let (pb, js) = (proto.len(), text.len());
-    let figure = |suffix: &str, bytes: usize, time: Duration, baseline| {
+    let figure = |suffix: &str, bytes: usize, time: Duration, baseline: (&str, Duration)| {
         emit(
             out,
             runs,
-            Figure {
-                bench: &format!("{name}.{suffix}"),
-                n,
-                bytes,
-                time,
-                baseline,
-            },
+            Figure::new(&format!("{name}.{suffix}"), n, bytes, time)
+                .against(baseline.0, baseline.1),
         )
     };
 
@@ -173,6 +197,7 @@ fn bench_hotweights(args: &BenchArgs, out: &Output) -> Result<()> {
     use rayon::prelude::*;
     use std::io::Read;
 
+    bench_plan_million(args, out)?;
     let runs = args.runs;
     let total = ((512u64 << 20) as f64 * args.scale).max((1u64 << 20) as f64) as u64;
     let dir = tempfile::tempdir()?;
@@ -213,41 +238,200 @@ fn bench_hotweights(args: &BenchArgs, out: &Output) -> Result<()> {
         )))
     });
 
-    let memcpy = ("memcpy", memcpy_baseline(runs, bytes.min(256 << 20)));
+    let memcpy = memcpy_baseline(runs, bytes.min(256 << 20));
     let n = files.len();
     emit(
         out,
         runs,
-        Figure {
-            bench: "hotweights.read_files",
-            n,
-            bytes,
-            time: read,
-            baseline: memcpy,
-        },
+        Figure::new("hotweights.read_files", n, bytes, read).against("memcpy", memcpy),
     )?;
     emit(
         out,
         runs,
-        Figure {
-            bench: "hotweights.hash_in_memory",
-            n,
-            bytes,
-            time: hash,
-            baseline: memcpy,
-        },
+        Figure::new("hotweights.hash_in_memory", n, bytes, hash).against("memcpy", memcpy),
     )?;
-    let limit = ("slower of read_files and hash_in_memory", read.max(hash));
     emit(
         out,
         runs,
-        Figure {
-            bench: "hotweights.publish",
-            n,
-            bytes,
-            time: publish,
-            baseline: limit,
-        },
+        Figure::new("hotweights.publish", n, bytes, publish)
+            .against("slower of read_files and hash_in_memory", read.max(hash)),
+    )?;
+    drop(dir);
+    bench_commit(args, out)?;
+    bench_sparse_delta(args, out)
+}
+
+/// Planning a million-chunk manifest with 10 % and with every chunk
+/// changed: delta, packing, consumer sets and sealing, but not the copies
+/// of the inputs that `plan::create` consumes. Peak memory is the process's
+/// high-water mark, so this runs before anything else in the process.
+fn bench_plan_million(args: &BenchArgs, out: &Output) -> Result<()> {
+    let chunks = ((1_000_000.0 * args.scale) as usize).max(4);
+    let prev = synthetic_manifest(chunks / 4);
+    for (name, every) in [("hotweights.plan_10pct", 10), ("hotweights.plan_all", 1)] {
+        let mut next = prev.clone();
+        next.version = "v2".into();
+        let mut k = 0usize;
+        for t in &mut next.tensors {
+            for c in &mut t.chunks {
+                if k % every == 0 {
+                    c.hash = hex_hash(u64::MAX - k as u64);
+                }
+                k += 1;
+            }
+        }
+        let options = hotweights::PlanOptions::default();
+        let mut times = Vec::new();
+        let mut report = None;
+        for _ in 0..=args.runs {
+            let n = next.clone();
+            let started = Instant::now();
+            let planned = hotweights::plan::create(&prev, n, &options)?;
+            times.push(started.elapsed());
+            report = Some((planned.delta.chunks_changed, planned.report.buckets));
+            drop(black_box(planned));
+        }
+        times.remove(0); // warm-up
+        times.sort_unstable();
+        let (changed, buckets) = report.unwrap_or_default();
+        emit(
+            out,
+            args.runs,
+            Figure::new(name, chunks, 0, times[times.len() / 2]).with(json!({
+                "chunks_changed": changed,
+                "buckets": buckets,
+                "peak_rss_mib": peak_rss_mib(),
+            })),
+        )?;
+    }
+    Ok(())
+}
+
+/// The process's peak resident memory so far, in MiB (Linux).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// The commit flip on stores of two model sizes (1 GiB and 8 GiB at scale
+/// 1, as sparse files), against the floor of any durable atomic switch: a
+/// small file written, fsync'd and renamed, and its directory fsync'd, in the
+/// same directory.
+fn bench_commit(args: &BenchArgs, out: &Output) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+
+    for (name, gib) in [
+        ("hotweights.commit_flip_1g", 1.0),
+        ("hotweights.commit_flip_8g", 8.0),
+    ] {
+        let size = (((1u64 << 30) as f64 * gib * args.scale) as u64).max(8 << 20);
+        let dir = tempfile::tempdir()?;
+        let mut store = hotweights::Store::open_or_create(&dir.path().join("store"))?;
+        let chunk = hotweights::DEFAULT_CHUNK_BYTES;
+        for version in ["v1", "v2"] {
+            // Sparse weights: a marker per chunk keeps every chunk distinct.
+            let ckpt = dir.path().join(version);
+            std::fs::create_dir_all(&ckpt)?;
+            let file = std::fs::File::create(ckpt.join("weights.bin"))?;
+            file.set_len(size)?;
+            for (i, offset) in (0..size).step_by(chunk as usize).enumerate() {
+                let marker = format!("{version}:{i}");
+                file.write_all_at(marker.as_bytes(), offset)?;
+            }
+            let manifest = hotweights::publish(
+                &ckpt,
+                &hotweights::PublishOptions {
+                    model_id: Some("bench".into()),
+                    ..hotweights::PublishOptions::new(version)
+                },
+                &|_| {},
+            )?;
+            store.import(
+                &manifest,
+                &hotweights::source::DirSource::new(&ckpt),
+                &|_| {},
+            )?;
+        }
+        let mut flips = ["v1", "v2"].iter().cycle();
+        let flip = median(args.runs, || {
+            if let Some(v) = flips.next() {
+                black_box(store.commit(v).is_ok());
+            }
+        });
+        let floor_dir = dir.path().join("floor");
+        std::fs::create_dir_all(&floor_dir)?;
+        let floor = median(args.runs, || {
+            black_box(durable_rename(&floor_dir).is_ok());
+        });
+        emit(
+            out,
+            args.runs,
+            Figure::new(name, 1, size as usize, flip)
+                .against("write + fsync + rename + fsync(dir)", floor)
+                .with(json!({ "store_model_bytes": size })),
+        )?;
+    }
+    Ok(())
+}
+
+fn durable_rename(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join("state.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(br#"{"current":"v2"}"#)?;
+    f.sync_data()?;
+    std::fs::rename(&tmp, dir.join("state"))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Wire bytes of an RL-like update, where 1 % of the bf16 elements of every
+/// tensor changed: whole chunks against sparse deltas (zstd of old XOR new).
+/// The time is that of measuring both: reading, hashing and encoding.
+fn bench_sparse_delta(args: &BenchArgs, out: &Output) -> Result<()> {
+    use hotweights::source::DirSource;
+    use hotweights::synth::SynthModel;
+
+    let layers = ((8.0 * args.scale).round() as usize).max(1);
+    let vocab = ((32_000.0 * args.scale) as usize).max(256);
+    let dir = tempfile::tempdir()?;
+    let (v1, v2) = (dir.path().join("v1"), dir.path().join("v2"));
+    let mut model = SynthModel::decoder(layers, 1024, vocab, 7);
+    model.write(&v1, 3)?;
+    let elements_changed = model.nudge(0.01, 8);
+    model.write(&v2, 3)?;
+    let options = |v: &str| hotweights::PublishOptions {
+        model_id: Some("bench".into()),
+        ..hotweights::PublishOptions::new(v)
+    };
+    let m1 = hotweights::publish(&v1, &options("v1"), &|_| {})?;
+    let m2 = hotweights::publish(&v2, &options("v2"), &|_| {})?;
+    let planned = hotweights::plan::create(&m1, m2, &hotweights::PlanOptions::default())?;
+    let (prev, next) = (DirSource::new(&v1), DirSource::new(&v2));
+    let mut wire = None;
+    let time = median(args.runs, || {
+        wire = hotweights::plan::wire_report(&planned.plan, &m1, &prev, &next).ok();
+    });
+    let Some(wire) = wire else {
+        bail!("measuring the sparse delta failed");
+    };
+    emit(
+        out,
+        args.runs,
+        Figure::new(
+            "hotweights.sparse_delta_1pct",
+            planned.delta.chunks_changed as usize,
+            wire.full_bytes as usize,
+            time,
+        )
+        .with(json!({
+            "model_bytes": model.bytes(),
+            "elements_changed": elements_changed,
+            "full_bytes": wire.full_bytes,
+            "delta_bytes": wire.delta_bytes,
+            "wire_percent": wire.delta_percent(),
+        })),
     )?;
     Ok(())
 }
@@ -333,6 +517,9 @@ fn synthetic_manifest(tensors: usize) -> WeightManifest {
             }
         })
         .collect();
+    // Sorted by name, as published manifests are.
+    let mut tensors: Vec<TensorEntry> = tensors;
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
     WeightManifest {
         schema_version: SCHEMA_VERSION,
         model_id: "bench".into(),

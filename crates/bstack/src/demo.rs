@@ -201,7 +201,7 @@ fn hotweights_stage(dir: &Path) -> Result<(Vec<Step>, serde_json::Value)> {
         source: Some(std::path::absolute(&ckpt2)?),
         ..PlanOptions::default()
     };
-    let planned = hotweights::plan::create(m1.clone(), m2.clone(), &plan_options)?;
+    let planned = hotweights::plan::create(&m1, m2.clone(), &plan_options)?;
     let plan_path = dir.join("v1-v2.swap_plan.json");
     planned.plan.write(&plan_path, Format::Json)?;
     let d = &planned.delta;
@@ -221,6 +221,7 @@ fn hotweights_stage(dir: &Path) -> Result<(Vec<Step>, serde_json::Value)> {
     });
     let wire = hotweights::plan::wire_report(
         &planned.plan,
+        &m1,
         &DirSource::new(&ckpt1),
         &DirSource::new(&ckpt2),
     )?;

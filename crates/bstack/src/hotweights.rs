@@ -463,11 +463,18 @@ fn plan(args: PlanArgs, out: &Output) -> Result<Outcome> {
         window,
     };
     let started = Instant::now();
-    let planned = hotweights::plan::create(prev, next, &options)?;
+    let planned = hotweights::plan::create(&prev, next, &options).with_context(|| {
+        format!(
+            "--prev {} and --next {}",
+            args.prev.display(),
+            args.next.display()
+        )
+    })?;
     let seconds = started.elapsed().as_secs_f64();
     let wire = match (&args.prev_source, &args.source) {
         (Some(prev_dir), Some(next_dir)) => Some(hotweights::plan::wire_report(
             &planned.plan,
+            &prev,
             &DirSource::new(prev_dir),
             &DirSource::new(next_dir),
         )?),

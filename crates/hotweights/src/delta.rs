@@ -137,13 +137,8 @@ impl Delta {
 pub fn compute(prev: &WeightManifest, next: &WeightManifest) -> Delta {
     let mut delta = Delta::default();
 
-    let prev_tensors: HashMap<&str, &bstack_plan::TensorEntry> =
-        prev.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
-    for (i, t) in next.tensors.iter().enumerate() {
-        let old = prev_tensors.get(t.name.as_str());
-        // A tensor that only moved inside its file (because a neighbour was
-        // added or removed) is unchanged: stores address chunks by hash, and
-        // the file's new layout travels with its header entry.
+    let (matched, removed) = pair(&prev.tensors, &next.tensors, |t| t.name.as_str());
+    for (i, (t, old)) in next.tensors.iter().zip(matched).enumerate() {
         let same_meta =
             old.is_some_and(|o| o.dtype == t.dtype && o.shape == t.shape && o.length == t.length);
         let moved = diff_chunks(
@@ -156,19 +151,13 @@ pub fn compute(prev: &WeightManifest, next: &WeightManifest) -> Delta {
             .tensors
             .tally(classify(old.is_some(), moved, same_meta), t.length);
     }
-    let next_tensors: HashMap<&str, ()> =
-        next.tensors.iter().map(|t| (t.name.as_str(), ())).collect();
-    for t in &prev.tensors {
-        if !next_tensors.contains_key(t.name.as_str()) {
-            delta.tensors.tally(Change::Removed, t.length);
-            delta.removed_tensors.push(t.name.clone());
-        }
+    for t in removed {
+        delta.tensors.tally(Change::Removed, t.length);
+        delta.removed_tensors.push(t.name.clone());
     }
 
-    let prev_files: HashMap<&str, &bstack_plan::FileEntry> =
-        prev.files.iter().map(|f| (f.path.as_str(), f)).collect();
-    for (i, f) in next.files.iter().enumerate() {
-        let old = prev_files.get(f.path.as_str());
+    let (matched, removed) = pair(&prev.files, &next.files, |f| f.path.as_str());
+    for (i, (f, old)) in next.files.iter().zip(matched).enumerate() {
         let same_meta = old.is_some_and(|o| o.offset == f.offset && o.length == f.length);
         let moved = diff_chunks(
             &mut delta,
@@ -180,16 +169,48 @@ pub fn compute(prev: &WeightManifest, next: &WeightManifest) -> Delta {
             .files
             .tally(classify(old.is_some(), moved, same_meta), f.length);
     }
-    let next_files: HashMap<&str, ()> = next.files.iter().map(|f| (f.path.as_str(), ())).collect();
-    for f in &prev.files {
-        if !next_files.contains_key(f.path.as_str()) {
-            delta.files.tally(Change::Removed, f.length);
-            delta.removed_files.push(f.path.clone());
-        }
+    for f in removed {
+        delta.files.tally(Change::Removed, f.length);
+        delta.removed_files.push(f.path.clone());
     }
     delta.removed_tensors.sort_unstable();
     delta.removed_files.sort_unstable();
     delta
+}
+
+/// For each entry of `next`, its namesake in `prev`; and the entries of
+/// `prev` that `next` lacks. Manifests list entries sorted by name, which
+/// allows a merge in one pass with no hashing; any other order falls back to
+/// a hash map.
+fn pair<'a, T>(
+    prev: &'a [T],
+    next: &'a [T],
+    key: impl Fn(&T) -> &str,
+) -> (Vec<Option<&'a T>>, Vec<&'a T>) {
+    let sorted = |list: &[T]| list.windows(2).all(|w| key(&w[0]) < key(&w[1]));
+    if sorted(prev) && sorted(next) {
+        let (mut matched, mut removed) = (Vec::with_capacity(next.len()), Vec::new());
+        let mut p = 0;
+        for n in next {
+            while p < prev.len() && key(&prev[p]) < key(n) {
+                removed.push(&prev[p]);
+                p += 1;
+            }
+            if p < prev.len() && key(&prev[p]) == key(n) {
+                matched.push(Some(&prev[p]));
+                p += 1;
+            } else {
+                matched.push(None);
+            }
+        }
+        removed.extend(&prev[p..]);
+        return (matched, removed);
+    }
+    let by_key: HashMap<&str, &T> = prev.iter().map(|e| (key(e), e)).collect();
+    let matched = next.iter().map(|n| by_key.get(key(n)).copied()).collect();
+    let present: std::collections::HashSet<&str> = next.iter().map(&key).collect();
+    let removed = prev.iter().filter(|e| !present.contains(key(e))).collect();
+    (matched, removed)
 }
 
 fn classify(existed: bool, moved: bool, same_meta: bool) -> Change {

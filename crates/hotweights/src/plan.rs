@@ -15,9 +15,12 @@
 //!    contiguous in both the file and the bucket;
 //! 5. seals the plan: its digest is computed last, over the finished plan.
 //!
-//! The plan carries both manifests, so it is self-contained: a receiver can
-//! check that it holds the `from` version, and the `to` manifest is the whole
-//! truth of the new version, removed entries included.
+//! The plan carries the whole `to` manifest, the truth of the new version
+//! (removed entries are simply absent from it), and the identity of the
+//! `from` version (model, version, hash function, chunk size) without its
+//! entries: receivers hold those, and [`verify`](crate::verify()) takes the
+//! full previous manifest when it is to check the delta. Leaving them out
+//! halves the plan's size and the time to seal it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -164,35 +167,53 @@ pub fn parse_bucket_address(address: &str) -> Option<u32> {
 /// let mut next = prev.clone();
 /// next.version = "v2".into();
 /// next.tensors[0].chunks[0].hash = "ab".repeat(32);
-/// let planned = create(prev, next, &PlanOptions::default())?;
+/// let planned = create(&prev, next, &PlanOptions::default())?;
 /// assert_eq!(planned.delta.chunks_changed, 1);
 /// assert_eq!(planned.plan.digest, planned.plan.compute_digest());
 /// # Ok::<(), hotweights::HotweightsError>(())
 /// ```
 pub fn create(
-    prev: WeightManifest,
+    prev: &WeightManifest,
     next: WeightManifest,
     options: &PlanOptions,
 ) -> Result<Planned> {
-    check_compatible(&prev, &next, options.force)?;
+    check_compatible(prev, &next, options.force)?;
     check_unique_file_paths(&next)?;
-    let delta = delta::compute(&prev, &next);
+    let delta = delta::compute(prev, &next);
 
     // Group the changed chunks by consumer set; `None` is "every rank".
     let mut sets: BTreeMap<Option<BTreeSet<u32>>, Vec<Piece>> = BTreeMap::new();
-    let mut entry_ranks: BTreeMap<EntryRef, Option<BTreeSet<u32>>> = BTreeMap::new();
-    for (id, c) in delta.changed.iter().enumerate() {
-        let ranks =
-            entry_ranks
-                .entry(c.entry)
-                .or_insert_with(|| match (c.entry, &options.groups) {
-                    (EntryRef::Tensor(i), Some(g)) => g.ranks_for(&next.tensors[i].name),
-                    _ => None,
+    match &options.groups {
+        None => {
+            let all = delta
+                .changed
+                .iter()
+                .enumerate()
+                .map(|(id, c)| Piece {
+                    id,
+                    length: c.length,
+                })
+                .collect();
+            sets.insert(None, all);
+        }
+        Some(groups) => {
+            // One glob match per tensor, not per chunk.
+            let ranks: Vec<Option<BTreeSet<u32>>> = next
+                .tensors
+                .iter()
+                .map(|t| groups.ranks_for(&t.name))
+                .collect();
+            for (id, c) in delta.changed.iter().enumerate() {
+                let set = match c.entry {
+                    EntryRef::Tensor(i) => ranks[i].clone(),
+                    EntryRef::File(_) => None,
+                };
+                sets.entry(set).or_default().push(Piece {
+                    id,
+                    length: c.length,
                 });
-        sets.entry(ranks.clone()).or_default().push(Piece {
-            id,
-            length: c.length,
-        });
+            }
+        }
     }
 
     let limit = options.bucket_bytes - options.bucket_bytes % options.align.max(1);
@@ -246,7 +267,7 @@ pub fn create(
             .plan_id
             .clone()
             .unwrap_or_else(|| format!("{model}:{}->{}", prev.version, next.version)),
-        from: Some(prev),
+        from: Some(identity(prev)),
         to: Some(next),
         ops: Vec::new(),
         window: Some(options.window),
@@ -265,6 +286,20 @@ pub fn create(
         delta,
         report,
     })
+}
+
+/// A manifest's identity without its entries.
+pub fn identity(m: &WeightManifest) -> WeightManifest {
+    WeightManifest {
+        schema_version: m.schema_version,
+        model_id: m.model_id.clone(),
+        version: m.version.clone(),
+        hash_algorithm: m.hash_algorithm,
+        created_unix_ms: m.created_unix_ms,
+        chunk_bytes: m.chunk_bytes,
+        files: Vec::new(),
+        tensors: Vec::new(),
+    }
 }
 
 fn check_compatible(prev: &WeightManifest, next: &WeightManifest, force: bool) -> Result<()> {
@@ -524,19 +559,30 @@ impl WireReport {
 }
 
 /// Measures the wire bytes of `plan`'s changed chunks, reading the old
-/// chunks from `prev` and the new ones from `next`; both are checked against
-/// the manifests' hashes, so a wrong directory is an error, not a wrong
-/// figure. Runs in parallel over chunks.
+/// chunks (as `prev`, the full manifest of the plan's `from` version,
+/// describes them) from `prev_source` and the new ones from `next_source`;
+/// both are checked against the manifests' hashes, so a wrong directory is
+/// an error, not a wrong figure. Runs in parallel over chunks.
 pub fn wire_report(
     plan: &SwapPlan,
-    prev: &dyn ChunkSource,
-    next: &dyn ChunkSource,
+    prev: &WeightManifest,
+    prev_source: &dyn ChunkSource,
+    next_source: &dyn ChunkSource,
 ) -> Result<WireReport> {
-    let (Some(from), Some(to)) = (plan.from.as_ref(), plan.to.as_ref()) else {
+    let Some(to) = plan.to.as_ref() else {
         return Err(HotweightsError::Mismatch(
-            "the plan lacks its `from` or `to` manifest".into(),
+            "the plan lacks its `to` manifest".into(),
         ));
     };
+    let from = prev;
+    if let Some(f) = &plan.from {
+        if f.model_id != prev.model_id || f.version != prev.version {
+            return Err(HotweightsError::Mismatch(format!(
+                "the plan starts from {} {}, not from the manifest given ({} {})",
+                f.model_id, f.version, prev.model_id, prev.version
+            )));
+        }
+    }
     let delta = delta::compute(from, to);
     let (old_index, new_index) = (EntryIndex::new(from), EntryIndex::new(to));
     let sizes = delta
@@ -550,13 +596,13 @@ pub fn wire_report(
                     c.chunk
                 ))
             };
-            let new = next.read_chunk(
+            let new = next_source.read_chunk(
                 &new_index
                     .chunk(is_file, name, c.chunk)
                     .ok_or_else(missing)?,
             )?;
             let old = match old_index.chunk(is_file, name, c.chunk) {
-                Some(loc) if c.has_base => Some(prev.read_chunk(&loc)?),
+                Some(loc) if c.has_base => Some(prev_source.read_chunk(&loc)?),
                 _ => None,
             };
             let encoded = match old {

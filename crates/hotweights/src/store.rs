@@ -283,6 +283,7 @@ impl Store {
             ));
         };
         if let Some(report) = self.already_present(to)? {
+            self.settle_present(&to.version)?;
             return Ok(report);
         }
         let index = EntryIndex::new(to);
@@ -367,6 +368,7 @@ impl Store {
             )));
         }
         if let Some(report) = self.already_present(manifest)? {
+            self.settle_present(&manifest.version)?;
             return Ok(report);
         }
         let index = EntryIndex::new(manifest);
@@ -376,7 +378,17 @@ impl Store {
             started_unix_ms: now_ms(),
         };
         self.write_journal(&journal)?;
-        let locs: Vec<ChunkLoc<'_>> = chunk_locs(manifest, &index).collect();
+        // One job per distinct chunk: identical chunks (zero tensors, tied
+        // embeddings) would otherwise be written by two threads at once.
+        let mut seen = HashSet::new();
+        let mut repeats = 0u64;
+        let locs: Vec<ChunkLoc<'_>> = chunk_locs(manifest, &index)
+            .filter(|loc| {
+                let first = seen.insert((loc.hash, loc.length));
+                repeats += u64::from(!first);
+                first
+            })
+            .collect();
         let written = locs
             .par_iter()
             .map(|loc| -> Result<(u64, u64, u64)> {
@@ -401,6 +413,7 @@ impl Store {
             version: manifest.version.clone(),
             ..ApplyReport::default()
         };
+        report.chunks_shared += repeats;
         for (n, bytes, shared) in written {
             report.chunks_written += n;
             report.bytes_written += bytes;
@@ -524,6 +537,11 @@ impl Store {
             if prune_uncommitted || dropped.contains(&v) {
                 let path = self.version_path(&v)?;
                 fs::remove_file(&path).map_err(|e| HotweightsError::io(&path, e))?;
+                if self.state.last_applied.as_deref() == Some(v.as_str()) {
+                    let mut state = self.state.clone();
+                    state.last_applied = None;
+                    self.write_state(state, "gc")?;
+                }
                 report.versions_removed.push(v);
             } else {
                 retained.push(v);
@@ -725,9 +743,9 @@ impl Store {
             return Ok(false);
         }
         let tmp_dir = self.root.join("tmp");
-        let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir)
+        let tmp = tempfile::NamedTempFile::new_in(&tmp_dir)
             .map_err(|e| HotweightsError::io(&tmp_dir, e))?;
-        std::io::Write::write_all(&mut tmp, bytes).map_err(|e| HotweightsError::io(&path, e))?;
+        write_sparse(tmp.as_file(), bytes).map_err(|e| HotweightsError::io(&path, e))?;
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(|e| HotweightsError::io(dir, e))?;
         }
@@ -792,6 +810,7 @@ impl Store {
             }
             // Whole chunks go straight from the bucket; pieces accumulate.
             let mut whole = Vec::new();
+            let mut whole_hashes = HashSet::new();
             for item in &bucket.items {
                 let loc = index
                     .chunk(item.is_file, &item.name, item.chunk)
@@ -804,6 +823,9 @@ impl Store {
                 let piece = &buffer
                     [item.bucket_offset as usize..(item.bucket_offset + item.length) as usize];
                 if item.chunk_offset == 0 && item.length == loc.length {
+                    if !whole_hashes.insert(loc.hash) {
+                        continue; // the same bytes, already going in this bucket
+                    }
                     whole.push((loc, piece));
                     continue;
                 }
@@ -857,6 +879,27 @@ impl Store {
         self.write_state(state, "apply")?;
         let journal = self.root.join(JOURNAL);
         fs::remove_file(&journal).map_err(|e| HotweightsError::io(&journal, e))?;
+        Ok(())
+    }
+
+    /// An apply of a version that is already stored succeeds at once; it
+    /// also finishes what an apply of that version interrupted after its
+    /// manifest became visible: the version becomes the last applied (what
+    /// `commit` defaults to) and its journal goes.
+    fn settle_present(&mut self, version: &str) -> Result<()> {
+        if self.state.last_applied.as_deref() != Some(version) {
+            let mut state = self.state.clone();
+            state.last_applied = Some(version.to_owned());
+            self.write_state(state, "apply")?;
+        }
+        let journal = self.root.join(JOURNAL);
+        let interrupted = fs::read(&journal)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Journal>(&bytes).ok())
+            .is_some_and(|j| j.version == version);
+        if interrupted {
+            fs::remove_file(&journal).map_err(|e| HotweightsError::io(&journal, e))?;
+        }
         Ok(())
     }
 
@@ -935,12 +978,30 @@ impl Store {
         let journal = self.root.join(JOURNAL);
         if let Ok(bytes) = fs::read(&journal) {
             match serde_json::from_slice::<Journal>(&bytes) {
-                Ok(j) => out.push(format!(
-                    "an apply of version {:?}{} did not finish; {current}; the chunks it stored are kept: rerun the apply to finish it, or run gc to remove them",
-                    j.version,
-                    if j.plan_id.is_empty() { String::new() } else { format!(" (plan {:?})", j.plan_id) }
+                Ok(j) => {
+                    let plan = if j.plan_id.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (plan {:?})", j.plan_id)
+                    };
+                    // Interrupted after its manifest was written: the
+                    // version is whole, and gc would keep its chunks.
+                    let visible = self.version_path(&j.version).is_ok_and(|p| p.is_file());
+                    out.push(if visible {
+                        format!(
+                            "an apply of version {:?}{plan} was interrupted after the version became available; {current}; rerun the apply to finish it, or run gc",
+                            j.version
+                        )
+                    } else {
+                        format!(
+                            "an apply of version {:?}{plan} did not finish; {current}; the chunks it stored are kept: rerun the apply to finish it, or run gc to remove them",
+                            j.version
+                        )
+                    });
+                }
+                Err(_) => out.push(format!(
+                    "an apply did not finish (its journal is unreadable); {current}"
                 )),
-                Err(_) => out.push(format!("an apply did not finish (its journal is unreadable); {current}")),
             }
         }
         let tmp_state = self.root.join(STATE_TMP);
@@ -995,6 +1056,30 @@ fn chunk_locs<'m>(
         (0..f.chunks.len() as u32).filter_map(move |c| index.chunk(true, &f.path, c))
     });
     tensors.chain(files)
+}
+
+/// Writes `bytes` to an empty file, leaving holes where whole 4 KiB blocks
+/// are zero: zero-initialised tensors (a fresh LoRA's B matrices, padding)
+/// then take no disk space. Random data costs one comparison per block.
+fn write_sparse(file: &File, bytes: &[u8]) -> std::io::Result<()> {
+    const BLOCK: usize = 4096;
+    // Runs of data blocks go out in one write each.
+    let mut run_start = None;
+    for (i, block) in bytes.chunks(BLOCK).enumerate() {
+        let zero = block.iter().all(|&b| b == 0);
+        match (zero, run_start) {
+            (false, None) => run_start = Some(i * BLOCK),
+            (true, Some(start)) => {
+                file.write_all_at(&bytes[start..i * BLOCK], start as u64)?;
+                run_start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(start) = run_start {
+        file.write_all_at(&bytes[start..], start as u64)?;
+    }
+    file.set_len(bytes.len() as u64)
 }
 
 fn store_error(root: &Path, message: impl Into<String>) -> HotweightsError {

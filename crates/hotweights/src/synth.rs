@@ -157,9 +157,15 @@ impl SynthModel {
     pub fn write(&self, dir: &Path, shards: usize) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| HotweightsError::io(dir, e))?;
         let shards = shards.clamp(1, self.tensors.len().max(1));
-        let per = self.tensors.len().div_ceil(shards);
+        // Exactly `shards` runs: the first `len % shards` take one more
+        // tensor, so no shard named "-of-N" is missing.
+        let (per, extra) = (self.tensors.len() / shards, self.tensors.len() % shards);
         let mut weight_map = serde_json::Map::new();
-        for (s, group) in self.tensors.chunks(per.max(1)).enumerate() {
+        let mut start = 0;
+        for s in 0..shards {
+            let end = (start + per + usize::from(s < extra)).min(self.tensors.len());
+            let group = &self.tensors[start..end];
+            start = end;
             let name = if shards == 1 {
                 "model.safetensors".to_owned()
             } else {

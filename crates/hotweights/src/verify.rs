@@ -50,13 +50,25 @@ pub fn verify(plan: &SwapPlan, options: &VerifyOptions<'_>) -> Vec<Problem> {
     let mut report = |path: String, message: String| out.push(Problem { path, message });
 
     if let (Some(expected), Some(actual)) = (options.prev, plan.from.as_ref()) {
-        compare_manifest("from", expected, actual, &mut report);
+        if has_entries(actual) {
+            compare_manifest("from", expected, actual, &mut report);
+        } else {
+            compare_identity(expected, actual, &mut report);
+        }
     }
     if let (Some(expected), Some(actual)) = (options.next, plan.to.as_ref()) {
         compare_manifest("to", expected, actual, &mut report);
     }
-    if let (Some(from), Some(to)) = (plan.from.as_ref(), plan.to.as_ref()) {
-        check_nothing_unchanged_staged(plan, from, to, &mut report);
+    // The full previous manifest: given, or carried by the plan.
+    let prev = options
+        .prev
+        .or(plan.from.as_ref().filter(|m| has_entries(m)));
+    if let (Some(prev), Some(to)) = (prev, plan.to.as_ref()) {
+        check_nothing_unchanged_staged(plan, prev, to, &mut report);
+        if !plan.from.as_ref().is_some_and(has_entries) {
+            // validate() could not check this without the entries.
+            check_changed_staged(plan, prev, to, &mut report);
+        }
     }
     for (b, bucket) in plan.buckets.iter().enumerate() {
         if let Some(limit) = options.bucket_limit.filter(|&l| bucket.capacity > l) {
@@ -81,6 +93,73 @@ pub fn verify(plan: &SwapPlan, options: &VerifyOptions<'_>) -> Vec<Problem> {
     }
     check_consumers(plan, options, &mut report);
     out
+}
+
+fn has_entries(m: &WeightManifest) -> bool {
+    !m.tensors.is_empty() || !m.files.is_empty()
+}
+
+/// A `from` given by identity: the fields it has must be the manifest's.
+fn compare_identity(
+    expected: &WeightManifest,
+    actual: &WeightManifest,
+    report: &mut impl FnMut(String, String),
+) {
+    let pairs = [
+        (
+            "model_id",
+            actual.model_id.clone(),
+            expected.model_id.clone(),
+        ),
+        ("version", actual.version.clone(), expected.version.clone()),
+        (
+            "hash_algorithm",
+            actual.hash_algorithm.to_string(),
+            expected.hash_algorithm.to_string(),
+        ),
+        (
+            "chunk_bytes",
+            actual.chunk_bytes.to_string(),
+            expected.chunk_bytes.to_string(),
+        ),
+    ];
+    for (name, a, b) in pairs {
+        if a != b {
+            report(
+                format!("from.{name}"),
+                format!("is {a:?}, the manifest given says {b:?}"),
+            );
+        }
+    }
+}
+
+/// Every chunk of `to` that `prev` lacks must be in a bucket.
+fn check_changed_staged(
+    plan: &SwapPlan,
+    prev: &WeightManifest,
+    to: &WeightManifest,
+    report: &mut impl FnMut(String, String),
+) {
+    let staged: std::collections::HashSet<(bool, &str, u32)> = plan
+        .buckets
+        .iter()
+        .flat_map(|b| &b.items)
+        .map(|i| (i.is_file, i.name.as_str(), i.chunk))
+        .collect();
+    let d = delta::compute(prev, to);
+    for c in &d.changed {
+        let (is_file, name) = crate::plan::entry_name(to, c.entry);
+        if !staged.contains(&(is_file, name, c.chunk)) {
+            let what = if is_file { "file" } else { "tensor" };
+            report(
+                "buckets".into(),
+                format!(
+                    "chunk {} of {what} {name:?} is new or changed but in no bucket",
+                    c.chunk
+                ),
+            );
+        }
+    }
 }
 
 fn compare_manifest(

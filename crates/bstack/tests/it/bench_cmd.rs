@@ -108,7 +108,7 @@ fn scale_out_of_range_is_exit_2() {
 }
 
 #[test]
-fn hotweights_publish_is_measured_against_both_limits() {
+fn hotweights_figures_come_with_their_limits() {
     let run = Sandbox::empty().run(&["bench", "hotweights", "--runs", "1", "--scale", "0.002"]);
     run.code(0);
     let figures = run.json_lines();
@@ -116,16 +116,52 @@ fn hotweights_publish_is_measured_against_both_limits() {
     assert_eq!(
         names,
         [
+            "hotweights.plan_10pct",
+            "hotweights.plan_all",
             "hotweights.read_files",
             "hotweights.hash_in_memory",
-            "hotweights.publish"
+            "hotweights.publish",
+            "hotweights.commit_flip_1g",
+            "hotweights.commit_flip_8g",
+            "hotweights.sparse_delta_1pct",
         ],
         "{run}"
     );
-    let publish = &figures[2];
-    let ms = |i: usize| figures[i]["median_ms"].as_f64().unwrap_or(f64::NAN);
-    let limit = Some(ms(0).max(ms(1)));
+    let by_name = |name: &str| &figures[names.iter().position(|n| *n == name).unwrap()];
+
+    // Planning is pure computation: no baseline, but its memory and sizes.
+    for (name, share) in [("hotweights.plan_10pct", 10), ("hotweights.plan_all", 1)] {
+        let f = by_name(name);
+        assert!(f["baseline"].is_null() && f["ratio"].is_null(), "{f}{run}");
+        assert_eq!(f["n"], 2000, "{f}{run}");
+        assert_eq!(f["chunks_changed"], 2000 / share, "{f}{run}");
+        assert!(f["peak_rss_mib"].as_f64() > Some(0.0), "{f}{run}");
+    }
+
+    let ms = |name: &str| by_name(name)["median_ms"].as_f64().unwrap_or(f64::NAN);
+    let publish = by_name("hotweights.publish");
+    let limit = Some(ms("hotweights.read_files").max(ms("hotweights.hash_in_memory")));
     assert_eq!(publish["baseline_ms"].as_f64(), limit, "{run}");
-    assert_eq!(publish["bytes"], figures[0]["bytes"], "{run}");
+    assert_eq!(
+        publish["bytes"],
+        by_name("hotweights.read_files")["bytes"],
+        "{run}"
+    );
     assert!(publish["bytes"].as_u64() > Some(1 << 20), "{run}");
+
+    for name in ["hotweights.commit_flip_1g", "hotweights.commit_flip_8g"] {
+        let f = by_name(name);
+        assert_eq!(
+            f["baseline"], "write + fsync + rename + fsync(dir)",
+            "{f}{run}"
+        );
+        assert!(f["store_model_bytes"].as_u64() >= Some(8 << 20), "{f}{run}");
+    }
+
+    let sparse = by_name("hotweights.sparse_delta_1pct");
+    let (full, delta) = (
+        sparse["full_bytes"].as_u64().unwrap(),
+        sparse["delta_bytes"].as_u64().unwrap(),
+    );
+    assert!(delta > 0 && delta < full, "{sparse}{run}");
 }

@@ -166,6 +166,54 @@ impl Sandbox {
         }
     }
 
+    /// Runs `bstack ARGS` as [`Sandbox::run`] does, with the extra
+    /// environment variables `env`; also returns the signal that killed the
+    /// process, if one did.
+    #[track_caller]
+    pub fn run_env(&self, env: &[(&str, &str)], args: &[&str]) -> (Run, Option<i32>) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_bstack"));
+        command
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_remove("BSTACK_LOG")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null());
+        let output = command
+            .output()
+            .unwrap_or_else(|e| panic!("running bstack {args:?}: {e}"));
+        let shown: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let run = Run {
+            command: format!("{} (with {})", args.join(" "), shown.join(" ")),
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        };
+        (
+            run,
+            std::os::unix::process::ExitStatusExt::signal(&output.status),
+        )
+    }
+
+    /// Runs `bash -c SCRIPT` in the sandbox, with `$BSTACK` set to the
+    /// binary: for limits that only a shell sets (`ulimit`).
+    #[track_caller]
+    pub fn run_shell(&self, script: &str) -> Run {
+        let output = Command::new("bash")
+            .args(["-c", script])
+            .current_dir(self.dir.path())
+            .env_remove("BSTACK_LOG")
+            .env("BSTACK", env!("CARGO_BIN_EXE_bstack"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running bash -c {script:?}: {e}"));
+        Run {
+            command: format!("(bash -c) {script}"),
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
     /// The bytes of file `rel`.
     #[track_caller]
     pub fn read(&self, rel: &str) -> Vec<u8> {

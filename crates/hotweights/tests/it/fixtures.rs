@@ -123,3 +123,73 @@ pub fn raw_safetensors(path: &Path, header: &str, data_len: usize) {
     out.extend(bytes("raw", data_len));
     std::fs::write(path, out).unwrap();
 }
+
+/// The model id generated checkpoints are published under (by default a
+/// manifest takes its directory's name, which differs between versions).
+pub const MODEL_ID: &str = "synth";
+
+/// Writes `model` to `dir` in `shards` shards and publishes it as `version`
+/// of [`MODEL_ID`] with `chunk_bytes`-byte chunks.
+pub fn write_and_publish(
+    model: &hotweights::synth::SynthModel,
+    dir: &Path,
+    shards: usize,
+    version: &str,
+    chunk_bytes: u64,
+) -> bstack_plan::WeightManifest {
+    model.write(dir, shards).unwrap();
+    publish_as(dir, version, chunk_bytes)
+}
+
+/// Publishes `dir` as `version` of [`MODEL_ID`].
+pub fn publish_as(dir: &Path, version: &str, chunk_bytes: u64) -> bstack_plan::WeightManifest {
+    let options = hotweights::PublishOptions {
+        model_id: Some(MODEL_ID.into()),
+        chunk_bytes,
+        ..hotweights::PublishOptions::new(version)
+    };
+    hotweights::publish(dir, &options, &|_| {}).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Every file under `dir`, by path relative to it, with its bytes.
+pub fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let rel = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                out.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// Asserts that two directories hold the same files with the same bytes.
+pub fn assert_same_tree(actual: &Path, expected: &Path) {
+    let (a, e) = (read_tree(actual), read_tree(expected));
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        e.keys().collect::<Vec<_>>(),
+        "{} and {} hold different files",
+        actual.display(),
+        expected.display()
+    );
+    for (name, bytes) in &e {
+        assert!(
+            a[name] == *bytes,
+            "{name} differs between {} and {}",
+            actual.display(),
+            expected.display()
+        );
+    }
+    assert!(!e.is_empty());
+}

@@ -5,5 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod fixtures;
+mod pack;
+mod plan;
 mod publish;
 mod sparse;
+mod store;
