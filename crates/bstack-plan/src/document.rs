@@ -429,54 +429,74 @@ impl SwapPlan {
     /// encoding with `digest` empty. Any change to any field changes it.
     pub fn compute_digest(&self) -> String {
         let mut hasher = blake3::Hasher::new();
-        for piece in self.unsealed_encoding() {
-            // Pieces of million-chunk plans are megabytes: hash on all cores.
-            hasher.update_rayon(&piece);
-        }
+        self.unsealed_encoding(&mut |piece| {
+            // Pieces are up to megabytes: hash them on all cores.
+            hasher.update_rayon(piece);
+        });
         format!("blake3:{}", hasher.finalize().to_hex())
     }
 
-    /// The protobuf encoding of this plan with `digest` empty and
-    /// `schema_version` current, in consecutive pieces.
+    /// Feeds `sink` the protobuf encoding of this plan with `digest` empty
+    /// and `schema_version` current, in consecutive pieces.
     ///
     /// A plan for a million-chunk model encodes to a hundred megabytes and
-    /// more, so its long lists are encoded in parallel, each element once.
-    /// The pieces are byte for byte what `encode_to_vec` would write: prost
-    /// writes fields in tag order, a repeated message field is its elements'
-    /// (key, length, body) one after another, and the lists split here
-    /// (`tensors` = 7 of a manifest; `ops` = 4 and `buckets` = 6 of a plan)
-    /// are followed only by the fields re-encoded after them. A property test
-    /// holds this to the plain encoding.
-    fn unsealed_encoding(&self) -> Vec<Vec<u8>> {
+    /// more, so its long lists are encoded in parallel, a window of pieces at
+    /// a time into reused buffers: no hundred-megabyte allocation, no page
+    /// faults after the first window. The pieces are byte for byte what
+    /// `encode_to_vec` would write: prost writes fields in tag order, a
+    /// repeated message field is its elements' (key, length, body) one after
+    /// another, and the lists split here (`tensors` = 7 of a manifest; `ops`
+    /// = 4 and `buckets` = 6 of a plan) are followed only by fields re-encoded
+    /// after them. A property test holds this to the plain encoding.
+    fn unsealed_encoding(&self, sink: &mut dyn FnMut(&[u8])) {
         use prost::encoding::{self, WireType};
 
-        let mut pieces = Vec::new();
+        let mut buffers = Buffers::default();
         let mut head = Vec::new();
         if !self.plan_id.is_empty() {
             encoding::string::encode(1, &self.plan_id, &mut head);
         }
         for (tag, manifest) in [(2, &self.from), (3, &self.to)] {
             let Some(m) = manifest else { continue };
-            let (body_len, body) = manifest_pieces(m);
+            // Fields 1-6 (files included), `tensors` (7), `schema_version` (15).
+            let fields = WeightManifest {
+                schema_version: 0,
+                model_id: m.model_id.clone(),
+                version: m.version.clone(),
+                files: m.files.clone(),
+                hash_algorithm: m.hash_algorithm,
+                created_unix_ms: m.created_unix_ms,
+                chunk_bytes: m.chunk_bytes,
+                tensors: Vec::new(),
+            };
+            let fields = fields.encode_to_vec();
+            let mut tail = Vec::new();
+            if m.schema_version != 0 {
+                encoding::uint32::encode(15, &m.schema_version, &mut tail);
+            }
+            let body = fields.len() + repeated_len(7, &m.tensors) + tail.len();
             encoding::encode_key(tag, WireType::LengthDelimited, &mut head);
-            encoding::encode_varint(body_len as u64, &mut head);
-            pieces.push(std::mem::take(&mut head));
-            pieces.extend(body);
+            encoding::encode_varint(body as u64, &mut head);
+            head.extend_from_slice(&fields);
+            sink(&head);
+            head.clear();
+            buffers.encode(7, &m.tensors, sink);
+            sink(&tail);
         }
-        pieces.extend(repeated_pieces(4, &self.ops));
+        buffers.encode(4, &self.ops, sink);
         if let Some(window) = &self.window {
             encoding::message::encode(5, window, &mut head);
         }
-        pieces.push(std::mem::take(&mut head));
-        pieces.extend(repeated_pieces(6, &self.buckets));
+        sink(&head);
+        head.clear();
+        buffers.encode(6, &self.buckets, sink);
         // `digest` (7) is left out; `schema_version` (15) goes last.
         let version = match self.schema_version {
             0 => SCHEMA_VERSION,
             v => v,
         };
         encoding::uint32::encode(15, &version, &mut head);
-        pieces.push(head);
-        pieces
+        sink(&head);
     }
 
     /// Bytes staged in the buckets: what the rollout moves.
@@ -493,41 +513,44 @@ impl SwapPlan {
     }
 }
 
-/// The body of a manifest's encoding, in pieces, and its total length:
-/// fields 1-6 (files included), then `tensors` (7) in parallel, then
-/// `schema_version` (15).
-fn manifest_pieces(m: &WeightManifest) -> (usize, Vec<Vec<u8>>) {
-    let head = WeightManifest {
-        schema_version: 0,
-        model_id: m.model_id.clone(),
-        version: m.version.clone(),
-        files: m.files.clone(),
-        hash_algorithm: m.hash_algorithm,
-        created_unix_ms: m.created_unix_ms,
-        chunk_bytes: m.chunk_bytes,
-        tensors: Vec::new(),
-    };
-    let mut pieces = vec![head.encode_to_vec()];
-    pieces.extend(repeated_pieces(7, &m.tensors));
-    let mut tail = Vec::new();
-    if m.schema_version != 0 {
-        prost::encoding::uint32::encode(15, &m.schema_version, &mut tail);
-    }
-    pieces.push(tail);
-    (pieces.iter().map(Vec::len).sum(), pieces)
-}
-
-/// A repeated message field's encoding, in pieces encoded in parallel.
-fn repeated_pieces<M: Message + Sync>(tag: u32, items: &[M]) -> Vec<Vec<u8>> {
+/// The encoded length of a repeated message field, summed in parallel.
+fn repeated_len<M: Message + Sync>(tag: u32, items: &[M]) -> usize {
     use rayon::prelude::*;
     items
-        .par_chunks(4096)
-        .map(|run| {
-            let mut piece = Vec::new();
-            for item in run {
-                prost::encoding::message::encode(tag, item, &mut piece);
+        .par_iter()
+        .map(|item| prost::encoding::message::encoded_len(tag, item))
+        .sum()
+}
+
+/// Reused buffers for encoding long repeated fields in parallel.
+#[derive(Default)]
+struct Buffers(Vec<Vec<u8>>);
+
+impl Buffers {
+    /// Elements per piece.
+    const RUN: usize = 2048;
+
+    /// Feeds `sink` the encoding of repeated field `tag`, in order.
+    fn encode<M: Message + Sync>(&mut self, tag: u32, items: &[M], sink: &mut dyn FnMut(&[u8])) {
+        use rayon::prelude::*;
+        let window = Self::RUN * 4 * rayon::current_num_threads().max(1);
+        for block in items.chunks(window) {
+            let runs = block.len().div_ceil(Self::RUN);
+            if self.0.len() < runs {
+                self.0.resize_with(runs, Vec::new);
             }
-            piece
-        })
-        .collect()
+            self.0[..runs]
+                .par_iter_mut()
+                .zip(block.par_chunks(Self::RUN))
+                .for_each(|(buffer, run)| {
+                    buffer.clear();
+                    for item in run {
+                        prost::encoding::message::encode(tag, item, buffer);
+                    }
+                });
+            for buffer in &self.0[..runs] {
+                sink(buffer);
+            }
+        }
+    }
 }

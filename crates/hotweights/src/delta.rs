@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 
 use bstack_plan::{Chunk, WeightManifest};
+use rayon::prelude::*;
 use serde::Serialize;
 
 /// How an entry differs between the previous and the next version.
@@ -137,19 +138,34 @@ impl Delta {
 pub fn compute(prev: &WeightManifest, next: &WeightManifest) -> Delta {
     let mut delta = Delta::default();
 
+    // Tensors are many (a million chunks is a quarter of a million tensors):
+    // compare them in parallel blocks, then merge the blocks in order.
     let (matched, removed) = pair(&prev.tensors, &next.tensors, |t| t.name.as_str());
-    for (i, (t, old)) in next.tensors.iter().zip(matched).enumerate() {
-        let same_meta =
-            old.is_some_and(|o| o.dtype == t.dtype && o.shape == t.shape && o.length == t.length);
-        let moved = diff_chunks(
-            &mut delta,
-            EntryRef::Tensor(i),
-            old.map(|o| o.chunks.as_slice()),
-            &t.chunks,
-        );
-        delta
-            .tensors
-            .tally(classify(old.is_some(), moved, same_meta), t.length);
+    let blocks: Vec<Delta> = next
+        .tensors
+        .par_chunks(BLOCK)
+        .zip(matched.par_chunks(BLOCK))
+        .enumerate()
+        .map(|(b, (tensors, matched))| {
+            let mut part = Delta::default();
+            for (k, (t, old)) in tensors.iter().zip(matched).enumerate() {
+                let same_meta = old.is_some_and(|o| {
+                    o.dtype == t.dtype && o.shape == t.shape && o.length == t.length
+                });
+                let moved = diff_chunks(
+                    &mut part,
+                    EntryRef::Tensor(b * BLOCK + k),
+                    old.map(|o| o.chunks.as_slice()),
+                    &t.chunks,
+                );
+                part.tensors
+                    .tally(classify(old.is_some(), moved, same_meta), t.length);
+            }
+            part
+        })
+        .collect();
+    for part in blocks {
+        delta.absorb(part);
     }
     for t in removed {
         delta.tensors.tally(Change::Removed, t.length);
@@ -176,6 +192,32 @@ pub fn compute(prev: &WeightManifest, next: &WeightManifest) -> Delta {
     delta.removed_tensors.sort_unstable();
     delta.removed_files.sort_unstable();
     delta
+}
+
+/// Tensors per parallel block of [`compute`].
+const BLOCK: usize = 4096;
+
+impl Delta {
+    /// Adds the counts and changed chunks of a later block of tensors.
+    fn absorb(&mut self, part: Delta) {
+        for (mine, theirs) in [
+            (&mut self.tensors.added, part.tensors.added),
+            (&mut self.tensors.changed, part.tensors.changed),
+            (&mut self.tensors.unchanged, part.tensors.unchanged),
+        ] {
+            mine.count += theirs.count;
+            mine.bytes = mine.bytes.saturating_add(theirs.bytes);
+        }
+        self.chunks_total += part.chunks_total;
+        self.bytes_total = self.bytes_total.saturating_add(part.bytes_total);
+        self.chunks_changed += part.chunks_changed;
+        self.bytes_changed = self.bytes_changed.saturating_add(part.bytes_changed);
+        if self.changed.is_empty() {
+            self.changed = part.changed;
+        } else {
+            self.changed.extend(part.changed);
+        }
+    }
 }
 
 /// For each entry of `next`, its namesake in `prev`; and the entries of

@@ -84,3 +84,33 @@ fn unknown_enum_numbers_survive_the_round_trip_and_are_reported() {
         "ops[0].kind: unknown transfer kind 42"
     );
 }
+
+/// Lists long enough to be encoded in several parallel windows still hash
+/// exactly as the plain encoding.
+#[test]
+fn digest_of_a_plan_with_long_lists_is_the_plain_encodings() {
+    let mut plan = bstack_plan::example::swap_plan();
+    let to = plan.to.as_mut().expect("the example has a target");
+    let template = to.tensors[0].clone();
+    for i in 0..50_000 {
+        let mut t = template.clone();
+        t.name = format!("t{i:06}");
+        to.tensors.push(t);
+    }
+    let bucket = plan.buckets[0].clone();
+    let op = plan.ops.first().cloned().unwrap_or_default();
+    for i in 0..20_000u32 {
+        let mut b = bucket.clone();
+        b.id = 1000 + i;
+        plan.buckets.push(b);
+        plan.ops.push(op.clone());
+    }
+    plan.digest = "blake3:stale".into();
+    let mut unsealed = plan.clone();
+    unsealed.digest.clear();
+    let expected = format!(
+        "blake3:{}",
+        blake3::hash(&unsealed.encode_to_vec()).to_hex()
+    );
+    assert_eq!(plan.compute_digest(), expected);
+}
