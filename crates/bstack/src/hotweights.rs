@@ -97,7 +97,8 @@ pub struct PlanArgs {
     /// Alignment of items inside a bucket, in bytes; a power of two.
     #[arg(long, default_value_t = hotweights::plan::DEFAULT_ALIGN)]
     align: u64,
-    /// Number of ranks; with --tp-groups, every rank named must be below it.
+    /// Number of ranks: every rank in --tp-groups must be below it, and
+    /// buckets that go to every rank list all of them.
     #[arg(long)]
     world_size: Option<u32>,
     /// JSON object of tensor-name glob -> consumer ranks, e.g.
@@ -460,6 +461,7 @@ fn plan(args: PlanArgs, out: &Output) -> Result<Outcome> {
         plan_id: args.plan_id,
         source: args.source.clone(),
         groups,
+        world_size: args.world_size,
         window,
     };
     let started = Instant::now();
@@ -723,6 +725,11 @@ fn commit(args: CommitArgs, out: &Output) -> Result<Outcome> {
     let micros = started.elapsed().as_secs_f64() * 1e6;
     if out.json {
         out.json_line(&json!({ "store": args.store, "current": version, "previous": previous, "flip_us": micros }))?;
+    } else if previous.as_deref() == Some(version.as_str()) {
+        out.line(format!(
+            "{}: {version:?} is already current",
+            args.store.display()
+        ))?;
     } else {
         out.line(format!(
             "{}: current is now {version:?} (was {}); flipped in {micros:.0} µs",
@@ -787,6 +794,14 @@ fn status(args: StoreArg, out: &Output) -> Result<Outcome> {
         plural(s.chunks, "chunk"),
         bytes(s.chunk_bytes)
     ))?;
+    if s.unreferenced_chunks > 0 {
+        out.line(format!(
+            "{} no version references ({}): `bstack hw gc --store {}` frees them",
+            plural(s.unreferenced_chunks, "chunk"),
+            bytes(s.unreferenced_bytes),
+            args.store.display()
+        ))?;
+    }
     for line in &s.interrupted {
         out.line(format!("interrupted: {line}"))?;
     }

@@ -18,7 +18,10 @@
 //! | `apply.after-manifest` | the version visible, the apply journal not yet removed |
 //! | `commit.before-rename` | the new state written to its temporary file |
 //! | `commit.after-rename` | the new state in place, its directory not yet synced |
-//! | `rollback.before-rename` | as for commit |
+//! | `rollback.before-rename`, `rollback.after-rename` | as for commit |
+//! | `apply.before-rename`, `apply.after-rename` | recording the version last applied |
+//! | `gc.before-rename`, `gc.after-rename` | the shorter history and the retired versions |
+//! | `gc-retired.before-rename`, `gc-retired.after-rename` | retired manifests deleted |
 //! | `gc.chunk` | after each chunk deleted |
 
 use std::sync::OnceLock;

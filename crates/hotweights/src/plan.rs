@@ -63,6 +63,9 @@ pub struct PlanOptions {
     pub source: Option<PathBuf>,
     /// Which ranks consume which tensors; `None`: every rank consumes all.
     pub groups: Option<TpGroups>,
+    /// Number of ranks. With it, buckets for every rank name all of them
+    /// (`0..world_size`) instead of leaving their consumers empty.
+    pub world_size: Option<u32>,
     /// When the swap may happen.
     pub window: SwapWindow,
 }
@@ -76,6 +79,7 @@ impl Default for PlanOptions {
             plan_id: None,
             source: None,
             groups: None,
+            world_size: None,
             window: any_time_window(),
         }
     }
@@ -225,7 +229,11 @@ pub fn create(
     };
     let mut split = BTreeSet::new();
     for (ranks, pieces) in &sets {
-        let consumer_ranks: Vec<u32> = ranks.iter().flatten().copied().collect();
+        let consumer_ranks: Vec<u32> = match (ranks, options.world_size) {
+            (Some(ranks), _) => ranks.iter().copied().collect(),
+            (None, Some(w)) => (0..w).collect(),
+            (None, None) => Vec::new(),
+        };
         for packed in pack::pack(pieces, options.bucket_bytes, options.align)? {
             let id = buckets.len() as u32;
             let items = packed
@@ -460,10 +468,8 @@ impl TpGroups {
         let map: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(&text).map_err(|e| {
                 HotweightsError::Option(format!(
-                    "{}:{}:{}: expected a JSON object of tensor-name pattern -> list of ranks: {e}",
-                    path.display(),
-                    e.line(),
-                    e.column()
+                    "{}: expected a JSON object of tensor-name pattern -> list of ranks: {e}",
+                    path.display()
                 ))
             })?;
         let mut groups = Vec::with_capacity(map.len());

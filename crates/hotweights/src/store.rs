@@ -65,6 +65,11 @@ pub struct State {
     pub history: Vec<String>,
     /// The version the last successful apply made available.
     pub last_applied: Option<String>,
+    /// Versions `gc` dropped from the history whose manifests it has not
+    /// yet deleted: recorded with the shorter history in one atomic write,
+    /// so a crash in between never leaves them retained for ever.
+    #[serde(default)]
+    pub retired: Vec<String>,
 }
 
 /// What an interrupted apply left: the content of `journal.json`.
@@ -135,6 +140,10 @@ pub struct StoreStatus {
     pub chunks: u64,
     /// Bytes in chunk files.
     pub chunk_bytes: u64,
+    /// Chunk files no version references (what `gc` would free).
+    pub unreferenced_chunks: u64,
+    /// Bytes in those files.
+    pub unreferenced_bytes: u64,
     /// What interrupted operations left behind, in words; empty when clean.
     pub interrupted: Vec<String>,
 }
@@ -440,6 +449,7 @@ impl Store {
         }
         let mut next = self.state.clone();
         next.history.retain(|v| v != version);
+        next.retired.retain(|v| v != version);
         if let Some(old) = next.current.take() {
             next.history.insert(0, old);
         }
@@ -468,8 +478,11 @@ impl Store {
     /// left behind.
     pub fn status(&self) -> Result<StoreStatus> {
         let mut versions = Vec::new();
+        let mut referenced = HashSet::new();
         for v in self.versions()? {
             let m = self.manifest(&v)?;
+            let index = EntryIndex::new(&m);
+            referenced.extend(chunk_locs(&m, &index).map(|loc| self.chunk_path(&loc)));
             let role = if self.state.current.as_deref() == Some(v.as_str()) {
                 "current"
             } else if self.state.history.contains(&v) {
@@ -491,9 +504,14 @@ impl Store {
             });
         }
         let (mut chunks, mut chunk_bytes) = (0, 0);
-        for (_, len) in self.chunk_files()? {
+        let (mut unreferenced_chunks, mut unreferenced_bytes) = (0, 0);
+        for (path, len) in self.chunk_files()? {
             chunks += 1;
             chunk_bytes += len;
+            if !referenced.contains(&path) {
+                unreferenced_chunks += 1;
+                unreferenced_bytes += len;
+            }
         }
         Ok(StoreStatus {
             current: self.state.current.clone(),
@@ -501,6 +519,8 @@ impl Store {
             versions,
             chunks,
             chunk_bytes,
+            unreferenced_chunks,
+            unreferenced_bytes,
             interrupted: self.leftovers()?,
         })
     }
@@ -516,37 +536,50 @@ impl Store {
         let mut report = GcReport::default();
         let mut state = self.state.clone();
         if let Some(keep) = keep_history {
-            state.history.truncate(keep);
+            let dropped = state.history.split_off(keep.min(state.history.len()));
+            state.retired.extend(dropped);
         }
-        let dropped: Vec<String> = self
-            .state
-            .history
-            .iter()
-            .filter(|v| !state.history.contains(v))
-            .cloned()
-            .collect();
+        if prune_uncommitted {
+            let committed: Vec<String> = state
+                .current
+                .iter()
+                .chain(&state.history)
+                .cloned()
+                .collect();
+            for v in self.versions()? {
+                if !committed.contains(&v) && !state.retired.contains(&v) {
+                    state.retired.push(v);
+                }
+            }
+        }
+        if state
+            .last_applied
+            .as_ref()
+            .is_some_and(|v| state.retired.contains(v))
+        {
+            state.last_applied = None;
+        }
         if state != self.state {
             self.write_state(state, "gc")?;
         }
-        let mut retained: Vec<String> = self.state.current.iter().cloned().collect();
-        retained.extend(self.state.history.iter().cloned());
-        for v in self.versions()? {
-            if retained.contains(&v) {
-                continue;
+        // From here a crash leaves `retired` to the next gc.
+        for v in self.state.retired.clone() {
+            if self.state.current.as_ref() == Some(&v) || self.state.history.contains(&v) {
+                continue; // committed again since it was retired
             }
-            if prune_uncommitted || dropped.contains(&v) {
-                let path = self.version_path(&v)?;
-                fs::remove_file(&path).map_err(|e| HotweightsError::io(&path, e))?;
-                if self.state.last_applied.as_deref() == Some(v.as_str()) {
-                    let mut state = self.state.clone();
-                    state.last_applied = None;
-                    self.write_state(state, "gc")?;
-                }
-                report.versions_removed.push(v);
-            } else {
-                retained.push(v);
+            let path = self.version_path(&v)?;
+            match fs::remove_file(&path) {
+                Ok(()) => report.versions_removed.push(v),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(HotweightsError::io(&path, e)),
             }
         }
+        if !self.state.retired.is_empty() {
+            let mut state = self.state.clone();
+            state.retired.clear();
+            self.write_state(state, "gc-retired")?;
+        }
+        let retained = self.versions()?;
         let mut referenced = HashSet::new();
         for v in &retained {
             let m = self.manifest(v)?;
@@ -1003,6 +1036,12 @@ impl Store {
                     "an apply did not finish (its journal is unreadable); {current}"
                 )),
             }
+        }
+        if !self.state.retired.is_empty() {
+            out.push(format!(
+                "a gc was interrupted while removing versions {:?}; run gc again",
+                self.state.retired
+            ));
         }
         let tmp_state = self.root.join(STATE_TMP);
         if let Ok(bytes) = fs::read(&tmp_state) {

@@ -383,7 +383,14 @@ fn check_consumers(
         let Some(groups) = options.groups else {
             continue;
         };
+        // A bucket that names every rank of a known world reaches everyone.
+        let reaches_all = options
+            .world_size
+            .is_some_and(|w| (0..w).all(|r| seen.contains(&r)));
         for (i, item) in bucket.items.iter().enumerate() {
+            if reaches_all {
+                break;
+            }
             if item.is_file {
                 report(
                     format!("buckets[{b}].items[{i}]"),

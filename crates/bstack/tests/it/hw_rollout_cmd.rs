@@ -539,6 +539,18 @@ fn verify_plan_lists_every_problem_of_a_tampered_plan() {
     verify("tp-plan.json")
         .code(0)
         .stdout_has("tp-plan.json: ok");
+    // Every bucket names its consumers, so the strict check passes too.
+    hw(
+        &sandbox,
+        &[
+            "verify-plan",
+            "tp-plan.json",
+            "--world-size",
+            "4",
+            "--require-consumers",
+        ],
+    )
+    .code(0);
 
     // Each bucket goes to the ranks of the TP group of what it holds.
     let mut plan = sandbox.read_json("tp-plan.json");
@@ -548,14 +560,15 @@ fn verify_plan_lists_every_problem_of_a_tampered_plan() {
     for b in buckets {
         for item in b["items"].as_array().into_iter().flatten() {
             let name = item["name"].as_str().unwrap_or_default();
+            // With --world-size, buckets for every rank name them all.
             let want = if item["is_file"] == true {
-                json!([])
+                json!([0, 1, 2, 3])
             } else if name.starts_with("model.layers.") && name.contains(".mlp.") {
                 json!([0, 1])
             } else if name.starts_with("lm_head.") {
                 json!([2])
             } else {
-                json!([])
+                json!([0, 1, 2, 3])
             };
             assert_eq!(b["consumer_ranks"], want, "bucket of {name}: {b}");
         }
@@ -1015,6 +1028,29 @@ fn crash_in_gc_after_the_first_chunk_deleted() {
 
     let g = hw_json(&sandbox, &gc);
     assert_eq!(g["gc"]["chunks_removed"], json!(both - v2_only - 1), "{g}");
+    assert_clean(&sandbox, &["v2"]);
+    assert_exports(&sandbox, None, "out/v2-after-gc", V2);
+}
+
+/// A gc that dies after shortening the history but before deleting the
+/// dropped version: the next gc still removes it (it was recorded as
+/// retired in the same write), and status says a gc was interrupted.
+#[test]
+fn a_gc_crash_after_its_state_flip_is_finished_by_the_next_gc() {
+    let sandbox = rollout();
+    store_at_v2(&sandbox);
+    let gc = ["gc", "--store", STORE, "--keep", "0"];
+    crash(&sandbox, "gc.after-rename", &gc);
+    let s = status(&sandbox);
+    assert_eq!(
+        (&s["current"], &s["history"]),
+        (&json!("v2"), &json!([])),
+        "{s}"
+    );
+    assert!(interrupted(&s).contains("a gc was interrupted"), "{s}");
+    assert_exports(&sandbox, None, "out/v2", V2);
+
+    hw_json(&sandbox, &gc);
     assert_clean(&sandbox, &["v2"]);
     assert_exports(&sandbox, None, "out/v2-after-gc", V2);
 }
