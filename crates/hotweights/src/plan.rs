@@ -2,7 +2,7 @@
 //!
 //! [`create`] takes the previous and the next manifest of one model and
 //!
-//! 1. computes the [`Delta`](crate::delta::Delta): which (entry, chunk) keys
+//! 1. computes the [`Delta`]: which (entry, chunk) keys
 //!    are new or changed, and which entries were removed;
 //! 2. groups the changed chunks by the ranks that consume them (a
 //!    [`TpGroups`] map from tensor-name globs to ranks), so that a bucket only
