@@ -445,7 +445,7 @@ fn plan(args: PlanArgs, out: &Output) -> Result<Outcome> {
             Some(f) => f,
             None => free_gpu_mib()?,
         };
-        hotweights::plan::auto_bucket_bytes(free << 20, args.alpha, args.align)?
+        hotweights::plan::auto_bucket_bytes(free.saturating_mul(1 << 20), args.alpha, args.align)?
     } else {
         args.bucket_mib << 20
     };
@@ -613,7 +613,7 @@ fn verify_plan(args: VerifyArgs, out: &Output) -> Result<Outcome> {
         groups: groups.as_ref(),
         require_consumers: args.require_consumers,
         align: Some(args.align).filter(|&a| a > 0),
-        bucket_limit: args.bucket_mib.map(|m| m << 20),
+        bucket_limit: args.bucket_mib.map(|m| m.saturating_mul(1 << 20)),
     };
     let problems = hotweights::verify(&plan, &options);
     let items: usize = plan.buckets.iter().map(|b| b.items.len()).sum();

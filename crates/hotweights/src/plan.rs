@@ -349,7 +349,7 @@ fn algorithm_name(value: i32) -> String {
 }
 
 /// Buckets name file entries by path, so a path must name one entry.
-fn check_unique_file_paths(m: &WeightManifest) -> Result<()> {
+pub(crate) fn check_unique_file_paths(m: &WeightManifest) -> Result<()> {
     let mut seen = BTreeMap::new();
     for (i, f) in m.files.iter().enumerate() {
         if let Some(first) = seen.insert(f.path.as_str(), i) {

@@ -103,22 +103,65 @@ impl ChunkSource for DirSource {
     }
 }
 
-/// Reads `length` bytes at `offset` of `path`.
+/// Reads `length` bytes at `offset` of `path`. The range is checked against
+/// the file's size before anything is allocated, so a manifest or plan that
+/// states a huge length is an error, not an allocation failure.
 pub(crate) fn read_range(path: &Path, offset: u64, length: u64) -> Result<Vec<u8>> {
     let file = File::open(path).map_err(|e| HotweightsError::io(path, e))?;
-    let mut bytes = vec![0; length as usize];
-    file.read_exact_at(&mut bytes, offset).map_err(|e| {
-        let e = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+    let size = file
+        .metadata()
+        .map_err(|e| HotweightsError::io(path, e))?
+        .len();
+    let short = || {
+        HotweightsError::io(
+            path,
             std::io::Error::other(format!(
                 "ends before byte {}: is this the checkpoint the manifest describes?",
-                offset + length
-            ))
+                offset.saturating_add(length)
+            )),
+        )
+    };
+    if offset.checked_add(length).is_none_or(|end| end > size) {
+        return Err(short());
+    }
+    let mut bytes = vec![0; length as usize];
+    file.read_exact_at(&mut bytes, offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            short()
         } else {
-            e
-        };
-        HotweightsError::io(path, e)
+            HotweightsError::io(path, e)
+        }
     })?;
     Ok(bytes)
+}
+
+/// Every chunk of a manifest, located, in manifest order (tensors, then
+/// files). Built from the entries themselves, not looked up by name, so a
+/// file that appears as several entries yields each entry's own chunks.
+pub(crate) fn chunk_locs(m: &WeightManifest) -> impl Iterator<Item = ChunkLoc<'_>> {
+    let algorithm = HashAlgorithm::try_from(m.hash_algorithm).unwrap_or(HashAlgorithm::Unspecified);
+    let tensors = m.tensors.iter().map(|t| {
+        let entry = (false, t.name.as_str(), t.file.as_str(), t.offset);
+        (entry, t.chunks.as_slice())
+    });
+    let files = m.files.iter().map(|f| {
+        let entry = (true, f.path.as_str(), f.path.as_str(), f.offset);
+        (entry, f.chunks.as_slice())
+    });
+    tensors
+        .chain(files)
+        .flat_map(move |((is_file, name, file, offset), chunks)| {
+            chunks.iter().enumerate().map(move |(i, c)| ChunkLoc {
+                name,
+                is_file,
+                index: i as u32,
+                file,
+                offset: offset.saturating_add(c.offset),
+                length: c.length,
+                hash: c.hash.as_str(),
+                algorithm,
+            })
+        })
 }
 
 /// A manifest's entries by (is_file, name), for lookups by key.

@@ -32,20 +32,23 @@
 //! temporary files, chunks no version references) is reported by
 //! [`Store::status`] and removed by [`Store::gc`].
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bstack_plan::{Contract, HashAlgorithm, Message, SwapPlan, Validate, WeightManifest};
+use bstack_plan::{
+    Contract, HashAlgorithm, Message, SwapPlan, TransferOp, Validate, WeightManifest,
+};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{HotweightsError, Result};
 use crate::failpoint;
-use crate::plan::{parse_bucket_address, transfer_ops};
-use crate::source::{ChunkLoc, ChunkSource, EntryIndex, read_range};
+use crate::plan::{check_unique_file_paths, parse_bucket_address, transfer_ops};
+use crate::source::{ChunkLoc, ChunkSource, EntryIndex, chunk_locs, read_range};
 
 const STATE: &str = "state.json";
 const STATE_TMP: &str = "state.json.tmp";
@@ -295,6 +298,8 @@ impl Store {
             self.settle_present(&to.version)?;
             return Ok(report);
         }
+        // Bucket items name file entries by path.
+        check_unique_file_paths(to)?;
         let index = EntryIndex::new(to);
 
         // Chunks the plan does not stage must be here already.
@@ -306,7 +311,7 @@ impl Store {
             .collect();
         let mut missing = Vec::new();
         let mut shared = 0u64;
-        for loc in chunk_locs(to, &index) {
+        for loc in chunk_locs(to) {
             if staged.contains(&(loc.is_file, loc.name, loc.index)) {
                 continue;
             }
@@ -334,13 +339,13 @@ impl Store {
         }
 
         let ops = match source {
-            ApplySource::Dir(dir) => transfer_ops(plan, dir)?,
+            ApplySource::Dir(dir) => Cow::Owned(transfer_ops(plan, dir)?),
             ApplySource::PlanOps if plan.ops.is_empty() && !plan.buckets.is_empty() => {
                 return Err(HotweightsError::Mismatch(
                     "the plan carries no transfer ops (it was made without --source); pass --source DIR, the directory of the new checkpoint".into(),
                 ));
             }
-            ApplySource::PlanOps => plan.ops.clone(),
+            ApplySource::PlanOps => Cow::Borrowed(plan.ops.as_slice()),
         };
         let journal = Journal {
             version: to.version.clone(),
@@ -380,7 +385,6 @@ impl Store {
             self.settle_present(&manifest.version)?;
             return Ok(report);
         }
-        let index = EntryIndex::new(manifest);
         let journal = Journal {
             version: manifest.version.clone(),
             plan_id: String::new(),
@@ -391,10 +395,13 @@ impl Store {
         // embeddings) would otherwise be written by two threads at once.
         let mut seen = HashSet::new();
         let mut repeats = 0u64;
-        let locs: Vec<ChunkLoc<'_>> = chunk_locs(manifest, &index)
+        let locs: Vec<ChunkLoc<'_>> = chunk_locs(manifest)
             .filter(|loc| {
                 let first = seen.insert((loc.hash, loc.length));
-                repeats += u64::from(!first);
+                if !first {
+                    repeats += 1;
+                    progress(loc.length);
+                }
                 first
             })
             .collect();
@@ -481,8 +488,7 @@ impl Store {
         let mut referenced = HashSet::new();
         for v in self.versions()? {
             let m = self.manifest(&v)?;
-            let index = EntryIndex::new(&m);
-            referenced.extend(chunk_locs(&m, &index).map(|loc| self.chunk_path(&loc)));
+            referenced.extend(chunk_locs(&m).map(|loc| self.chunk_path(&loc)));
             let role = if self.state.current.as_deref() == Some(v.as_str()) {
                 "current"
             } else if self.state.history.contains(&v) {
@@ -583,10 +589,7 @@ impl Store {
         let mut referenced = HashSet::new();
         for v in &retained {
             let m = self.manifest(v)?;
-            let index = EntryIndex::new(&m);
-            for loc in chunk_locs(&m, &index) {
-                referenced.insert(self.chunk_path(&loc));
-            }
+            referenced.extend(chunk_locs(&m).map(|loc| self.chunk_path(&loc)));
         }
         // No apply can be running (we hold the lock): its journal and
         // temporary files are leftovers.
@@ -644,8 +647,7 @@ impl Store {
             .tempdir_in(parent)
             .map_err(|e| HotweightsError::io(parent, e))?;
 
-        let index = EntryIndex::new(&manifest);
-        let locs: Vec<ChunkLoc<'_>> = chunk_locs(&manifest, &index).collect();
+        let locs: Vec<ChunkLoc<'_>> = chunk_locs(&manifest).collect();
         // File sizes: the furthest byte any entry reaches.
         let mut sizes: BTreeMap<&str, u64> = BTreeMap::new();
         for t in &manifest.tensors {
@@ -788,15 +790,21 @@ impl Store {
         Ok(true)
     }
 
-    /// Fills each bucket with its ops, then stores its complete chunks.
+    /// Reads each bucket's ops, then stores its complete chunks.
+    ///
+    /// A bucket is never materialised at its `capacity`: the plan is
+    /// untrusted input, and only the bytes its ops read (bounded by the
+    /// sizes of the source files) are held. An item is sliced out of the op
+    /// that holds it, or gathered from several; bytes that no op writes are
+    /// an error.
     fn execute_buckets(
         &self,
         plan: &SwapPlan,
-        ops: &[bstack_plan::TransferOp],
+        ops: &[TransferOp],
         index: &EntryIndex<'_>,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<ApplyReport> {
-        let mut by_bucket: HashMap<u32, Vec<&bstack_plan::TransferOp>> = HashMap::new();
+        let mut by_bucket: HashMap<u32, Vec<&TransferOp>> = HashMap::new();
         for op in ops {
             let id = parse_bucket_address(&op.dst).ok_or_else(|| {
                 HotweightsError::Mismatch(format!(
@@ -807,41 +815,43 @@ impl Store {
             by_bucket.entry(id).or_default().push(op);
         }
         let mut report = ApplyReport::default();
-        // Chunks split across buckets, until all their pieces arrive.
-        let mut partial: HashMap<(bool, String, u32), (Vec<u8>, u64)> = HashMap::new();
+        // Chunks split across buckets: their pieces (chunk offset, bytes)
+        // and the bytes received, until all have arrived. validate() has
+        // checked that the pieces lie inside their chunk and do not overlap.
+        type Pieces = (Vec<(u64, Vec<u8>)>, u64);
+        let mut partial: HashMap<(bool, &str, u32), Pieces> = HashMap::new();
         for bucket in &plan.buckets {
-            let mut buffer = vec![0u8; bucket.capacity as usize];
-            let bucket_ops = by_bucket.remove(&bucket.id).unwrap_or_default();
+            let mut bucket_ops = by_bucket.remove(&bucket.id).unwrap_or_default();
+            for op in &bucket_ops {
+                if op
+                    .dst_offset
+                    .checked_add(op.length)
+                    .is_none_or(|end| end > bucket.capacity)
+                {
+                    return Err(HotweightsError::Mismatch(format!(
+                        "an op writes past the end of bucket {}",
+                        bucket.id
+                    )));
+                }
+            }
+            // validate() has checked that the ops of a bucket do not overlap.
+            bucket_ops.sort_by_key(|op| op.dst_offset);
             let filled = bucket_ops
                 .par_iter()
-                .map(|op| -> Result<(u64, u64, Vec<u8>)> {
+                .map(|op| -> Result<(u64, Vec<u8>)> {
                     let path = op.src.strip_prefix("file://").ok_or_else(|| {
                         HotweightsError::Mismatch(format!(
                             "op reads {:?}; a local apply reads file:// sources only",
                             op.src
                         ))
                     })?;
-                    Ok((
-                        op.dst_offset,
-                        op.length,
-                        read_range(Path::new(path), op.src_offset, op.length)?,
-                    ))
+                    let bytes = read_range(Path::new(path), op.src_offset, op.length)?;
+                    Ok((op.dst_offset, bytes))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            for (offset, length, bytes) in filled {
-                let end = offset
-                    .checked_add(length)
-                    .filter(|&e| e <= bucket.capacity)
-                    .ok_or_else(|| {
-                        HotweightsError::Mismatch(format!(
-                            "an op writes past the end of bucket {}",
-                            bucket.id
-                        ))
-                    })?;
-                buffer[offset as usize..end as usize].copy_from_slice(&bytes);
-                report.bytes_read += length;
-            }
-            // Whole chunks go straight from the bucket; pieces accumulate.
+            report.bytes_read += bucket_ops.iter().map(|op| op.length).sum::<u64>();
+
+            // Whole chunks go straight from the ops' bytes; pieces accumulate.
             let mut whole = Vec::new();
             let mut whole_hashes = HashSet::new();
             for item in &bucket.items {
@@ -853,24 +863,37 @@ impl Store {
                             item.chunk, item.name
                         ))
                     })?;
-                let piece = &buffer
-                    [item.bucket_offset as usize..(item.bucket_offset + item.length) as usize];
+                let piece =
+                    bucket_bytes(&filled, item.bucket_offset, item.length).ok_or_else(|| {
+                        HotweightsError::Mismatch(format!(
+                            "bytes [{}, +{}) of bucket {} hold {} but no op writes them",
+                            item.bucket_offset,
+                            item.length,
+                            bucket.id,
+                            loc.describe()
+                        ))
+                    })?;
                 if item.chunk_offset == 0 && item.length == loc.length {
-                    if !whole_hashes.insert(loc.hash) {
-                        continue; // the same bytes, already going in this bucket
+                    if whole_hashes.insert(loc.hash) {
+                        whole.push((loc, piece));
+                    } else {
+                        progress(loc.length); // the same bytes, already going in this bucket
                     }
-                    whole.push((loc, piece));
                     continue;
                 }
-                let key = (item.is_file, item.name.clone(), item.chunk);
-                let entry = partial
-                    .entry(key.clone())
-                    .or_insert_with(|| (vec![0; loc.length as usize], 0));
-                entry.0[item.chunk_offset as usize..(item.chunk_offset + item.length) as usize]
-                    .copy_from_slice(piece);
-                entry.1 += item.length;
+                let key = (item.is_file, loc.name, item.chunk);
+                let entry = partial.entry(key).or_default();
+                entry.0.push((item.chunk_offset, piece.into_owned()));
+                entry.1 = entry.1.saturating_add(item.length);
                 if entry.1 == loc.length {
-                    if let Some((bytes, _)) = partial.remove(&key) {
+                    if let Some((mut pieces, _)) = partial.remove(&key) {
+                        pieces.sort_unstable_by_key(|p| p.0);
+                        // As long as the bytes received: no crafted length
+                        // is ever allocated.
+                        let mut bytes = Vec::with_capacity(loc.length as usize);
+                        for (_, piece) in pieces {
+                            bytes.extend_from_slice(&piece);
+                        }
                         if self.put_chunk(&loc, &bytes)? {
                             report.chunks_written += 1;
                             report.bytes_written += loc.length;
@@ -909,6 +932,9 @@ impl Store {
         failpoint::hit("apply.after-manifest");
         let mut state = self.state.clone();
         state.last_applied = Some(m.version.clone());
+        // A gc that retired this label and was interrupted must not delete
+        // the version just applied under it.
+        state.retired.retain(|v| *v != m.version);
         self.write_state(state, "apply")?;
         let journal = self.root.join(JOURNAL);
         fs::remove_file(&journal).map_err(|e| HotweightsError::io(&journal, e))?;
@@ -918,11 +944,13 @@ impl Store {
     /// An apply of a version that is already stored succeeds at once; it
     /// also finishes what an apply of that version interrupted after its
     /// manifest became visible: the version becomes the last applied (what
-    /// `commit` defaults to) and its journal goes.
+    /// `commit` defaults to), leaves the versions an interrupted gc retired,
+    /// and its journal goes.
     fn settle_present(&mut self, version: &str) -> Result<()> {
-        if self.state.last_applied.as_deref() != Some(version) {
-            let mut state = self.state.clone();
-            state.last_applied = Some(version.to_owned());
+        let mut state = self.state.clone();
+        state.last_applied = Some(version.to_owned());
+        state.retired.retain(|v| v != version);
+        if state != self.state {
             self.write_state(state, "apply")?;
         }
         let journal = self.root.join(JOURNAL);
@@ -1083,18 +1111,33 @@ impl ChunkSource for Store {
     }
 }
 
-/// Every chunk of a manifest, located.
-fn chunk_locs<'m>(
-    m: &'m WeightManifest,
-    index: &'m EntryIndex<'m>,
-) -> impl Iterator<Item = ChunkLoc<'m>> + 'm {
-    let tensors = m.tensors.iter().flat_map(move |t| {
-        (0..t.chunks.len() as u32).filter_map(move |c| index.chunk(false, &t.name, c))
-    });
-    let files = m.files.iter().flat_map(move |f| {
-        (0..f.chunks.len() as u32).filter_map(move |c| index.chunk(true, &f.path, c))
-    });
-    tensors.chain(files)
+/// Bytes `[start, start + length)` of a bucket, from the bytes its ops
+/// read (`(dst_offset, bytes)`, sorted by offset, not overlapping): a slice
+/// of the one op that holds them all, or gathered from consecutive ops.
+/// `None` where some of them no op writes.
+fn bucket_bytes(filled: &[(u64, Vec<u8>)], start: u64, length: u64) -> Option<Cow<'_, [u8]>> {
+    let end = start.checked_add(length)?;
+    let first = filled.partition_point(|(at, bytes)| at + bytes.len() as u64 <= start);
+    let (at, bytes) = filled.get(first)?;
+    if *at <= start && end <= at + bytes.len() as u64 {
+        return Some(Cow::Borrowed(
+            &bytes[(start - at) as usize..(end - at) as usize],
+        ));
+    }
+    let mut out = Vec::new();
+    let mut next = start;
+    for (at, bytes) in &filled[first..] {
+        if next == end || *at > next {
+            break;
+        }
+        let stop = end.min(at + bytes.len() as u64);
+        if stop <= next {
+            continue; // overlapping ops, which validate() refuses
+        }
+        out.extend_from_slice(&bytes[(next - at) as usize..(stop - at) as usize]);
+        next = stop;
+    }
+    (next == end).then_some(Cow::Owned(out))
 }
 
 /// Writes `bytes` to an empty file, leaving holes where whole 4 KiB blocks

@@ -293,8 +293,10 @@ fn check_ops(plan: &SwapPlan, to: &WeightManifest, report: &mut impl FnMut(Strin
                 let Some((file, offset)) = index.item_location(item) else {
                     continue; // reported by validate()
                 };
-                let expected_src = offset + (lo - is);
-                let actual_src = op.src_offset + (lo - start);
+                // Saturating: the plan is unchecked input, and validate()
+                // has already reported offsets that overflow.
+                let expected_src = offset.saturating_add(lo - is);
+                let actual_src = op.src_offset.saturating_add(lo - start);
                 let right_file = op
                     .src
                     .strip_prefix("file://")

@@ -1054,3 +1054,28 @@ fn synth_models_are_written_in_as_many_shards_as_asked() {
         }
     }
 }
+
+#[test]
+fn offsets_that_overflow_are_problems_not_panics() {
+    let (v, mut plan) = sealed();
+    // An op starting before its item, reading from the end of the u64 range.
+    let o = plan
+        .ops
+        .iter()
+        .position(|op| op.length > plan.buckets[0].items[0].length)
+        .unwrap_or(0);
+    plan.ops[o].src_offset = u64::MAX - 1;
+    plan.seal();
+    let problems = verify_all(&plan, &v);
+    let at = format!("ops[{o}]");
+    assert!(
+        problems.iter().all(|p| p.path.starts_with(&at)),
+        "{problems:#?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.path == format!("{at}.src_offset") && p.message.contains("overflows")),
+        "{problems:#?}"
+    );
+}

@@ -706,3 +706,120 @@ fn unsound_and_lying_plans_are_refused() {
     apply(&mut store, &planned.plan, ApplySource::PlanOps);
     assert_eq!(unwrap(store.versions()), ["v1", "v2"]);
 }
+
+#[test]
+fn crafted_sizes_in_a_plan_are_errors_not_allocations() {
+    let v = nudged();
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = store_with_v1(dir.path(), &v);
+    let planned = create(&v, &with_source(&v));
+
+    // An op that claims to read an exabyte into a bucket that claims to hold
+    // it: the claim is checked against the source file before anything is
+    // allocated (this used to abort the process).
+    let mut huge = planned.plan.clone();
+    huge.buckets[0].capacity = 1 << 60;
+    let bucket = plan::bucket_address(huge.buckets[0].id);
+    let o = huge.ops.iter().position(|op| op.dst == bucket).unwrap();
+    huge.ops[o].length = (1 << 60) - huge.ops[o].dst_offset;
+    let ops = std::mem::take(&mut huge.ops);
+    huge.ops = ops
+        .into_iter()
+        .enumerate()
+        .filter(|(i, op)| *i == o || op.dst != bucket)
+        .map(|(_, op)| op)
+        .collect();
+    huge.seal();
+    let err = store
+        .apply(&huge, ApplySource::PlanOps, &|_| {})
+        .unwrap_err();
+    assert!(matches!(err, HotweightsError::Io { .. }), "{err}");
+    assert!(err.to_string().contains("ends before byte"), "{err}");
+    assert_eq!(unwrap(store.versions()), ["v1"]);
+
+    // A bucket's capacity alone is never allocated: the plan is sound.
+    let mut roomy = planned.plan.clone();
+    roomy.buckets[0].capacity = 1 << 60;
+    roomy.seal();
+    apply(&mut store, &roomy, ApplySource::PlanOps);
+    assert_eq!(unwrap(store.versions()), ["v1", "v2"]);
+}
+
+#[test]
+fn bucket_bytes_that_no_op_writes_are_refused() {
+    let v = nudged();
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = store_with_v1(dir.path(), &v);
+    let mut plan = create(&v, &with_source(&v)).plan;
+    plan.ops.pop();
+    plan.seal();
+    let err = store
+        .apply(&plan, ApplySource::PlanOps, &|_| {})
+        .unwrap_err();
+    assert!(matches!(err, HotweightsError::Mismatch(_)), "{err}");
+    assert!(err.to_string().contains("no op writes them"), "{err}");
+    assert_eq!(unwrap(store.versions()), ["v1"]);
+}
+
+#[test]
+fn a_version_applied_after_an_interrupted_gc_retired_its_label_is_kept() {
+    let v = nudged();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    drop(store_with_v1(&root, &v));
+    // What a gc that retired "v2", deleted its manifest and died before
+    // clearing `retired` leaves behind.
+    let path = root.join("state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    state["retired"] = serde_json::json!(["v2"]);
+    std::fs::write(&path, state.to_string()).unwrap();
+
+    let mut store = unwrap(Store::open_or_create(&root));
+    let planned = create(&v, &with_source(&v));
+    apply(&mut store, &planned.plan, ApplySource::PlanOps);
+    assert!(store.state().retired.is_empty());
+    // gc keeps versions applied but never committed.
+    unwrap(store.gc(None, false));
+    assert_eq!(unwrap(store.versions()), ["v1", "v2"]);
+    assert_eq!(store.state().last_applied.as_deref(), Some("v2"));
+}
+
+#[test]
+fn a_file_in_several_entries_imports_and_exports_byte_identical() {
+    let v = nudged();
+    let dir = tempfile::tempdir().unwrap();
+    // config.json as two entries of one file, which a valid manifest may
+    // have: each entry's own chunks must be stored, not the last entry's.
+    let mut m = v.prev.clone();
+    let i = m
+        .files
+        .iter()
+        .position(|f| f.path == "config.json")
+        .unwrap();
+    let bytes = std::fs::read(v.prev_dir.join("config.json")).unwrap();
+    let entry = |offset: usize, end: usize| bstack_plan::FileEntry {
+        path: "config.json".into(),
+        offset: offset as u64,
+        length: (end - offset) as u64,
+        hash: String::new(),
+        chunks: vec![bstack_plan::Chunk {
+            index: 0,
+            offset: 0,
+            length: (end - offset) as u64,
+            hash: hotweights::hash_hex(bstack_plan::HashAlgorithm::Blake3, &bytes[offset..end])
+                .unwrap(),
+        }],
+    };
+    let half = bytes.len() / 2;
+    m.files[i] = entry(0, half);
+    m.files.insert(i + 1, entry(half, bytes.len()));
+    bstack_plan::Validate::validate(&m).unwrap();
+
+    let mut store = unwrap(Store::open_or_create(&dir.path().join("store")));
+    unwrap(store.import(&m, &DirSource::new(&v.prev_dir), &|_| {}));
+    assert_eq!(unwrap(store.status()).unreferenced_chunks, 0);
+    let out = dir.path().join("out");
+    unwrap(store.export("v1", &out));
+    fixtures::assert_same_tree(&out, &v.prev_dir);
+}
