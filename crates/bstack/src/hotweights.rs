@@ -208,7 +208,8 @@ pub struct GcArgs {
     /// Keep only this many versions of rollback history [default: all].
     #[arg(long)]
     keep: Option<usize>,
-    /// Also delete versions applied but never committed.
+    /// Also delete the versions that are neither current nor in the
+    /// rollback history (applied but never committed, or rolled back from).
     #[arg(long)]
     prune_uncommitted: bool,
 }

@@ -31,6 +31,15 @@
 //! What a crash leaves behind (an apply journal, an unrenamed state file,
 //! temporary files, chunks no version references) is reported by
 //! [`Store::status`] and removed by [`Store::gc`].
+//!
+//! Limits: the invariants above hold whatever instant the *process* dies at.
+//! After a *power loss*, a chunk file that an interrupted apply renamed into
+//! place before its data reached the disk can have the right length and
+//! wrong bytes on some filesystems; a later apply reuses chunks it finds by
+//! length, so after a power loss run `gc` (or re-import) before applying
+//! again. Readers ([`Store::open`]) take no lock: an `export` running while
+//! another process's `gc` deletes a version fails with a clear error (every
+//! chunk is verified as it is read) rather than exporting wrong bytes.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -535,8 +544,8 @@ impl Store {
     /// references, leftovers of interrupted operations, and the manifests
     /// of versions not retained. Retained: the current version, the
     /// rollback history (only its `keep_history` most recent entries when
-    /// given) and versions applied but never committed (unless
-    /// `prune_uncommitted`).
+    /// given) and, unless `prune_uncommitted`, the other versions: applied
+    /// but never committed, or rolled back from.
     pub fn gc(&mut self, keep_history: Option<usize>, prune_uncommitted: bool) -> Result<GcReport> {
         self.require_lock()?;
         let mut report = GcReport::default();
@@ -600,9 +609,7 @@ impl Store {
                 report.leftovers_removed += 1;
             }
         }
-        let tmp = self.root.join("tmp");
-        for entry in fs::read_dir(&tmp).map_err(|e| HotweightsError::io(&tmp, e))? {
-            let path = entry.map_err(|e| HotweightsError::io(&tmp, e))?.path();
+        for path in self.stray_files()? {
             fs::remove_file(&path).map_err(|e| HotweightsError::io(&path, e))?;
             report.leftovers_removed += 1;
         }
@@ -1029,6 +1036,27 @@ impl Store {
         Ok(out)
     }
 
+    /// Files an interrupted write left: everything in `tmp/`, and the
+    /// temporary files of atomic replacements (`.tmp*`) beside the state and
+    /// the manifests.
+    fn stray_files(&self) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        let tmp = self.root.join("tmp");
+        for entry in fs::read_dir(&tmp).map_err(|e| HotweightsError::io(&tmp, e))? {
+            out.push(entry.map_err(|e| HotweightsError::io(&tmp, e))?.path());
+        }
+        for dir in [self.root.clone(), self.root.join("versions")] {
+            for entry in fs::read_dir(&dir).map_err(|e| HotweightsError::io(&dir, e))? {
+                let entry = entry.map_err(|e| HotweightsError::io(&dir, e))?;
+                let name = entry.file_name();
+                if name.to_string_lossy().starts_with(".tmp") && entry.path().is_file() {
+                    out.push(entry.path());
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// What interrupted operations left, in words.
     fn leftovers(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
@@ -1076,17 +1104,20 @@ impl Store {
             let target = serde_json::from_slice::<State>(&bytes)
                 .ok()
                 .and_then(|s| s.current)
-                .map(|v| format!(" to {v:?}"))
-                .unwrap_or_default();
-            out.push(format!(
-                "a change of the current version{target} was interrupted before it took effect; {current}; rerun it"
-            ));
+                .filter(|v| self.state.current.as_ref() != Some(v));
+            out.push(match target {
+                Some(v) => format!(
+                    "a switch of the current version to {v:?} was interrupted before it took effect; {current}; rerun it"
+                ),
+                None => format!(
+                    "an update of the store's state (by apply or gc) was interrupted before it took effect; {current}; rerun it"
+                ),
+            });
         }
-        let tmp = self.root.join("tmp");
-        let stray = fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0);
+        let stray = self.stray_files()?.len();
         if stray > 0 {
             out.push(format!(
-                "{stray} partly written files in tmp/ (gc removes them)"
+                "{stray} partly written files (in tmp/, versions/ or the store root; gc removes them)"
             ));
         }
         Ok(out)

@@ -918,7 +918,7 @@ fn crash_in_a_commit_before_the_rename() {
     );
     assert_eq!(
         interrupted(&s),
-        "a change of the current version to \"v2\" was interrupted before it took effect; current is still \"v1\"; rerun it",
+        "a switch of the current version to \"v2\" was interrupted before it took effect; current is still \"v1\"; rerun it",
         "{s}"
     );
     assert_exports(&sandbox, None, "out/v1", V1);
@@ -988,7 +988,7 @@ fn crash_in_a_rollback_before_the_rename() {
     );
     assert_eq!(
         interrupted(&s),
-        "a change of the current version to \"v1\" was interrupted before it took effect; current is still \"v2\"; rerun it",
+        "a switch of the current version to \"v1\" was interrupted before it took effect; current is still \"v2\"; rerun it",
         "{s}"
     );
     assert_exports(&sandbox, None, "out/v2", V2);

@@ -823,3 +823,30 @@ fn a_file_in_several_entries_imports_and_exports_byte_identical() {
     unwrap(store.export("v1", &out));
     fixtures::assert_same_tree(&out, &v.prev_dir);
 }
+
+/// Temporary files that an atomic replacement left beside the manifests or
+/// the state (a crash between its write and its rename) are reported by
+/// status and removed by gc; real manifests are untouched.
+#[test]
+fn stray_temporary_files_are_reported_and_collected() {
+    let v = edited();
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("store");
+    let mut store = store_with_v1(&store_dir, &v);
+    std::fs::write(store_dir.join("versions/.tmpAbC123"), b"half a manifest").unwrap();
+    std::fs::write(store_dir.join(".tmpXyZ789"), b"half a journal").unwrap();
+    let status = unwrap(store.status());
+    assert!(
+        status
+            .interrupted
+            .iter()
+            .any(|l| l.starts_with("2 partly written files")),
+        "{:?}",
+        status.interrupted
+    );
+    let report = unwrap(store.gc(None, false));
+    assert_eq!(report.leftovers_removed, 2);
+    let status = unwrap(store.status());
+    assert!(status.interrupted.is_empty(), "{:?}", status.interrupted);
+    assert_eq!(unwrap(store.versions()), ["v1"]);
+}
