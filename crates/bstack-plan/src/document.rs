@@ -430,8 +430,13 @@ impl SwapPlan {
     pub fn compute_digest(&self) -> String {
         let mut hasher = blake3::Hasher::new();
         self.unsealed_encoding(&mut |piece| {
-            // Pieces are up to megabytes: hash them on all cores.
-            hasher.update_rayon(piece);
+            // Long-list pieces are megabytes: hash them on all cores. Below
+            // 128 KiB, threads cost more than they save.
+            if piece.len() >= 128 << 10 {
+                hasher.update_rayon(piece);
+            } else {
+                hasher.update(piece);
+            }
         });
         format!("blake3:{}", hasher.finalize().to_hex())
     }

@@ -273,7 +273,7 @@ fn hotweights_stage(dir: &Path) -> Result<(Vec<Step>, serde_json::Value)> {
     store.commit("v2")?;
     let flip = started.elapsed();
     let exported = dir.join("export-v2");
-    store.export("v2", &exported)?;
+    store.export("v2", &exported, &|_| {})?;
     let identical = same_files(&ckpt2, &exported)?;
     if !identical {
         bail!("the exported v2 differs from its checkpoint");

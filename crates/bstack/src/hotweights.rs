@@ -828,7 +828,7 @@ fn gc(args: GcArgs, out: &Output) -> Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
-fn export(args: ExportArgs, out: &Output, _quiet: bool) -> Result<Outcome> {
+fn export(args: ExportArgs, out: &Output, quiet: bool) -> Result<Outcome> {
     let store = Store::open(&args.store)?;
     let version = match args.version.or_else(|| store.state().current.clone()) {
         Some(v) => v,
@@ -838,7 +838,12 @@ fn export(args: ExportArgs, out: &Output, _quiet: bool) -> Result<Outcome> {
         ),
     };
     let started = Instant::now();
-    let r = store.export(&version, &args.output)?;
+    let manifest = store.manifest(&version)?;
+    let total = manifest.tensors.iter().map(|t| t.length).sum::<u64>()
+        + manifest.files.iter().map(|f| f.length).sum::<u64>();
+    let bar = progress_bar(total, "exporting", quiet);
+    let r = store.export(&version, &args.output, &|n| bar.inc(n))?;
+    bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     if out.json {
         out.json_line(&json!({ "store": args.store, "version": version, "output": args.output, "report": r, "seconds": seconds }))?;

@@ -580,7 +580,6 @@ pub fn wire_report(
             "the plan lacks its `to` manifest".into(),
         ));
     };
-    let from = prev;
     if let Some(f) = &plan.from {
         if f.model_id != prev.model_id || f.version != prev.version {
             return Err(HotweightsError::Mismatch(format!(
@@ -589,8 +588,8 @@ pub fn wire_report(
             )));
         }
     }
-    let delta = delta::compute(from, to);
-    let (old_index, new_index) = (EntryIndex::new(from), EntryIndex::new(to));
+    let delta = delta::compute(prev, to);
+    let (old_index, new_index) = (EntryIndex::new(prev), EntryIndex::new(to));
     let sizes = delta
         .changed
         .par_iter()

@@ -199,22 +199,10 @@ impl<'m> EntryIndex<'m> {
         }
     }
 
-    fn get(&self, is_file: bool, name: &str) -> Option<(&'m str, u64, &'m [Chunk])> {
-        if is_file {
-            self.files.get(name).copied()
-        } else {
-            self.tensors.get(name).copied()
-        }
-    }
-
     /// Where chunk `index` of entry (is_file, name) is.
     pub(crate) fn chunk(&self, is_file: bool, name: &str, index: u32) -> Option<ChunkLoc<'m>> {
-        let (file, entry_offset, chunks) = self.get(is_file, name)?;
-        let (key, _) = if is_file {
-            self.files.get_key_value(name)?
-        } else {
-            self.tensors.get_key_value(name)?
-        };
+        let entries = if is_file { &self.files } else { &self.tensors };
+        let (key, &(file, entry_offset, chunks)) = entries.get_key_value(name)?;
         let c = chunks.get(index as usize)?;
         Some(ChunkLoc {
             name: key,

@@ -630,7 +630,14 @@ impl Store {
     /// verified: the files are byte-identical to those it was published
     /// from. `out` must not exist or be an empty directory; it appears only
     /// when complete.
-    pub fn export(&self, version: &str, out: &Path) -> Result<ExportReport> {
+    ///
+    /// `progress` is called with each chunk's length as it is written.
+    pub fn export(
+        &self,
+        version: &str,
+        out: &Path,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<ExportReport> {
         let manifest = self.manifest(version)?;
         if out.exists() {
             let empty = fs::read_dir(out)
@@ -682,7 +689,9 @@ impl Store {
                 HotweightsError::Mismatch(format!("{} names no file", loc.describe()))
             })?;
             file.write_all_at(&bytes, loc.offset)
-                .map_err(|e| HotweightsError::io(staging.path().join(loc.file), e))
+                .map_err(|e| HotweightsError::io(staging.path().join(loc.file), e))?;
+            progress(loc.length);
+            Ok(())
         })?;
         for (name, file) in &files {
             file.sync_all()

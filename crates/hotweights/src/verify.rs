@@ -389,10 +389,10 @@ fn check_consumers(
         let reaches_all = options
             .world_size
             .is_some_and(|w| (0..w).all(|r| seen.contains(&r)));
+        if reaches_all {
+            continue;
+        }
         for (i, item) in bucket.items.iter().enumerate() {
-            if reaches_all {
-                break;
-            }
             if item.is_file {
                 report(
                     format!("buckets[{b}].items[{i}]"),

@@ -104,7 +104,7 @@ fn apply_commit_export_and_rollback_round_trip() {
     assert_eq!(status.chunks, all.len() as u64);
 
     let out = dir.path().join("export-v2");
-    let exported = unwrap(store.export("v2", &out));
+    let exported = unwrap(store.export("v2", &out, &|_| {}));
     fixtures::assert_same_tree(&out, &v.next_dir);
     assert_eq!(
         exported.files,
@@ -114,7 +114,7 @@ fn apply_commit_export_and_rollback_round_trip() {
     assert_eq!(unwrap(store.rollback()), "v1");
     assert_eq!(store.state().current.as_deref(), Some("v1"));
     let out = dir.path().join("export-v1");
-    unwrap(store.export("v1", &out));
+    unwrap(store.export("v1", &out, &|_| {}));
     fixtures::assert_same_tree(&out, &v.prev_dir);
 
     // The state survives reopening, read-only and for changes.
@@ -141,7 +141,7 @@ fn apply_from_a_directory_when_the_plan_has_no_ops() {
     assert_eq!(report.bytes_read, planned.plan.staged_bytes());
     unwrap(store.commit("v2"));
     let out = dir.path().join("out");
-    unwrap(store.export("v2", &out));
+    unwrap(store.export("v2", &out, &|_| {}));
     fixtures::assert_same_tree(&out, &v.next_dir);
 }
 
@@ -166,7 +166,7 @@ fn chunks_split_across_buckets_are_reassembled() {
     assert_eq!(report.bytes_read, planned.delta.bytes_changed);
     unwrap(store.commit("v2"));
     let out = dir.path().join("out");
-    unwrap(store.export("v2", &out));
+    unwrap(store.export("v2", &out, &|_| {}));
     fixtures::assert_same_tree(&out, &v.next_dir);
 }
 
@@ -266,7 +266,7 @@ fn a_corrupt_source_fails_the_apply_and_gc_removes_what_it_stored() {
     assert_eq!(unwrap(store.status()).chunks, before.chunks);
     assert_eq!(store.state().current.as_deref(), Some("v1"));
     let out = dir.path().join("out");
-    unwrap(store.export("v1", &out));
+    unwrap(store.export("v1", &out, &|_| {}));
     fixtures::assert_same_tree(&out, &v.prev_dir);
 }
 
@@ -292,7 +292,7 @@ fn a_failed_apply_can_be_rerun_once_the_source_is_right() {
     assert!(report.chunks_written < planned.delta.chunks_changed);
     unwrap(store.commit("v2"));
     let out = dir.path().join("out");
-    unwrap(store.export("v2", &out));
+    unwrap(store.export("v2", &out, &|_| {}));
     fixtures::assert_same_tree(&out, &v.next_dir);
 }
 
@@ -412,7 +412,7 @@ fn gc_keeps_history_as_asked_and_prunes_uncommitted_versions() {
     let err = store.rollback().unwrap_err();
     assert!(err.to_string().contains("no previous version"), "{err}");
     let out = dir.path().join("out");
-    unwrap(store.export("v2", &out));
+    unwrap(store.export("v2", &out, &|_| {}));
     fixtures::assert_same_tree(&out, &v.next_dir);
 
     // A version applied but never committed is kept, unless pruned.
@@ -470,16 +470,16 @@ fn export_needs_a_new_or_empty_directory_and_verifies_chunks() {
     let full = dir.path().join("full");
     std::fs::create_dir(&full).unwrap();
     std::fs::write(full.join("keep.txt"), b"mine").unwrap();
-    let err = store.export("v1", &full).unwrap_err();
+    let err = store.export("v1", &full, &|_| {}).unwrap_err();
     assert!(err.to_string().contains("not empty"), "{err}");
     assert_eq!(std::fs::read(full.join("keep.txt")).unwrap(), b"mine");
 
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    unwrap(store.export("v1", &empty));
+    unwrap(store.export("v1", &empty, &|_| {}));
     fixtures::assert_same_tree(&empty, &v.prev_dir);
 
-    assert!(store.export("v7", &dir.path().join("v7")).is_err());
+    assert!(store.export("v7", &dir.path().join("v7"), &|_| {}).is_err());
     assert!(!dir.path().join("v7").exists());
 
     // A chunk file damaged in the store: the export fails, and leaves no
@@ -494,7 +494,7 @@ fn export_needs_a_new_or_empty_directory_and_verifies_chunks() {
     bytes[0] ^= 1;
     std::fs::write(&chunk_path, bytes).unwrap();
     let bad = dir.path().join("bad");
-    let err = store.export("v1", &bad).unwrap_err();
+    let err = store.export("v1", &bad, &|_| {}).unwrap_err();
     assert!(matches!(err, HotweightsError::Verify(_)), "{err}");
     assert!(!bad.exists());
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
@@ -548,7 +548,7 @@ fn chunk_sizes_that_are_not_a_multiple_of_the_alignment_round_trip() {
     unwrap(store.import(&prev, &DirSource::new(&prev_dir), &|_| {}));
     apply(&mut store, &planned.plan, ApplySource::PlanOps);
     let out = dir.path().join("out");
-    unwrap(store.export("v2", &out));
+    unwrap(store.export("v2", &out, &|_| {}));
     fixtures::assert_same_tree(&out, &next_dir);
 }
 
@@ -614,7 +614,7 @@ fn zero_blocks_and_repeated_chunks_round_trip() {
     unwrap(store.commit("v2"));
     for (version, source) in [("v1", &prev_dir), ("v2", &next_dir)] {
         let out = dir.path().join(format!("out-{version}"));
-        unwrap(store.export(version, &out));
+        unwrap(store.export(version, &out, &|_| {}));
         fixtures::assert_same_tree(&out, source);
     }
 }
@@ -667,11 +667,11 @@ fn other_files_empty_nested_added_and_removed_round_trip() {
     apply(&mut store, &planned.plan, ApplySource::PlanOps);
     unwrap(store.commit("v2"));
     let out = dir.path().join("out-v2");
-    unwrap(store.export("v2", &out));
+    unwrap(store.export("v2", &out, &|_| {}));
     fixtures::assert_same_tree(&out, &next_dir);
     assert_eq!(unwrap(store.rollback()), "v1");
     let out = dir.path().join("out-v1");
-    unwrap(store.export("v1", &out));
+    unwrap(store.export("v1", &out, &|_| {}));
     fixtures::assert_same_tree(&out, &prev_dir);
 }
 
@@ -820,7 +820,7 @@ fn a_file_in_several_entries_imports_and_exports_byte_identical() {
     unwrap(store.import(&m, &DirSource::new(&v.prev_dir), &|_| {}));
     assert_eq!(unwrap(store.status()).unreferenced_chunks, 0);
     let out = dir.path().join("out");
-    unwrap(store.export("v1", &out));
+    unwrap(store.export("v1", &out, &|_| {}));
     fixtures::assert_same_tree(&out, &v.prev_dir);
 }
 
