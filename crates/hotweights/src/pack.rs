@@ -101,7 +101,19 @@ pub fn pack(pieces: &[Piece], limit: u64, align: u64) -> Result<Vec<PackedBucket
     rest.sort_by_key(|r| std::cmp::Reverse(r.0));
 
     let first_ffd = buckets.len();
-    let mut tree = FreeTree::new(rest.len(), limit);
+    // First fit never leaves two buckets at most half full (the later
+    // one's pieces would have fitted in the earlier one), so it opens at
+    // most 2 * (aligned bytes / limit) + 1 buckets: a tree that size, not
+    // one leaf per piece, stays small enough for the cache.
+    let aligned: u64 = rest
+        .iter()
+        .map(|&(length, _, _)| align_up(length, align))
+        .fold(0, u64::saturating_add);
+    let bound = (2 * aligned.div_ceil(limit)).saturating_add(1);
+    let mut tree = FreeTree::new(
+        rest.len().min(usize::try_from(bound).unwrap_or(usize::MAX)),
+        limit,
+    );
     for &(length, piece_offset, id) in &rest {
         // Every leaf starts at `limit` >= length, so this always finds one.
         let Some(leaf) = tree.first_at_least(length) else {
@@ -147,12 +159,18 @@ impl FreeTree {
         }
     }
 
+    /// Lowers a leaf's free bytes (they only ever shrink).
     fn set(&mut self, leaf: usize, free: u64) {
         let mut i = leaf + self.leaves;
         self.max[i] = free;
         while i > 1 {
             i /= 2;
-            self.max[i] = self.max[2 * i].max(self.max[2 * i + 1]);
+            let max = self.max[2 * i].max(self.max[2 * i + 1]);
+            // Above a node whose maximum did not change, nothing changes.
+            if self.max[i] == max {
+                break;
+            }
+            self.max[i] = max;
         }
     }
 
