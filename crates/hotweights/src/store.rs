@@ -203,10 +203,7 @@ impl Store {
             fs::create_dir_all(&path).map_err(|e| HotweightsError::io(&path, e))?;
         }
         let lock = take_lock(root)?;
-        let state = read_state(root)?.unwrap_or(State {
-            format: FORMAT,
-            ..State::default()
-        });
+        let state = read_state(root)?;
         Ok(Store {
             root: root.to_owned(),
             state,
@@ -223,10 +220,7 @@ impl Store {
                 "not a weight store (no versions/ directory); `bstack hw apply --store DIR` creates one",
             ));
         }
-        let state = read_state(root)?.unwrap_or(State {
-            format: FORMAT,
-            ..State::default()
-        });
+        let state = read_state(root)?;
         Ok(Store {
             root: root.to_owned(),
             state,
@@ -1234,11 +1228,17 @@ fn take_lock(root: &Path) -> Result<File> {
     Ok(file)
 }
 
-fn read_state(root: &Path) -> Result<Option<State>> {
+/// The store's state; a store no commit has touched yet has the empty one.
+fn read_state(root: &Path) -> Result<State> {
     let path = root.join(STATE);
     let bytes = match fs::read(&path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(State {
+                format: FORMAT,
+                ..State::default()
+            });
+        }
         Err(e) => return Err(HotweightsError::io(&path, e)),
     };
     let state: State = serde_json::from_slice(&bytes).map_err(|e| {
@@ -1256,7 +1256,7 @@ fn read_state(root: &Path) -> Result<Option<State>> {
             ),
         ));
     }
-    Ok(Some(state))
+    Ok(state)
 }
 
 /// Flushes everything written to the store's filesystem: one call instead
