@@ -424,6 +424,22 @@ fn without_temp_path(e: std::io::Error) -> std::io::Error {
     }
 }
 
+impl WeightManifest {
+    /// Bytes of every entry, tensors and files: the checkpoint's size.
+    pub fn total_bytes(&self) -> u64 {
+        let tensors = self.tensors.iter().map(|t| t.length);
+        let files = self.files.iter().map(|f| f.length);
+        tensors.chain(files).fold(0, u64::saturating_add)
+    }
+
+    /// Chunks of every entry, tensors and files.
+    pub fn chunk_count(&self) -> u64 {
+        let tensors = self.tensors.iter().map(|t| t.chunks.len() as u64);
+        let files = self.files.iter().map(|f| f.chunks.len() as u64);
+        tensors.chain(files).sum()
+    }
+}
+
 impl SwapPlan {
     /// The digest of this plan: `blake3:` and the hex BLAKE3 of its protobuf
     /// encoding with `digest` empty. Any change to any field changes it.

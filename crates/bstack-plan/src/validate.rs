@@ -788,13 +788,22 @@ fn check_buckets(
 
     // Every chunk of the target that is new or changed must be staged; a
     // `from` given by identity only (no entries) leaves this to whoever
-    // holds the full manifest.
-    let (Some(from), Some(to)) = (from, to) else {
-        return;
-    };
-    if from.tensors.is_empty() && from.files.is_empty() {
-        return;
+    // holds the full manifest (SwapPlan::unstaged_changes).
+    if let (Some(from), Some(to)) = (from, to) {
+        if !from.tensors.is_empty() || !from.files.is_empty() {
+            check_changes_staged(c, &staged, from, to);
+        }
     }
+}
+
+/// Reports every chunk of `to` that `from` lacks or holds with another hash
+/// and that `staged` does not hold.
+fn check_changes_staged(
+    c: &mut Checker,
+    staged: &HashSet<ChunkKey<'_>>,
+    from: &WeightManifest,
+    to: &WeightManifest,
+) {
     let old: HashMap<ChunkKey<'_>, &str> = entries(from)
         .flat_map(|(is_file, name, chunks)| {
             chunks
@@ -816,6 +825,28 @@ fn check_buckets(
                 );
             }
         }
+    }
+}
+
+impl SwapPlan {
+    /// The chunks the buckets stage, as (is_file, name, chunk index).
+    pub fn staged_chunks(&self) -> HashSet<(bool, &str, u32)> {
+        self.buckets
+            .iter()
+            .flat_map(|b| &b.items)
+            .map(|i| (i.is_file, i.name.as_str(), i.chunk))
+            .collect()
+    }
+
+    /// The check `validate()` makes when `from` carries its entries, against
+    /// a full previous manifest given separately: every new or changed chunk
+    /// of `to` must be staged.
+    pub fn unstaged_changes(&self, prev: &WeightManifest) -> Vec<Problem> {
+        let mut c = Checker::default();
+        if let Some(to) = &self.to {
+            check_changes_staged(&mut c, &self.staged_chunks(), prev, to);
+        }
+        c.into_problems()
     }
 }
 

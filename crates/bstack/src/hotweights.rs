@@ -344,8 +344,7 @@ fn summarise(
     out: &Output,
 ) -> std::io::Result<()> {
     let tensor_bytes: u64 = m.tensors.iter().map(|t| t.length).sum();
-    let chunks: usize = m.tensors.iter().map(|t| t.chunks.len()).sum::<usize>()
-        + m.files.iter().map(|f| f.chunks.len()).sum::<usize>();
+    let chunks = m.chunk_count();
     let rate = total as f64 / seconds.max(1e-9);
     if out.json {
         return out.json_line(&json!({
@@ -667,8 +666,7 @@ fn apply(args: ApplyArgs, out: &Output, quiet: bool) -> Result<Outcome> {
         }
         (None, Some(path)) => {
             let manifest: WeightManifest = read_valid(path)?;
-            let total = manifest.tensors.iter().map(|t| t.length).sum::<u64>()
-                + manifest.files.iter().map(|f| f.length).sum::<u64>();
+            let total = manifest.total_bytes();
             let bar = progress_bar(total, "importing", quiet);
             let dir = args
                 .source
@@ -839,8 +837,7 @@ fn export(args: ExportArgs, out: &Output, quiet: bool) -> Result<Outcome> {
     };
     let started = Instant::now();
     let manifest = store.manifest(&version)?;
-    let total = manifest.tensors.iter().map(|t| t.length).sum::<u64>()
-        + manifest.files.iter().map(|f| f.length).sum::<u64>();
+    let total = manifest.total_bytes();
     let bar = progress_bar(total, "exporting", quiet);
     let r = store.export(&version, &args.output, &|n| bar.inc(n))?;
     bar.finish_and_clear();

@@ -305,8 +305,7 @@ fn summarise_ops(s: &mut Summary, ops: &[TransferOp], top: usize) {
 fn summarise_manifest(s: &mut Summary, m: &WeightManifest, top: usize) {
     let tensor_bytes = total(m.tensors.iter().map(|t| t.length));
     let file_bytes = total(m.files.iter().map(|f| f.length));
-    let chunks: usize = m.tensors.iter().map(|t| t.chunks.len()).sum::<usize>()
-        + m.files.iter().map(|f| f.chunks.len()).sum::<usize>();
+    let chunks = m.chunk_count();
     let algorithm = HashAlgorithm::try_from(m.hash_algorithm)
         .map(|a| a.as_str_name().to_owned())
         .unwrap_or_else(|_| m.hash_algorithm.to_string());

@@ -63,17 +63,7 @@ pub struct PackedBucket {
 /// # Ok::<(), hotweights::HotweightsError>(())
 /// ```
 pub fn pack(pieces: &[Piece], limit: u64, align: u64) -> Result<Vec<PackedBucket>> {
-    if align == 0 || !align.is_power_of_two() {
-        return Err(HotweightsError::Option(format!(
-            "the alignment must be a power of two, not {align}"
-        )));
-    }
-    let limit = limit - limit % align;
-    if limit == 0 {
-        return Err(HotweightsError::Option(format!(
-            "the bucket size must be at least the alignment ({align} bytes)"
-        )));
-    }
+    let limit = bucket_limit(limit, align)?;
 
     let mut buckets = Vec::new();
     // Whole bucket-sized parts of oversize pieces come first: they are the
@@ -135,6 +125,23 @@ pub fn pack(pieces: &[Piece], limit: u64, align: u64) -> Result<Vec<PackedBucket
         tree.set(leaf, limit - bucket.used);
     }
     Ok(buckets)
+}
+
+/// The bucket size [`pack`] uses for `limit` and `align`: `limit` rounded
+/// down to a multiple of `align`. An error if `align` is not a power of two
+/// or the result is 0.
+pub fn bucket_limit(limit: u64, align: u64) -> Result<u64> {
+    if align == 0 || !align.is_power_of_two() {
+        return Err(HotweightsError::Option(format!(
+            "the alignment must be a power of two, not {align}"
+        )));
+    }
+    match limit - limit % align {
+        0 => Err(HotweightsError::Option(format!(
+            "the bucket size must be at least the alignment ({align} bytes)"
+        ))),
+        limit => Ok(limit),
+    }
 }
 
 /// `value` rounded up to a multiple of `align` (a power of two).

@@ -220,7 +220,7 @@ pub fn create(
         }
     }
 
-    let limit = options.bucket_bytes - options.bucket_bytes % options.align.max(1);
+    let limit = pack::bucket_limit(options.bucket_bytes, options.align)?;
     let mut buckets = Vec::new();
     let mut report = PlanReport {
         bucket_limit: limit,

@@ -306,12 +306,7 @@ impl Store {
         let index = EntryIndex::new(to);
 
         // Chunks the plan does not stage must be here already.
-        let staged: HashSet<(bool, &str, u32)> = plan
-            .buckets
-            .iter()
-            .flat_map(|b| &b.items)
-            .map(|i| (i.is_file, i.name.as_str(), i.chunk))
-            .collect();
+        let staged = plan.staged_chunks();
         let mut missing = Vec::new();
         let mut shared = 0u64;
         for loc in chunk_locs(to) {
@@ -499,10 +494,7 @@ impl Store {
             } else {
                 "available"
             };
-            let chunks = m.tensors.iter().map(|t| t.chunks.len() as u64).sum::<u64>()
-                + m.files.iter().map(|f| f.chunks.len() as u64).sum::<u64>();
-            let bytes = m.tensors.iter().map(|t| t.length).sum::<u64>()
-                + m.files.iter().map(|f| f.length).sum::<u64>();
+            let (chunks, bytes) = (m.chunk_count(), m.total_bytes());
             versions.push(VersionInfo {
                 version: v,
                 model_id: m.model_id,

@@ -67,7 +67,9 @@ pub fn verify(plan: &SwapPlan, options: &VerifyOptions<'_>) -> Vec<Problem> {
         check_nothing_unchanged_staged(plan, prev, to, &mut report);
         if !plan.from.as_ref().is_some_and(has_entries) {
             // validate() could not check this without the entries.
-            check_changed_staged(plan, prev, to, &mut report);
+            for p in plan.unstaged_changes(prev) {
+                report(p.path, p.message);
+            }
         }
     }
     for (b, bucket) in plan.buckets.iter().enumerate() {
@@ -128,35 +130,6 @@ fn compare_identity(
             report(
                 format!("from.{name}"),
                 format!("is {a:?}, the manifest given says {b:?}"),
-            );
-        }
-    }
-}
-
-/// Every chunk of `to` that `prev` lacks must be in a bucket.
-fn check_changed_staged(
-    plan: &SwapPlan,
-    prev: &WeightManifest,
-    to: &WeightManifest,
-    report: &mut impl FnMut(String, String),
-) {
-    let staged: std::collections::HashSet<(bool, &str, u32)> = plan
-        .buckets
-        .iter()
-        .flat_map(|b| &b.items)
-        .map(|i| (i.is_file, i.name.as_str(), i.chunk))
-        .collect();
-    let d = delta::compute(prev, to);
-    for c in &d.changed {
-        let (is_file, name) = crate::plan::entry_name(to, c.entry);
-        if !staged.contains(&(is_file, name, c.chunk)) {
-            let what = if is_file { "file" } else { "tensor" };
-            report(
-                "buckets".into(),
-                format!(
-                    "chunk {} of {what} {name:?} is new or changed but in no bucket",
-                    c.chunk
-                ),
             );
         }
     }

@@ -304,6 +304,15 @@ fn assert_clean(sandbox: &Sandbox, retained: &[&str]) {
     assert_eq!(tmp, 0, "files left in {STORE}/tmp");
 }
 
+/// The store's status, after checking its current version and rollback
+/// history.
+#[track_caller]
+fn assert_current(sandbox: &Sandbox, current: &Value, history: &Value) -> Value {
+    let s = status(sandbox);
+    assert_eq!((&s["current"], &s["history"]), (current, history), "{s}");
+    s
+}
+
 /// Runs `bstack hw ARGS` with failpoint `failpoint` armed and asserts that
 /// the process died of it (SIGABRT, after saying so).
 #[track_caller]
@@ -458,12 +467,7 @@ fn a_rollout_from_plan_to_gc() {
     hw(&sandbox, &["rollback", "--store", STORE])
         .code(0)
         .stdout_has("rolled back to \"v1\" (from \"v2\")");
-    let s = status(&sandbox);
-    assert_eq!(
-        (&s["current"], &s["history"]),
-        (&json!("v1"), &json!([])),
-        "{s}"
-    );
+    let s = assert_current(&sandbox, &json!("v1"), &json!([]));
     assert_eq!(interrupted(&s), "", "{s}");
     assert_exports(&sandbox, None, "out/v1-again", V1);
     hw(&sandbox, &["commit", "--store", STORE, "--version", "v2"]).code(0);
@@ -798,12 +802,7 @@ fn crash_applying(failpoint: &str, stored: Option<usize>, v2_visible: bool) {
     let apply = ["apply", "--store", STORE, "--plan", "plan.json"];
     crash(&sandbox, failpoint, &apply);
 
-    let s = status(&sandbox);
-    assert_eq!(
-        (&s["current"], &s["history"]),
-        (&json!("v1"), &json!([])),
-        "{s}"
-    );
+    let s = assert_current(&sandbox, &json!("v1"), &json!([]));
     let expected: &[&str] = if v2_visible { &["v1", "v2"] } else { &["v1"] };
     assert_eq!(versions(&s), expected, "{s}");
     let chunks = s["chunks"].as_u64().unwrap_or_default() as usize;
@@ -910,12 +909,7 @@ fn crash_in_a_commit_before_the_rename() {
         "commit.before-rename",
         &["commit", "--store", STORE],
     );
-    let s = status(&sandbox);
-    assert_eq!(
-        (&s["current"], &s["history"]),
-        (&json!("v1"), &json!([])),
-        "{s}"
-    );
+    let s = assert_current(&sandbox, &json!("v1"), &json!([]));
     assert_eq!(
         interrupted(&s),
         "a switch of the current version to \"v2\" was interrupted before it took effect; current is still \"v1\"; rerun it",
@@ -926,12 +920,7 @@ fn crash_in_a_commit_before_the_rename() {
     hw(&sandbox, &["commit", "--store", STORE])
         .code(0)
         .stdout_has("current is now \"v2\" (was \"v1\")");
-    let s = status(&sandbox);
-    assert_eq!(
-        (&s["current"], &s["history"]),
-        (&json!("v2"), &json!(["v1"])),
-        "{s}"
-    );
+    let s = assert_current(&sandbox, &json!("v2"), &json!(["v1"]));
     assert_eq!(interrupted(&s), "", "{s}");
     assert_exports(&sandbox, None, "out/v2", V2);
     hw(&sandbox, &["gc", "--store", STORE]).code(0);
@@ -948,23 +937,13 @@ fn crash_in_a_commit_after_the_rename() {
         &["commit", "--store", STORE],
     );
     // The new state is in place: the commit took effect.
-    let s = status(&sandbox);
-    assert_eq!(
-        (&s["current"], &s["history"]),
-        (&json!("v2"), &json!(["v1"])),
-        "{s}"
-    );
+    let s = assert_current(&sandbox, &json!("v2"), &json!(["v1"]));
     assert_eq!(interrupted(&s), "", "{s}");
     assert_exports(&sandbox, None, "out/v2", V2);
 
     // Rerunning it changes nothing.
     hw(&sandbox, &["commit", "--store", STORE]).code(0);
-    let s = status(&sandbox);
-    assert_eq!(
-        (&s["current"], &s["history"]),
-        (&json!("v2"), &json!(["v1"])),
-        "{s}"
-    );
+    assert_current(&sandbox, &json!("v2"), &json!(["v1"]));
     hw(&sandbox, &["gc", "--store", STORE]).code(0);
     assert_clean(&sandbox, &["v1", "v2"]);
     hw(&sandbox, &["rollback", "--store", STORE]).code(0);
@@ -980,12 +959,7 @@ fn crash_in_a_rollback_before_the_rename() {
         "rollback.before-rename",
         &["rollback", "--store", STORE],
     );
-    let s = status(&sandbox);
-    assert_eq!(
-        (&s["current"], &s["history"]),
-        (&json!("v2"), &json!(["v1"])),
-        "{s}"
-    );
+    let s = assert_current(&sandbox, &json!("v2"), &json!(["v1"]));
     assert_eq!(
         interrupted(&s),
         "a switch of the current version to \"v1\" was interrupted before it took effect; current is still \"v2\"; rerun it",
@@ -996,12 +970,7 @@ fn crash_in_a_rollback_before_the_rename() {
     hw(&sandbox, &["rollback", "--store", STORE])
         .code(0)
         .stdout_has("rolled back to \"v1\" (from \"v2\")");
-    let s = status(&sandbox);
-    assert_eq!(
-        (&s["current"], &s["history"]),
-        (&json!("v1"), &json!([])),
-        "{s}"
-    );
+    assert_current(&sandbox, &json!("v1"), &json!([]));
     assert_exports(&sandbox, None, "out/v1", V1);
     hw(&sandbox, &["gc", "--store", STORE]).code(0);
     assert_clean(&sandbox, &["v1", "v2"]);
@@ -1016,12 +985,7 @@ fn crash_in_gc_after_the_first_chunk_deleted() {
     let gc = ["gc", "--store", STORE, "--keep", "0"];
     crash(&sandbox, "gc.chunk", &gc);
     // v1 left the history, then its manifest, then one of its chunks.
-    let s = status(&sandbox);
-    assert_eq!(
-        (&s["current"], &s["history"]),
-        (&json!("v2"), &json!([])),
-        "{s}"
-    );
+    let s = assert_current(&sandbox, &json!("v2"), &json!([]));
     assert_eq!(versions(&s), ["v2"], "{s}");
     assert_eq!(s["chunks"], json!(both - 1), "{s}");
     assert_exports(&sandbox, None, "out/v2", V2);
@@ -1041,12 +1005,7 @@ fn a_gc_crash_after_its_state_flip_is_finished_by_the_next_gc() {
     store_at_v2(&sandbox);
     let gc = ["gc", "--store", STORE, "--keep", "0"];
     crash(&sandbox, "gc.after-rename", &gc);
-    let s = status(&sandbox);
-    assert_eq!(
-        (&s["current"], &s["history"]),
-        (&json!("v2"), &json!([])),
-        "{s}"
-    );
+    let s = assert_current(&sandbox, &json!("v2"), &json!([]));
     assert!(interrupted(&s).contains("a gc was interrupted"), "{s}");
     assert_exports(&sandbox, None, "out/v2", V2);
 
@@ -1075,12 +1034,7 @@ fn an_apply_whose_writes_fail_changes_nothing() {
         line.contains(&format!("{STORE}/")) && line.contains("os error 27"),
         "expected EFBIG writing into the store{run}"
     );
-    let s = status(&sandbox);
-    assert_eq!(
-        (&s["current"], &s["history"]),
-        (&json!("v1"), &json!([])),
-        "{s}"
-    );
+    let s = assert_current(&sandbox, &json!("v1"), &json!([]));
     assert_eq!(versions(&s), ["v1"], "{s}");
     assert_eq!(interrupted(&s), "", "{s}");
     assert_exports(&sandbox, None, "out/v1", V1);
