@@ -25,7 +25,9 @@ use crate::output::Output;
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Component to measure: `plan` (contract encode, decode, JSON,
-    /// validate) or `hotweights` (publish against file reading and hashing).
+    /// validate), `hotweights` (publish against file reading and hashing)
+    /// or `bcache` (planning latency at 1k to 1M pending requests; the
+    /// shared trace under every policy, with hit rates and TTFT).
     component: String,
     /// Timed runs per figure, after one warm-up run.
     #[arg(long, default_value_t = 7)]
@@ -48,7 +50,8 @@ pub fn run(args: BenchArgs, out: &Output) -> Result<Outcome> {
     match args.component.as_str() {
         "plan" => bench_plan(&args, out)?,
         "hotweights" | "hw" => bench_hotweights(&args, out)?,
-        other => bail!("no benchmarks for {other:?}; available: plan, hotweights"),
+        "bcache" => bench_bcache(&args, out)?,
+        other => bail!("no benchmarks for {other:?}; available: plan, hotweights, bcache"),
     }
     Ok(Outcome::Ok)
 }
@@ -567,4 +570,168 @@ fn synthetic_cache_plan(ops: usize) -> CachePlan {
             .collect(),
         ..Default::default()
     }
+}
+
+/// A synthetic planning window like the ones engines send: 4 nodes with GPU,
+/// CPU and SSD tiers, 8 layers, 3 tenants, requests of 1 to 16 consecutive
+/// pages (6.2 on average) from CPU or SSD, deadlines 50 to 600 ms out.
+fn synthetic_window(requests: usize, seed: u64) -> bcache::WindowInput {
+    use bcache::model::{Node, Request, Tenant, Tier, TierState, WindowInput};
+    let mut rng = seed;
+    let mut next = move || {
+        rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    const GIB: u64 = 1 << 30;
+    let tier = |tier, capacity: u64, bw: u64| TierState {
+        tier,
+        capacity_bytes: capacity,
+        free_bytes: capacity / 2,
+        bandwidth_bytes_per_s: bw,
+        resident: Vec::new(),
+    };
+    let nodes = (0..4)
+        .map(|n| Node {
+            name: format!("node{n}"),
+            tiers: vec![
+                tier(Tier::Gpu, 80 * GIB, 50 * GIB),
+                tier(Tier::Cpu, 512 * GIB, 25 * GIB),
+                tier(Tier::Ssd, 4096 * GIB, 6 * GIB),
+            ],
+        })
+        .collect();
+    let tenants = ["a", "b", "c"]
+        .iter()
+        .map(|t| Tenant {
+            name: (*t).to_owned(),
+            rate_bytes_per_s: 400 * GIB,
+            burst_bytes: 64 * GIB,
+            weight: 1.0,
+        })
+        .collect();
+    let lengths = [1u64, 2, 4, 8, 16];
+    let requests = (0..requests)
+        .map(|i| {
+            let len = lengths[(next() % 5) as usize];
+            let start = next() % (1024 - len);
+            let from_ssd = next() % 4 == 0;
+            let layer = (next() % 8) as u32;
+            Request {
+                id: format!("r{i}"),
+                node: format!("node{}", next() % 4),
+                tenant: ["a", "b", "c"][(next() % 3) as usize].to_owned(),
+                pages: (start..start + len).collect(),
+                layers: [layer, layer + 1],
+                src: if from_ssd { Tier::Ssd } else { Tier::Cpu },
+                dst: if from_ssd { Tier::Cpu } else { Tier::Gpu },
+                deadline_ns: (5 + next() % 56) * 10_000_000,
+                page_bytes: 256 * 1024,
+                est_fill_ns: [1u64, 2, 5, 10, 20][(next() % 5) as usize] * 1_000_000,
+                tensor: "kv".into(),
+            }
+        })
+        .collect();
+    WindowInput {
+        window_index: 0,
+        now_ns: 0,
+        window_ns: 0,
+        nodes,
+        tenants,
+        layer_latency_ns: (0..8).map(|l| 5_000_000 + l * 500_000).collect(),
+        requests,
+    }
+}
+
+fn bench_bcache(args: &BenchArgs, out: &Output) -> Result<()> {
+    use bcache::config::{Config, PlannerConfig};
+    use bcache::planner::Planner;
+    for base in [1_000usize, 10_000, 100_000, 1_000_000] {
+        let n = ((base as f64 * args.scale) as usize).max(1);
+        let window = synthetic_window(n, 7);
+        let pages: usize = window.requests.iter().map(|r| r.pages.len()).sum();
+        let planner = Planner::new(PlannerConfig::default());
+        let mut last = None;
+        let runs = if n >= 500_000 {
+            args.runs.min(5)
+        } else {
+            args.runs
+        };
+        let time = median(runs, || {
+            let mut p = planner.clone();
+            last = Some(p.plan(black_box(&window)));
+        });
+        let (plan, report) = match last {
+            Some(r) => r?,
+            None => bail!("no planning run"),
+        };
+        emit(
+            out,
+            runs,
+            Figure::new("bcache_plan_window", n, 0, time).with(json!({
+                "pages": pages,
+                "ops": plan.ops.len(),
+                "demand_bytes": report.demand_bytes,
+                "unique_bytes": report.unique_bytes,
+                "planned_bytes": report.planned_bytes,
+                "deferred_bytes": report.deferred_bytes,
+                "evict": plan.evict.len(),
+            })),
+        )?;
+    }
+    let trace_path = std::path::Path::new(crate::bcache::SHARED_TRACE);
+    if !trace_path.exists() {
+        tracing::warn!(
+            "{} is absent: skipping the trace benches",
+            trace_path.display()
+        );
+        return Ok(());
+    }
+    let trace = bcache::trace::Trace::read(trace_path, false)?;
+    let mut config = Config::default();
+    config.sim.capacity_scales = vec![1.0];
+    let runs = args.runs.min(3);
+    let mut report = None;
+    let time = median(runs, || {
+        report = Some(bcache::sim::simulate(&trace, &config))
+    });
+    let report = match report {
+        Some(r) => r?,
+        None => bail!("no simulation run"),
+    };
+    emit(
+        out,
+        runs,
+        Figure::new(
+            "bcache_sim_full_trace_4_policies",
+            trace.requests.len(),
+            0,
+            time,
+        )
+        .with(json!({
+            "policies": config.sim.policies,
+            "block_refs": report.block_refs,
+        })),
+    )?;
+    let config = Config::default();
+    let report = bcache::sim::simulate(&trace, &config)?;
+    for r in &report.results {
+        let figure = json!({
+            "bench": "bcache_policy_quality",
+            "policy": r.policy.name(),
+            "gpu_gib_per_node": r.gpu_gib,
+            "hit_rate": r.hit_rate,
+            "gpu_hit_rate": r.gpu_hit_rate,
+            "ttft_p50_ms": r.ttft_p50_ms,
+            "ttft_p90_ms": r.ttft_p90_ms,
+            "ttft_p99_ms": r.ttft_p99_ms,
+            "stall_s": r.stall_s,
+            "prefetch_timeliness": r.prefetch_timeliness,
+            "plan_p50_us": r.plan_p50_us,
+        });
+        out.json_line(&figure)?;
+    }
+    Ok(())
 }

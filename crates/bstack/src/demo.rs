@@ -58,6 +58,7 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
     }
 
     let (steps, hw_summary) = hotweights_stage(&args.out.join("hotweights"))?;
+    let (cache_rows, cache_summary) = bcache_stage(&args.out.join("bcache"))?;
 
     if out.json {
         let stages: Vec<_> = rows
@@ -72,7 +73,12 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
                 })
             })
             .collect();
-        out.json_line(&json!({ "out": args.out, "contracts": stages, "hotweights": hw_summary }))?;
+        out.json_line(&json!({
+            "out": args.out,
+            "contracts": stages,
+            "hotweights": hw_summary,
+            "bcache": cache_summary,
+        }))?;
     } else {
         let mut t = table(
             &["contract", "example", "JSON", "protobuf", "valid"],
@@ -93,6 +99,7 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
             t.add_row(vec![s.step.to_owned(), s.result.clone()]);
         }
         out.line(t)?;
+        out.line(cache_rows)?;
         out.line(format_args!(
             "wrote {} files to {}; inspect one with `bstack plan show {}`",
             rows.len() * 2,
@@ -320,4 +327,110 @@ fn same_files(a: &Path, b: &Path) -> Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// The bcache stage: plan one window from the trace's first requests
+/// (written as a CachePlan and read back), then replay the first five
+/// minutes of the shared trace (or a generated one when it is absent) under
+/// `lru` and `bcache`.
+fn bcache_stage(dir: &Path) -> Result<(String, serde_json::Value)> {
+    use bcache::config::Config;
+    use bcache::model::{Node, Request, Tier, TierState, WindowInput};
+    use bcache::trace::Trace;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let shared = Path::new(crate::bcache::SHARED_TRACE);
+    let (mut trace, source) = if shared.exists() {
+        (
+            Trace::read(shared, false)?,
+            format!("{} (first 5 minutes)", shared.display()),
+        )
+    } else {
+        (
+            Trace::synthetic(1000, 60, 42),
+            format!("a generated trace ({} was not found)", shared.display()),
+        )
+    };
+    trace.truncate_to(300.0);
+
+    // One window: the first 16 requests' blocks, waiting in CPU memory.
+    let mut config = Config::default();
+    let bb = config.sim.block_bytes();
+    let tier = |tier, capacity: u64, bw: u64| TierState {
+        tier,
+        capacity_bytes: capacity,
+        free_bytes: capacity / 2,
+        bandwidth_bytes_per_s: bw,
+        resident: Vec::new(),
+    };
+    let window = WindowInput {
+        window_index: 0,
+        now_ns: 0,
+        window_ns: 0,
+        nodes: vec![Node {
+            name: "node0".into(),
+            tiers: vec![
+                tier(Tier::Gpu, 32 << 30, 25_000_000_000),
+                tier(Tier::Cpu, 128 << 30, 25_000_000_000),
+            ],
+        }],
+        tenants: Vec::new(),
+        layer_latency_ns: Vec::new(),
+        requests: trace
+            .requests
+            .iter()
+            .take(16)
+            .enumerate()
+            .map(|(i, r)| Request {
+                id: format!("req{i}"),
+                node: "node0".into(),
+                tenant: "default".into(),
+                pages: r.blocks.clone(),
+                layers: [0, 1],
+                src: Tier::Cpu,
+                dst: Tier::Gpu,
+                deadline_ns: 20_000_000 + i as u64 * 50_000_000,
+                page_bytes: bb,
+                est_fill_ns: 0,
+                tensor: "kv".into(),
+            })
+            .collect(),
+    };
+    let window_path = dir.join("window.json");
+    bstack_plan::write_atomic(&window_path, &serde_json::to_vec_pretty(&window)?)?;
+    let window = WindowInput::read(&window_path)?;
+    let mut planner = bcache::Planner::new(config.planner.clone());
+    let (plan, report) = planner.plan(&window)?;
+    let doc = Document::CachePlan(plan);
+    let plan_path = dir.join("cache_plan.json");
+    doc.write(&plan_path, Format::Json)?;
+    read_back(&plan_path, &doc)?;
+
+    config.sim.policies = vec!["lru".into(), "bcache".into()];
+    config.sim.capacity_scales = vec![1.0];
+    let sim = bcache::sim::simulate(&trace, &config)?;
+    let mut text = format!(
+        "bcache: planned window 0 of {} requests: {} demanded, {} after dedup, {} ops ({}); \
+         wrote {}\nreplayed {} requests of {}:\n",
+        window.requests.len(),
+        bytes(report.demand_bytes),
+        bytes(report.unique_bytes),
+        report.ops,
+        if report.deferred_bytes > 0 {
+            format!("{} deferred to later windows", bytes(report.deferred_bytes))
+        } else {
+            "nothing deferred".to_owned()
+        },
+        plan_path.display(),
+        sim.requests,
+        source,
+    );
+    text.push_str(&crate::bcache::sim_table(&sim.results).to_string());
+    let summary = json!({
+        "trace": source,
+        "window": {"requests": window.requests.len(), "demand_bytes": report.demand_bytes,
+                   "unique_bytes": report.unique_bytes, "ops": report.ops,
+                   "deferred_bytes": report.deferred_bytes, "plan": plan_path},
+        "sim": sim,
+    });
+    Ok((text, summary))
 }

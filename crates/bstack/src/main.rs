@@ -5,6 +5,8 @@
 //! that does not validate), 2 bad usage or unreadable input. Errors print one
 //! line, `error: ` and the cause.
 
+mod bcache;
+mod bcache_serve;
 mod bench;
 mod demo;
 mod hotweights;
@@ -59,6 +61,11 @@ enum Command {
     #[command(subcommand, visible_alias = "hw")]
     Hotweights(hotweights::HotweightsCommand),
 
+    /// KV-cache planning: plan a window, replay a trace under LRU / FIFO /
+    /// Belady / bcache, tune the planner.
+    #[command(subcommand)]
+    Bcache(bcache::BcacheCommand),
+
     /// Run the whole stack on built-in examples and write every contract to a
     /// directory as JSON and protobuf.
     Demo(demo::DemoArgs),
@@ -90,6 +97,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plan(cmd) => plan::run(cmd, &out),
         Command::Hotweights(cmd) => hotweights::run(cmd, &out, cli.quiet),
+        Command::Bcache(cmd) => bcache::run(cmd, &out, cli.quiet),
         Command::Demo(args) => demo::run(args, &out),
         Command::Bench(args) => bench::run(args, &out),
     };

@@ -1,0 +1,127 @@
+//! Stage 1: slack and order.
+//!
+//! Slack is the time a request can still wait: its deadline, minus now,
+//! minus the estimated copy time of its bytes over the source tier's link,
+//! minus the engine's estimated fill time. Least slack goes first (earliest
+//! deadline first, corrected for size), the order that minimises lateness on
+//! one link. A request with negative slack is already late: it is flagged in
+//! the report and planned first, never dropped.
+
+use std::collections::HashMap;
+
+use rayon::prelude::*;
+
+use super::{Context, MAX_POOLS, Report};
+
+/// A request with everything later stages need, resolved once.
+#[derive(Debug, Clone)]
+pub(crate) struct Derived {
+    /// Position in the input.
+    pub index: usize,
+    /// Node index.
+    pub node: usize,
+    /// Tenant index in the input's tenant list; `None` when the input lists
+    /// no tenants (nobody is limited).
+    pub tenant: Option<usize>,
+    /// Pool id.
+    pub pool: u16,
+    /// Bytes the request needs moved (pages x layers x page bytes).
+    pub bytes: u64,
+    /// Slack, ns (negative: late).
+    pub slack: i64,
+    /// Tenant weight, for popularity.
+    pub tenant_weight: f64,
+}
+
+pub(crate) fn derive(cx: &Context<'_>) -> crate::Result<Vec<Derived>> {
+    let nodes: HashMap<&str, usize> = cx
+        .input
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.name.as_str(), i))
+        .collect();
+    let tenants: HashMap<&str, usize> = cx
+        .input
+        .tenants
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
+    let pools: HashMap<&str, usize> = cx.pools.iter().enumerate().map(|(i, p)| (*p, i)).collect();
+    cx.input
+        .requests
+        .par_iter()
+        .enumerate()
+        .map(|(index, req)| {
+            let unknown = |field: &str, message: String| crate::Error::Input {
+                origin: format!("window {}", cx.input.window_index),
+                field: format!("requests[{index}].{field}"),
+                message,
+            };
+            let node = *nodes
+                .get(req.node.as_str())
+                .ok_or_else(|| unknown("node", format!("unknown node {:?}", req.node)))?;
+            let tenant =
+                if cx.input.tenants.is_empty() {
+                    None
+                } else {
+                    Some(*tenants.get(req.tenant.as_str()).ok_or_else(|| {
+                        unknown("tenant", format!("unknown tenant {:?}", req.tenant))
+                    })?)
+                };
+            if cx.tier(node, req.src).is_none() || cx.tier(node, req.dst).is_none() {
+                return Err(unknown(
+                    "src",
+                    format!(
+                        "node {:?} lacks the {} or {} tier",
+                        req.node, req.src, req.dst
+                    ),
+                ));
+            }
+            let pool = pools
+                .get(req.tensor.as_str())
+                .copied()
+                .unwrap_or(0)
+                .min(MAX_POOLS - 1);
+            let layers = u64::from(req.layers[1].saturating_sub(req.layers[0]));
+            let bytes = (req.pages.len() as u64)
+                .saturating_mul(layers)
+                .saturating_mul(req.page_bytes);
+            let needed = cx
+                .now
+                .saturating_add(cx.copy_ns(node, req.src, bytes))
+                .saturating_add(req.est_fill_ns);
+            let slack = if req.deadline_ns >= needed {
+                i64::try_from(req.deadline_ns - needed).unwrap_or(i64::MAX)
+            } else {
+                -i64::try_from(needed - req.deadline_ns).unwrap_or(i64::MAX)
+            };
+            Ok(Derived {
+                index,
+                node,
+                tenant,
+                pool: pool as u16,
+                bytes,
+                slack,
+                tenant_weight: tenant.map_or(1.0, |t| cx.input.tenants[t].weight),
+            })
+        })
+        .collect()
+}
+
+/// Positions into `reqs`, least slack first when EDF is on, input order
+/// otherwise. Fills the report's demand and late list.
+pub(crate) fn order(cx: &Context<'_>, reqs: &[Derived], report: &mut Report) -> Vec<u32> {
+    report.demand_bytes = reqs.iter().map(|r| r.bytes).sum();
+    report.late_requests = reqs
+        .iter()
+        .filter(|r| r.slack < 0)
+        .map(|r| cx.input.requests[r.index].id.clone())
+        .collect();
+    let mut order: Vec<u32> = (0..reqs.len() as u32).collect();
+    if cx.config.edf {
+        order.par_sort_unstable_by_key(|&i| (reqs[i as usize].slack, i));
+    }
+    order
+}
