@@ -801,7 +801,6 @@ impl From<&Report> for proto::PlanSummary {
                     reason: reason_name(u.reason),
                     description: u.reason.describe().to_owned(),
                     dropped: u.reason.is_drop(),
-                    request: u.request.clone(),
                     node: u.node.clone(),
                     src: proto::Tier::from(u.src).into(),
                     dst: proto::Tier::from(u.dst).into(),
@@ -827,6 +826,7 @@ impl From<&Report> for proto::PlanSummary {
             evicted_bytes: r.evicted_bytes,
             admitted_bytes: r.admitted_bytes,
             planning_ns: r.planning_ns,
+            credit_deferred: r.credit_deferred.clone(),
         }
     }
 }
@@ -842,7 +842,6 @@ pub fn report_from_summary(s: proto::PlanSummary) -> std::result::Result<Report,
         let dst = tier_from_proto(u.dst).map_err(|m| format!("unplanned[{i}].dst: {m}"))?;
         unplanned.push(Unplanned {
             reason,
-            request: u.request,
             node: u.node,
             src,
             dst,
@@ -865,6 +864,7 @@ pub fn report_from_summary(s: proto::PlanSummary) -> std::result::Result<Report,
         deferred_bytes: s.deferred_bytes,
         dropped_bytes: s.dropped_bytes,
         unplanned,
+        credit_deferred: s.credit_deferred,
         tenants: s
             .tenants
             .into_iter()

@@ -250,7 +250,14 @@ fn plan(args: PlanArgs, out: &Output) -> Result<Outcome> {
         out.json_line(&json!({"plan": serde_json::to_value(&cache_plan)?, "report": report}))?;
         return Ok(Outcome::Ok);
     }
-    print_report(out, &report, args.all)?;
+    // Request ids for the positions the report gives; read without checks
+    // (the planner, local or remote, has checked the input).
+    let ids: Vec<String> = std::fs::read_to_string(&args.input)
+        .ok()
+        .and_then(|t| serde_json::from_str::<WindowInput>(&t).ok())
+        .map(|w| w.requests.into_iter().map(|r| r.id).collect())
+        .unwrap_or_default();
+    print_report(out, &report, &ids, args.all)?;
     let mut t = table(
         &[
             "#",
@@ -319,7 +326,7 @@ fn plan_local(args: &PlanArgs) -> Result<(CachePlan, Report, Planner)> {
     Ok((cache_plan, report, planner))
 }
 
-fn print_report(out: &Output, r: &Report, all: bool) -> Result<()> {
+fn print_report(out: &Output, r: &Report, ids: &[String], all: bool) -> Result<()> {
     let mut t = key_value_table();
     t.add_row(vec!["window".into(), r.window_index.to_string()]);
     t.add_row(vec![
@@ -372,26 +379,46 @@ fn print_report(out: &Output, r: &Report, all: bool) -> Result<()> {
         }
         out.line(t)?;
     }
+    if !r.credit_deferred.is_empty() {
+        let shown = if all {
+            r.credit_deferred.len()
+        } else {
+            r.credit_deferred.len().min(10)
+        };
+        let names: Vec<String> = r.credit_deferred[..shown]
+            .iter()
+            .map(|&i| {
+                ids.get(i as usize)
+                    .cloned()
+                    .unwrap_or_else(|| format!("requests[{i}]"))
+            })
+            .collect();
+        let more = r.credit_deferred.len() - shown;
+        out.line(format!(
+            "deferred for tenant credit: {}{}",
+            names.join(", "),
+            if more > 0 {
+                format!(" ... and {more} more (--all lists them)")
+            } else {
+                String::new()
+            }
+        ))?;
+    }
     if !r.unplanned.is_empty() {
         let shown = if all {
             r.unplanned.len()
         } else {
             r.unplanned.len().min(10)
         };
-        let mut t = table(&["what", "node", "link", "bytes", "reason"], &[3]);
+        let mut t = table(&["pages", "node", "link", "bytes", "reason"], &[3]);
         for u in &r.unplanned[..shown] {
-            let what = if u.request.is_empty() {
-                format!("layer {} pages {}..{}", u.layer, u.page, u.page + u.count)
-            } else {
-                format!("request {}", u.request)
-            };
             let verdict = if u.reason.is_drop() {
                 "dropped"
             } else {
                 "deferred"
             };
             t.add_row(vec![
-                what,
+                format!("layer {} pages {}..{}", u.layer, u.page, u.page + u.count),
                 u.node.clone(),
                 format!("{}->{}", u.src, u.dst),
                 bytes(u.bytes),

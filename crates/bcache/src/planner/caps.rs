@@ -8,7 +8,7 @@
 //! to the next window with the reason. A read larger than the destination
 //! tier's whole capacity can never happen and is dropped, with the reason.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 use super::union::{Op, bytes, defer};
 use super::{Context, GroupKey, Reason, Report};
@@ -34,8 +34,8 @@ pub(crate) fn apply(cx: &Context<'_>, mut ops: Vec<Op>, report: &mut Report) -> 
                 .then((a.run.group, a.run.start).cmp(&(b.run.group, b.run.start)))
         });
     }
-    let mut link: HashMap<(usize, Tier), u64> = HashMap::new();
-    let mut space: HashMap<(usize, Tier), u64> = HashMap::new();
+    let mut link: FxHashMap<(usize, Tier), u64> = FxHashMap::default();
+    let mut space: FxHashMap<(usize, Tier), u64> = FxHashMap::default();
     let mut issued = Vec::with_capacity(ops.len());
     for op in ops {
         let key = GroupKey::unpack(op.run.group);

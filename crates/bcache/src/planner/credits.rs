@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use super::order::Derived;
-use super::{Context, Reason, Report, TenantUse, Unplanned};
+use super::{Context, Report, TenantUse};
 
 /// A token bucket of bytes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,7 +66,7 @@ impl TokenBucket {
     }
 }
 
-/// Charges requests in `order`; returns the admitted ones, still in order.
+/// Charges requests in `order`; returns the admitted ones in input order.
 pub(crate) fn charge(
     cx: &Context<'_>,
     reqs: &[Derived],
@@ -112,21 +112,11 @@ pub(crate) fn charge(
         } else {
             uses[t].deferred_bytes += r.bytes;
             report.deferred_bytes += r.bytes;
-            let req = &cx.input.requests[r.index];
-            report.unplanned.push(Unplanned {
-                reason: Reason::TenantCredit,
-                request: req.id.clone(),
-                node: req.node.clone(),
-                src: req.src,
-                dst: req.dst,
-                tensor: req.tensor.clone(),
-                layer: req.layers[0],
-                page: 0,
-                count: req.pages.len() as u64,
-                bytes: r.bytes,
-            });
+            report.credit_deferred.push(r.index as u32);
         }
     }
+    // Later stages read the requests in input order: sequential memory.
+    admitted.sort_unstable();
     for (t, bucket) in live.into_iter().enumerate() {
         uses[t].tokens_left = bucket.tokens;
         buckets.insert(tenants[t].name.clone(), bucket);

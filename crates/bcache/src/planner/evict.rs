@@ -8,7 +8,7 @@
 //! them, the lowest `heat x refetch time` goes first: a cold page that is
 //! quick to bring back from the tier below is the cheapest loss.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use bstack_plan::KvPageRef;
 
@@ -29,26 +29,34 @@ pub(crate) fn select(
     if !cx.config.eviction {
         return out;
     }
-    let mut incoming: HashMap<(usize, Tier), u64> = HashMap::new();
-    let mut busy: HashSet<(usize, Tier, u32, u64)> = HashSet::new();
+    let mut incoming: FxHashMap<(usize, Tier), u64> = FxHashMap::default();
     for op in issued {
         let key = GroupKey::unpack(op.op.run.group);
-        let node = key.node as usize;
-        *incoming.entry((node, key.dst)).or_default() +=
+        *incoming.entry((key.node as usize, key.dst)).or_default() +=
             bytes(cx, op.op.run.group, op.op.run.start, op.op.run.end);
-        for &(s, e) in &op.refs {
-            // Pages read out of a tier must stay until the read is done.
-            if e - s <= 1 << 16 {
-                busy.extend((s..e).map(|p| (node, key.src, key.layer, p)));
+    }
+    for (node, tier, _, b) in admit {
+        *incoming.entry((*node, *tier)).or_default() += b;
+    }
+    // Pages this plan reads out of a tier, or admits into it, must stay:
+    // collected only for a tier that needs eviction.
+    let busy = |n: usize, tier: Tier| {
+        let mut set: FxHashSet<(u32, u64)> = FxHashSet::default();
+        for op in issued {
+            let key = GroupKey::unpack(op.op.run.group);
+            if key.node as usize == n && key.src == tier {
+                for &(s, e) in &op.refs {
+                    set.extend((s..e).map(|p| (key.layer, p)));
+                }
             }
         }
-    }
-    for (node, tier, page, b) in admit {
-        *incoming.entry((*node, *tier)).or_default() += b;
-        busy.extend(
-            (page.page..page.page + page.count.max(1)).map(|p| (*node, *tier, page.layer, p)),
-        );
-    }
+        for (node, t, page, _) in admit {
+            if *node == n && *t == tier {
+                set.extend((page.page..page.page + page.count.max(1)).map(|p| (page.layer, p)));
+            }
+        }
+        set
+    };
     for (n, node) in cx.input.nodes.iter().enumerate() {
         for state in &node.tiers {
             let cap = state.capacity_bytes as f64;
@@ -58,14 +66,16 @@ pub(crate) fn select(
                 continue;
             }
             let target = used - cx.config.low_watermark * cap;
+            let scale = heat.scale(cx.now);
             let below = Tier::ALL
                 .into_iter()
                 .find(|t| *t > state.tier && cx.tier(n, *t).is_some());
-            let mut seen = HashSet::new();
+            let busy = busy(n, state.tier);
+            let mut seen = FxHashSet::default();
             let mut candidates: Vec<(f64, u64, u32, u64)> = state
                 .resident
                 .iter()
-                .filter(|p| !p.pinned && !busy.contains(&(n, state.tier, p.layer, p.page)))
+                .filter(|p| !p.pinned && !busy.contains(&(p.layer, p.page)))
                 .filter(|p| seen.insert((p.layer, p.page)))
                 .map(|p| {
                     // Losing a page with no tier below means recomputing it:
@@ -74,7 +84,7 @@ pub(crate) fn select(
                         Some(t) => cx.copy_ns(n, t, p.bytes),
                         None => cx.copy_ns(n, state.tier, p.bytes).saturating_mul(100),
                     };
-                    let score = (heat.get((p.layer, p.page), cx.now) + 1e-3) * refetch as f64;
+                    let score = (heat.get_scaled((p.layer, p.page), scale) + 1e-3) * refetch as f64;
                     (score, p.bytes, p.layer, p.page)
                 })
                 .collect();

@@ -51,6 +51,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use bstack_plan::{CachePlan, KvPageRef, PlanWindow, SCHEMA_VERSION, TransferOp};
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 pub use credits::TokenBucket;
@@ -95,14 +96,13 @@ impl Reason {
     }
 }
 
-/// Work that this window did not plan: a whole request (credits) or a run of
-/// pages (caps, batching).
+/// A run of pages that this window did not plan (caps, batching, drops).
+/// Whole requests deferred by tenant credit are listed apart, in
+/// [`Report::credit_deferred`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Unplanned {
     /// Why.
     pub reason: Reason,
-    /// The request, for work deferred as a whole request; empty for runs.
-    pub request: String,
     /// Node.
     pub node: String,
     /// Source tier.
@@ -111,11 +111,11 @@ pub struct Unplanned {
     pub dst: Tier,
     /// KV pool.
     pub tensor: String,
-    /// Layer (for runs).
+    /// Layer.
     pub layer: u32,
-    /// First page (for runs).
+    /// First page.
     pub page: u64,
-    /// Pages (for runs).
+    /// Pages.
     pub count: u64,
     /// Bytes not moved.
     pub bytes: u64,
@@ -159,8 +159,12 @@ pub struct Report {
     pub deferred_bytes: u64,
     /// Bytes dropped for good.
     pub dropped_bytes: u64,
-    /// Deferred and dropped work, with reasons.
+    /// Deferred and dropped runs of pages, with reasons.
     pub unplanned: Vec<Unplanned>,
+    /// Requests deferred whole because their tenant's bucket was short
+    /// ([`Reason::TenantCredit`]), as positions in the input's `requests`,
+    /// in planning order. Positions, not ids: a window can defer a million.
+    pub credit_deferred: Vec<u32>,
     /// Per-tenant use.
     pub tenants: Vec<TenantUse>,
     /// Prefetch depth per layer (layers ahead of compute), when overlap is on.
@@ -180,7 +184,10 @@ pub struct Report {
 pub struct PlannerState {
     /// Windows planned so far.
     pub windows: u64,
-    /// Heat ranks: (layer, page, rank); see [`crate::heat::Heat::rank`].
+    /// Time of the last window planned, ns: when `heat` was taken.
+    #[serde(default)]
+    pub saved_ns: u64,
+    /// Heat at `saved_ns`: (layer, page, decayed hits).
     pub heat: Vec<(u32, u64, f64)>,
     /// Tenant buckets by tenant name.
     pub buckets: std::collections::BTreeMap<String, TokenBucket>,
@@ -194,6 +201,7 @@ pub struct Planner {
     heat: Heat,
     buckets: HashMap<String, TokenBucket>,
     windows: u64,
+    last_now: u64,
 }
 
 /// A run of pages to move, as the stages pass it along.
@@ -313,13 +321,15 @@ impl Planner {
             heat,
             buckets: HashMap::new(),
             windows: 0,
+            last_now: 0,
         }
     }
 
     /// A planner that resumes from saved state.
     pub fn with_state(config: PlannerConfig, state: PlannerState) -> Planner {
         let mut planner = Planner::new(config);
-        planner.heat.restore(&state.heat);
+        planner.heat.restore(&state.heat, state.saved_ns);
+        planner.last_now = state.saved_ns;
         planner.buckets = state.buckets.into_iter().collect();
         planner.windows = state.windows;
         planner
@@ -329,7 +339,8 @@ impl Planner {
     pub fn state(&self) -> PlannerState {
         PlannerState {
             windows: self.windows,
-            heat: self.heat.entries(),
+            saved_ns: self.last_now,
+            heat: self.heat.entries(self.last_now),
             buckets: self
                 .buckets
                 .iter()
@@ -396,6 +407,7 @@ impl Planner {
         report.unplanned.sort_by_key(|u| u.reason.is_drop());
         report.planning_ns = started.elapsed().as_nanos() as u64;
         self.windows += 1;
+        self.last_now = self.last_now.max(input.now_ns);
         Ok((plan, report))
     }
 }
@@ -477,6 +489,8 @@ impl Planner {
         let now = cx.now;
         let mut out = Vec::with_capacity(merged.len());
         let mut diff: Vec<i64> = Vec::new();
+        let weight = self.heat.hit_weight(now);
+        let scale = self.heat.scale(now);
         for m in merged {
             let key = GroupKey::unpack(m.run.group);
             let len = (m.run.end - m.run.start) as usize;
@@ -492,10 +506,7 @@ impl Planner {
                 for (i, d) in diff.iter().take(len).enumerate() {
                     hits += d;
                     let page = (key.layer, m.run.start + i as u64);
-                    if hits > 0 {
-                        self.heat.add(page, hits as f64, now);
-                    }
-                    heat_sum += self.heat.get(page, now);
+                    heat_sum += self.heat.add_weighted(page, hits as f64 * weight) * scale;
                 }
             }
             let heat = if len > 0 { heat_sum / len as f64 } else { 0.0 };
@@ -527,7 +538,7 @@ impl Planner {
         if !self.config.admission {
             return out;
         }
-        let mut room: HashMap<(usize, Tier), u64> = HashMap::new();
+        let mut room: FxHashMap<(usize, Tier), u64> = FxHashMap::default();
         for op in issued {
             if op.op.heat < self.config.admit_after_hits {
                 continue;
@@ -579,7 +590,7 @@ impl Planner {
         let window_end = cx.now.saturating_add(cx.window_ns);
         // Each destination tier gets one landing area per window, shared by
         // every link into it, so no two operations write the same bytes.
-        let mut dst_offset: HashMap<(usize, Tier), u64> = HashMap::new();
+        let mut dst_offset: FxHashMap<(usize, Tier), u64> = FxHashMap::default();
         let mut ops = Vec::with_capacity(issued.len());
         let mut prefetch = Vec::new();
         let n = issued.len();

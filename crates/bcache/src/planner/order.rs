@@ -33,25 +33,42 @@ pub(crate) struct Derived {
     pub tenant_weight: f64,
 }
 
+/// Name lookup that stays fast for the few names a window has: a linear
+/// scan below 16 names (no hashing), a hash map above.
+struct Names<'a> {
+    names: Vec<&'a str>,
+    map: Option<HashMap<&'a str, usize>>,
+}
+
+impl<'a> Names<'a> {
+    fn new(names: impl Iterator<Item = &'a str>) -> Names<'a> {
+        let names: Vec<&str> = names.collect();
+        let map = (names.len() > 16).then(|| {
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (*n, i))
+                .collect::<HashMap<_, _>>()
+        });
+        Names { names, map }
+    }
+
+    fn get(&self, name: &str) -> Option<usize> {
+        match &self.map {
+            Some(map) => map.get(name).copied(),
+            None => self.names.iter().position(|n| *n == name),
+        }
+    }
+}
+
 pub(crate) fn derive(cx: &Context<'_>) -> crate::Result<Vec<Derived>> {
-    let nodes: HashMap<&str, usize> = cx
-        .input
-        .nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.name.as_str(), i))
-        .collect();
-    let tenants: HashMap<&str, usize> = cx
-        .input
-        .tenants
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.as_str(), i))
-        .collect();
-    let pools: HashMap<&str, usize> = cx.pools.iter().enumerate().map(|(i, p)| (*p, i)).collect();
+    let nodes = Names::new(cx.input.nodes.iter().map(|n| n.name.as_str()));
+    let tenants = Names::new(cx.input.tenants.iter().map(|t| t.name.as_str()));
+    let pools = Names::new(cx.pools.iter().copied());
     cx.input
         .requests
         .par_iter()
+        .with_min_len(4096)
         .enumerate()
         .map(|(index, req)| {
             let unknown = |field: &str, message: String| crate::Error::Input {
@@ -59,14 +76,14 @@ pub(crate) fn derive(cx: &Context<'_>) -> crate::Result<Vec<Derived>> {
                 field: format!("requests[{index}].{field}"),
                 message,
             };
-            let node = *nodes
-                .get(req.node.as_str())
+            let node = nodes
+                .get(&req.node)
                 .ok_or_else(|| unknown("node", format!("unknown node {:?}", req.node)))?;
             let tenant =
                 if cx.input.tenants.is_empty() {
                     None
                 } else {
-                    Some(*tenants.get(req.tenant.as_str()).ok_or_else(|| {
+                    Some(tenants.get(&req.tenant).ok_or_else(|| {
                         unknown("tenant", format!("unknown tenant {:?}", req.tenant))
                     })?)
                 };
@@ -79,11 +96,7 @@ pub(crate) fn derive(cx: &Context<'_>) -> crate::Result<Vec<Derived>> {
                     ),
                 ));
             }
-            let pool = pools
-                .get(req.tensor.as_str())
-                .copied()
-                .unwrap_or(0)
-                .min(MAX_POOLS - 1);
+            let pool = pools.get(&req.tensor).unwrap_or(0).min(MAX_POOLS - 1);
             let layers = u64::from(req.layers[1].saturating_sub(req.layers[0]));
             let bytes = (req.pages.len() as u64)
                 .saturating_mul(layers)
@@ -119,9 +132,16 @@ pub(crate) fn order(cx: &Context<'_>, reqs: &[Derived], report: &mut Report) -> 
         .filter(|r| r.slack < 0)
         .map(|r| cx.input.requests[r.index].id.clone())
         .collect();
-    let mut order: Vec<u32> = (0..reqs.len() as u32).collect();
-    if cx.config.edf {
-        order.par_sort_unstable_by_key(|&i| (reqs[i as usize].slack, i));
+    if !cx.config.edf {
+        return (0..reqs.len() as u32).collect();
     }
-    order
+    // Sorting the keys themselves, not indices into `reqs`, keeps the sort
+    // in cache.
+    let mut keyed: Vec<(i64, u32)> = reqs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.slack, i as u32))
+        .collect();
+    keyed.par_sort_unstable();
+    keyed.into_iter().map(|(_, i)| i).collect()
 }

@@ -9,7 +9,9 @@
 //! a few pages apart are read as one when the unneeded gap costs less to read
 //! than a separate operation costs to issue.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
 use std::ops::Range;
 
 use rayon::prelude::*;
@@ -45,14 +47,14 @@ pub(crate) struct Op {
 
 /// The admitted requests' pages as runs of consecutive ids, one set per layer.
 pub(crate) fn runs(cx: &Context<'_>, reqs: &[Derived], admitted: &[u32]) -> Vec<Run> {
-    admitted
-        .par_iter()
-        .flat_map_iter(|&i| {
+    let chunk = |ids: &[u32]| {
+        let mut out = Vec::with_capacity(ids.len() * 2);
+        for &i in ids {
             let r = &reqs[i as usize];
             let req = &cx.input.requests[r.index];
             let [first, end] = req.layers;
-            let pages = &req.pages;
-            (first..end).flat_map(move |layer| {
+            let base = cx.latency_before(first);
+            for layer in first..end {
                 let group = GroupKey {
                     node: r.node as u16,
                     src: req.src,
@@ -61,23 +63,33 @@ pub(crate) fn runs(cx: &Context<'_>, reqs: &[Derived], admitted: &[u32]) -> Vec<
                     layer,
                 }
                 .pack();
-                let deadline = if cx.config.overlap {
+                let deadline = if cx.config.overlap && layer > first {
                     req.deadline_ns
-                        .saturating_add(cx.latency_before(layer) - cx.latency_before(first))
+                        .saturating_add(cx.latency_before(layer) - base)
                 } else {
                     req.deadline_ns
                 };
-                consecutive(pages).map(move |(start, end)| Run {
+                out.extend(consecutive(&req.pages).map(|(start, end)| Run {
                     group,
                     start,
                     end,
                     deadline,
                     fanout: 1,
                     request: i,
-                })
-            })
-        })
-        .collect()
+                }));
+            }
+        }
+        out
+    };
+    if admitted.len() < 16_384 {
+        return chunk(admitted);
+    }
+    let parts: Vec<Vec<Run>> = admitted.par_chunks(8192).map(chunk).collect();
+    let mut out = Vec::with_capacity(parts.iter().map(Vec::len).sum());
+    for part in parts {
+        out.extend(part);
+    }
+    out
 }
 
 /// Maximal runs of consecutive ids in `pages`, in the order given.
@@ -151,7 +163,7 @@ pub(crate) fn merge(cx: &Context<'_>, mut runs: Vec<Run>, report: &mut Report) -
 fn one_source_per_page(merged: Vec<Merged>) -> Vec<Merged> {
     const SRC: u64 = 7 << 45;
     let dst_key = |m: &Merged| m.run.group & !SRC;
-    let mut sources: HashMap<u64, u64> = HashMap::new();
+    let mut sources: FxHashMap<u64, u64> = FxHashMap::default();
     let conflict = merged.iter().any(|m| {
         let src = m.run.group & SRC;
         *sources.entry(dst_key(m)).or_insert(src) != src
@@ -340,7 +352,6 @@ pub(crate) fn defer(cx: &Context<'_>, op: &Op, reason: Reason, report: &mut Repo
         }
         report.unplanned.push(Unplanned {
             reason,
-            request: String::new(),
             node: cx.input.nodes[key.node as usize].name.clone(),
             src: key.src,
             dst: key.dst,

@@ -378,19 +378,17 @@ fn tenants_are_limited_by_their_buckets_across_windows() {
         ];
         w
     };
-    let (_, r1) = planner.plan(&mk(0)).unwrap();
+    let w0 = mk(0);
+    let (_, r1) = planner.plan(&w0).unwrap();
     let small = r1.tenants.iter().find(|t| t.tenant == "small").unwrap();
     assert_eq!(small.admitted_bytes, 2 * PAGE, "the burst");
     assert_eq!(small.deferred_bytes, 3 * PAGE);
     let big = r1.tenants.iter().find(|t| t.tenant == "big").unwrap();
     assert_eq!(big.deferred_bytes, 0);
-    assert_eq!(
-        r1.unplanned
-            .iter()
-            .filter(|u| u.reason == Reason::TenantCredit)
-            .count(),
-        3
-    );
+    assert_eq!(r1.credit_deferred.len(), 3);
+    for &i in &r1.credit_deferred {
+        assert_eq!(w0.requests[i as usize].tenant, "small");
+    }
     // 20 ms later, two pages' worth has refilled.
     let (_, r2) = planner.plan(&mk(20)).unwrap();
     let small = r2.tenants.iter().find(|t| t.tenant == "small").unwrap();
@@ -533,8 +531,9 @@ proptest! {
             }
         }
         let mut unplanned = BTreeSet::new();
+        prop_assert!(report.credit_deferred.is_empty(), "no tenants, no credit");
         for u in &report.unplanned {
-            prop_assert!(!u.request.is_empty() || u.count > 0);
+            prop_assert!(u.count > 0);
             for p in u.page..u.page + u.count {
                 unplanned.insert((format!("tier://node0/{}", u.dst), u.layer, p));
             }
