@@ -79,7 +79,7 @@ impl Heat {
     /// returns its stored value: the form for adding many pages at one time.
     pub fn add_weighted(&mut self, page: PageKey, weighted: f64) -> f64 {
         if weighted.is_nan() || weighted <= 0.0 {
-            return self.rank(page);
+            return self.map.get(&page).copied().unwrap_or(0.0);
         }
         let slot = self.map.entry(page).or_insert(0.0);
         *slot += weighted;
@@ -105,11 +105,15 @@ impl Heat {
         self.map.get(&page).map_or(0.0, |v| v * scale)
     }
 
-    /// A rank that does not change with time: pages compare by rank as they
-    /// compare by heat at any one time (until the next rescale, after
-    /// hundreds of half-lives). 0 for a page never seen or forgotten.
+    /// A rank that never changes with time: `log2(heat) + t / half_life`,
+    /// the same at any `t`, rescales included. Pages compare by rank as they
+    /// compare by heat at any one time. `-inf` for a page never seen or
+    /// forgotten.
     pub fn rank(&self, page: PageKey) -> f64 {
-        self.map.get(&page).copied().unwrap_or(0.0)
+        match self.map.get(&page) {
+            Some(v) if *v > 0.0 => v.log2() + self.base_ns as f64 / self.half_life_ns,
+            _ => f64::NEG_INFINITY,
+        }
     }
 
     /// Every remembered page with its heat at `now_ns`, sorted, for saving.

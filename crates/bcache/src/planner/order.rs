@@ -65,63 +65,74 @@ pub(crate) fn derive(cx: &Context<'_>) -> crate::Result<Vec<Derived>> {
     let nodes = Names::new(cx.input.nodes.iter().map(|n| n.name.as_str()));
     let tenants = Names::new(cx.input.tenants.iter().map(|t| t.name.as_str()));
     let pools = Names::new(cx.pools.iter().copied());
-    cx.input
-        .requests
-        .par_iter()
-        .with_min_len(4096)
-        .enumerate()
-        .map(|(index, req)| {
-            let unknown = |field: &str, message: String| crate::Error::Input {
-                origin: format!("window {}", cx.input.window_index),
-                field: format!("requests[{index}].{field}"),
-                message,
-            };
-            let node = nodes
-                .get(&req.node)
-                .ok_or_else(|| unknown("node", format!("unknown node {:?}", req.node)))?;
-            let tenant =
-                if cx.input.tenants.is_empty() {
-                    None
-                } else {
-                    Some(tenants.get(&req.tenant).ok_or_else(|| {
-                        unknown("tenant", format!("unknown tenant {:?}", req.tenant))
-                    })?)
-                };
-            if cx.tier(node, req.src).is_none() || cx.tier(node, req.dst).is_none() {
-                return Err(unknown(
-                    "src",
-                    format!(
-                        "node {:?} lacks the {} or {} tier",
-                        req.node, req.src, req.dst
-                    ),
-                ));
-            }
-            let pool = pools.get(&req.tensor).unwrap_or(0).min(MAX_POOLS - 1);
-            let layers = u64::from(req.layers[1].saturating_sub(req.layers[0]));
-            let bytes = (req.pages.len() as u64)
-                .saturating_mul(layers)
-                .saturating_mul(req.page_bytes);
-            let needed = cx
-                .now
-                .saturating_add(cx.copy_ns(node, req.src, bytes))
-                .saturating_add(req.est_fill_ns);
-            let slack = if req.deadline_ns >= needed {
-                i64::try_from(req.deadline_ns - needed).unwrap_or(i64::MAX)
-            } else {
-                -i64::try_from(needed - req.deadline_ns).unwrap_or(i64::MAX)
-            };
-            Ok(Derived {
-                index,
-                node,
-                tenant,
-                pool: pool as u16,
-                bytes,
-                slack,
-                tenant_weight: tenant.map_or(1.0, |t| cx.input.tenants[t].weight),
-            })
+    let one = |(index, req): (usize, &crate::model::Request)| {
+        let unknown = |field: &str, message: String| crate::Error::Input {
+            origin: format!("window {}", cx.input.window_index),
+            field: format!("requests[{index}].{field}"),
+            message,
+        };
+        let node = nodes
+            .get(&req.node)
+            .ok_or_else(|| unknown("node", format!("unknown node {:?}", req.node)))?;
+        let tenant = if cx.input.tenants.is_empty() {
+            None
+        } else {
+            Some(
+                tenants
+                    .get(&req.tenant)
+                    .ok_or_else(|| unknown("tenant", format!("unknown tenant {:?}", req.tenant)))?,
+            )
+        };
+        if cx.tier(node, req.src).is_none() || cx.tier(node, req.dst).is_none() {
+            return Err(unknown(
+                "src",
+                format!(
+                    "node {:?} lacks the {} or {} tier",
+                    req.node, req.src, req.dst
+                ),
+            ));
+        }
+        let pool = pools.get(&req.tensor).unwrap_or(0).min(MAX_POOLS - 1);
+        let layers = u64::from(req.layers[1].saturating_sub(req.layers[0]));
+        let bytes = (req.pages.len() as u64)
+            .saturating_mul(layers)
+            .saturating_mul(req.page_bytes);
+        let needed = cx
+            .now
+            .saturating_add(cx.copy_ns(node, req.src, bytes))
+            .saturating_add(req.est_fill_ns);
+        let slack = if req.deadline_ns >= needed {
+            i64::try_from(req.deadline_ns - needed).unwrap_or(i64::MAX)
+        } else {
+            -i64::try_from(needed - req.deadline_ns).unwrap_or(i64::MAX)
+        };
+        Ok(Derived {
+            index,
+            node,
+            tenant,
+            pool: pool as u16,
+            bytes,
+            slack,
+            tenant_weight: tenant.map_or(1.0, |t| cx.input.tenants[t].weight),
         })
-        .collect()
+    };
+    // Below a few tens of thousands of requests, waking the thread pool
+    // costs more than it saves.
+    if cx.input.requests.len() < PARALLEL_FROM {
+        cx.input.requests.iter().enumerate().map(one).collect()
+    } else {
+        cx.input
+            .requests
+            .par_iter()
+            .with_min_len(4096)
+            .enumerate()
+            .map(one)
+            .collect()
+    }
 }
+
+/// Inputs at least this large are processed in parallel.
+pub(crate) const PARALLEL_FROM: usize = 32_768;
 
 /// Positions into `reqs`, least slack first when EDF is on, input order
 /// otherwise. Fills the report's demand and late list.
@@ -142,6 +153,10 @@ pub(crate) fn order(cx: &Context<'_>, reqs: &[Derived], report: &mut Report) -> 
         .enumerate()
         .map(|(i, r)| (r.slack, i as u32))
         .collect();
-    keyed.par_sort_unstable();
+    if keyed.len() < PARALLEL_FROM {
+        keyed.sort_unstable();
+    } else {
+        keyed.par_sort_unstable();
+    }
     keyed.into_iter().map(|(_, i)| i).collect()
 }

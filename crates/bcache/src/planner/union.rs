@@ -81,7 +81,7 @@ pub(crate) fn runs(cx: &Context<'_>, reqs: &[Derived], admitted: &[u32]) -> Vec<
         }
         out
     };
-    if admitted.len() < 16_384 {
+    if admitted.len() < super::order::PARALLEL_FROM {
         return chunk(admitted);
     }
     let parts: Vec<Vec<Run>> = admitted.par_chunks(8192).map(chunk).collect();
@@ -120,7 +120,12 @@ pub(crate) fn merge(cx: &Context<'_>, mut runs: Vec<Run>, report: &mut Report) -
             .sum();
         return runs.into_iter().map(single).collect();
     }
-    runs.par_sort_unstable_by_key(|r| (r.group, r.start, r.end, r.request));
+    let key = |r: &Run| (r.group, r.start, r.end, r.request);
+    if runs.len() < super::order::PARALLEL_FROM {
+        runs.sort_unstable_by_key(key);
+    } else {
+        runs.par_sort_unstable_by_key(key);
+    }
     let touching = cx.config.coalesce;
     let mut out: Vec<Merged> = Vec::new();
     let mut i = 0;

@@ -548,3 +548,32 @@ proptest! {
         prop_assert!(planned_bytes <= bw_pages * PAGE * 2, "caps exceeded over two links");
     }
 }
+
+#[test]
+fn heat_decays_by_half_lives_and_ranks_survive_rescaling() {
+    use bcache::heat::Heat;
+    let hl = 1_000_000; // 1 ms
+    let mut heat = Heat::new(hl as f64, 1 << 10);
+    heat.add((0, 1), 8.0, 0);
+    heat.add((0, 2), 1.0, 3 * hl);
+    assert!(
+        (heat.get((0, 1), 3 * hl) - 1.0).abs() < 1e-9,
+        "8 hits, three half-lives ago"
+    );
+    assert!((heat.get((0, 2), 3 * hl) - 1.0).abs() < 1e-9);
+    let (r1, r2) = (heat.rank((0, 1)), heat.rank((0, 2)));
+    assert!((r1 - r2).abs() < 1e-9, "equal heat, equal rank");
+    // Far enough ahead to rescale the stored values: ranks do not move.
+    heat.add((0, 3), 1.0, 1000 * hl);
+    assert!((heat.rank((0, 1)) - r1).abs() < 1e-6);
+    assert!(heat.rank((0, 3)) > r1);
+    assert!((heat.get((0, 3), 1001 * hl) - 0.5).abs() < 1e-9);
+    assert_eq!(heat.rank((9, 9)), f64::NEG_INFINITY);
+    // Bounded: the coldest half goes when the map is full.
+    let mut small = Heat::new(hl as f64, 100);
+    for p in 0..1000 {
+        small.add((0, p), 1.0 + p as f64, 0);
+    }
+    assert!(small.len() <= 100);
+    assert!(small.get((0, 999), 0) > 0.0, "the hottest stays");
+}

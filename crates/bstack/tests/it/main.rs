@@ -2,6 +2,7 @@
 //! executable in a temporary directory and checks its exit code, stdout and
 //! stderr. One test binary, one module per command.
 
+mod bcache_cmd;
 mod bcache_serve;
 mod bench_cmd;
 mod cli;
