@@ -404,7 +404,7 @@ impl Sim<'_> {
     fn plan_window(&mut self, now: u64, queue: &VecDeque<Queued>) -> Result<bool> {
         let sim = &self.config.sim;
         let bb = self.block_bytes;
-        let gib = |g: f64| (g * 1e9) as u64;
+        let bytes_per_s = |gbps: f64| (gbps * 1e9) as u64;
         let mut requests = Vec::new();
         let mut est = self.busy_until.max(now);
         for q in queue.iter().take(sim.prefetch_lookahead) {
@@ -466,7 +466,7 @@ impl Sim<'_> {
             tier,
             capacity_bytes: capacity.max(1),
             free_bytes: free.min(capacity.max(1)),
-            bandwidth_bytes_per_s: gib(gbps).max(1),
+            bandwidth_bytes_per_s: bytes_per_s(gbps).max(1),
             resident: Vec::new(),
         };
         let cpu_cap = self.cpu.capacity() as u64 * bb;
