@@ -61,7 +61,10 @@ pub(crate) fn select(
         for state in &node.tiers {
             let cap = state.capacity_bytes as f64;
             let incoming = incoming.get(&(n, state.tier)).copied().unwrap_or(0);
-            let used = (state.capacity_bytes - state.free_bytes).saturating_add(incoming) as f64;
+            let used = state
+                .capacity_bytes
+                .saturating_sub(state.free_bytes)
+                .saturating_add(incoming) as f64;
             if used <= cx.config.high_watermark * cap {
                 continue;
             }
