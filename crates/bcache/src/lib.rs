@@ -16,7 +16,8 @@
 //! - [`sim`]: a discrete-event replay of a trace under `lru`, `fifo`,
 //!   `belady` and `bcache` policies;
 //! - [`tune`]: a parallel sweep of planner knobs on a trace;
-//! - [`chart`]: the SVG charts the simulator writes.
+//! - [`chart`]: the SVG charts the simulator writes;
+//! - [`rng`]: the deterministic generator behind seeds and generated inputs.
 //!
 //! The library never prints; the `bstack` binary does.
 
@@ -27,6 +28,7 @@ pub mod heat;
 pub mod lsh;
 pub mod model;
 pub mod planner;
+pub mod rng;
 pub mod service;
 pub mod sim;
 pub mod trace;

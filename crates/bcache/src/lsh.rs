@@ -71,6 +71,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
+use crate::rng::{mix64, splitmix64};
+
 /// From this many prompts on, [`cluster`] computes signatures in parallel.
 const PARALLEL_MIN_PROMPTS: usize = 64;
 
@@ -350,21 +352,6 @@ impl MinHasher {
         }
         h
     }
-}
-
-/// The splitmix64 finaliser: a bijective 64-bit mixer.
-fn mix64(mut x: u64) -> u64 {
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// The splitmix64 generator: advances `state`, returns the next value.
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    mix64(*state)
 }
 
 /// Disjoint sets over `0..n` with path halving and union by size.

@@ -77,15 +77,12 @@ impl Tier {
         use bstack_plan::TransferKind as K;
         match (self, dst) {
             (Tier::Remote, _) | (_, Tier::Remote) => K::Net,
-            (Tier::Gpu, Tier::Gpu) => K::P2p,
+            (Tier::Gpu, Tier::Gpu) | (Tier::Cpu, Tier::Cpu) => K::P2p,
             (Tier::Gpu, _) => K::D2h,
-            (_, Tier::Gpu) if self == Tier::Cpu => K::H2d,
-            // Storage read straight into device memory (GPUDirect Storage)
-            // is still a storage read.
-            (_, Tier::Gpu) => K::Storage2h,
-            (Tier::Cpu, Tier::Cpu) => K::P2p,
-            (Tier::Cpu, _) => K::H2storage,
-            (_, Tier::Cpu) => K::Storage2h,
+            (Tier::Cpu, Tier::Gpu) => K::H2d,
+            // A storage read, into host or (GPUDirect Storage) device memory.
+            (_, Tier::Gpu | Tier::Cpu) => K::Storage2h,
+            // A write into storage, from host memory or another storage tier.
             _ => K::H2storage,
         }
     }
@@ -161,6 +158,24 @@ pub struct TierState {
     /// when the caller does its own eviction.
     #[serde(default)]
     pub resident: Vec<ResidentPage>,
+}
+
+impl TierState {
+    /// A tier with no resident pages listed.
+    pub fn new(
+        tier: Tier,
+        capacity_bytes: u64,
+        free_bytes: u64,
+        bandwidth_bytes_per_s: u64,
+    ) -> TierState {
+        TierState {
+            tier,
+            capacity_bytes,
+            free_bytes,
+            bandwidth_bytes_per_s,
+            resident: Vec::new(),
+        }
+    }
 }
 
 /// A page held by a tier.

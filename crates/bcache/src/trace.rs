@@ -105,13 +105,7 @@ impl Trace {
     /// for a given seed.
     pub fn synthetic(requests: usize, sessions: usize, seed: u64) -> Trace {
         let mut state = seed;
-        let mut next = move || {
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        };
+        let mut next = move || crate::rng::splitmix64(&mut state);
         let sessions = sessions.max(1);
         let mut next_block = 8u64;
         let mut history: Vec<Vec<u64>> = (0..sessions).map(|s| vec![(s % 8) as u64]).collect();

@@ -578,21 +578,9 @@ fn synthetic_cache_plan(ops: usize) -> CachePlan {
 fn synthetic_window(requests: usize, seed: u64) -> bcache::WindowInput {
     use bcache::model::{Node, Request, Tenant, Tier, TierState, WindowInput};
     let mut rng = seed;
-    let mut next = move || {
-        rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
+    let mut next = move || bcache::rng::splitmix64(&mut rng);
     const GIB: u64 = 1 << 30;
-    let tier = |tier, capacity: u64, bw: u64| TierState {
-        tier,
-        capacity_bytes: capacity,
-        free_bytes: capacity / 2,
-        bandwidth_bytes_per_s: bw,
-        resident: Vec::new(),
-    };
+    let tier = |tier, capacity: u64, bw: u64| TierState::new(tier, capacity, capacity / 2, bw);
     let nodes = (0..4)
         .map(|n| Node {
             name: format!("node{n}"),

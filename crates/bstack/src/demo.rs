@@ -355,13 +355,7 @@ fn bcache_stage(dir: &Path) -> Result<(String, serde_json::Value)> {
     // One window: the first 16 requests' blocks, waiting in CPU memory.
     let mut config = Config::default();
     let bb = config.sim.block_bytes();
-    let tier = |tier, capacity: u64, bw: u64| TierState {
-        tier,
-        capacity_bytes: capacity,
-        free_bytes: capacity / 2,
-        bandwidth_bytes_per_s: bw,
-        resident: Vec::new(),
-    };
+    let tier = |tier, capacity: u64, bw: u64| TierState::new(tier, capacity, capacity / 2, bw);
     let window = WindowInput {
         window_index: 0,
         now_ns: 0,

@@ -8,7 +8,7 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::model::{Node, Request, Tier, TierState, WindowInput};
 use crate::planner::Planner;
-use crate::trace::Trace;
+use crate::trace::{Trace, TraceRequest};
 
 /// One node's counters; [`super::combine`] adds them up.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -216,14 +216,31 @@ impl Sim<'_> {
                 let next = self.next_use[pos].get(k).copied().unwrap_or(u64::MAX);
                 (u64::MAX - next, u64::MAX - k as u64)
             }
-            PolicyKind::Bcache => {
-                let rank = self
-                    .planner
-                    .as_ref()
-                    .map_or(f64::NEG_INFINITY, |p| p.heat_table().rank((0, block)));
-                (ordered(rank), u64::MAX - k as u64)
-            }
+            PolicyKind::Bcache => (ordered(self.heat_rank(block)), u64::MAX - k as u64),
         }
+    }
+
+    /// The planner's time-invariant heat rank of a block (bcache's key).
+    fn heat_rank(&self, block: u64) -> f64 {
+        self.planner
+            .as_ref()
+            .map_or(f64::NEG_INFINITY, |p| p.heat_table().rank((0, block)))
+    }
+
+    /// Prefill time of `req` with its first `cached` blocks reused: the
+    /// fixed overhead plus the uncached tokens (at least one). A request
+    /// without a token count (the window format) is whole blocks.
+    fn compute_ns(&self, req: &TraceRequest, cached: u64) -> u64 {
+        let sim = &self.config.sim;
+        let tokens = if req.input_tokens == 0 {
+            req.blocks.len() as u64 * u64::from(sim.block_tokens)
+        } else {
+            req.input_tokens
+        };
+        let uncached = tokens
+            .saturating_sub(cached * u64::from(sim.block_tokens))
+            .max(1);
+        (sim.request_overhead_ms * 1e6 + uncached as f64 * sim.prefill_us_per_token * 1e3) as u64
     }
 
     fn locate(&self, block: u64) -> Option<Found> {
@@ -306,16 +323,7 @@ impl Sim<'_> {
             fetch_done = fetch_done.max(end);
         }
         self.out.late_bytes += late;
-        let tokens = if req.input_tokens == 0 {
-            n as u64 * u64::from(sim.block_tokens)
-        } else {
-            req.input_tokens
-        };
-        let uncached = tokens
-            .saturating_sub(cached as u64 * u64::from(sim.block_tokens))
-            .max(1);
-        let compute = (sim.request_overhead_ms * 1e6
-            + uncached as f64 * sim.prefill_us_per_token * 1e3) as u64;
+        let compute = self.compute_ns(req, cached as u64);
         let fetch = fetch_done - start;
         let service = fetch.max(compute) + fetch.min(compute) / u64::from(sim.layers.max(1));
         self.out.stall_ns += service - compute;
@@ -426,15 +434,7 @@ impl Sim<'_> {
                 }
             }
             let deadline = est.max(q.arrival);
-            let tokens = req
-                .input_tokens
-                .max(req.blocks.len() as u64 * u64::from(sim.block_tokens));
-            let uncached = tokens
-                .saturating_sub(cached * u64::from(sim.block_tokens))
-                .max(1);
-            est = deadline
-                + (sim.request_overhead_ms * 1e6 + uncached as f64 * sim.prefill_us_per_token * 1e3)
-                    as u64;
+            est = deadline + self.compute_ns(req, cached);
             for (pages, src) in [(cpu, Tier::Cpu), (ssd, Tier::Ssd)] {
                 if !pages.is_empty() {
                     requests.push(Request {
@@ -462,12 +462,9 @@ impl Sim<'_> {
         let gpu_cap = self.gpu.capacity() as u64 * bb;
         let budget = ((gpu_cap as f64 * sim.prefetch_buffer_fraction) as u64)
             .saturating_sub(self.pinned.len() as u64 * bb);
-        let tier = |tier, capacity: u64, free: u64, gbps: f64| TierState {
-            tier,
-            capacity_bytes: capacity.max(1),
-            free_bytes: free.min(capacity.max(1)),
-            bandwidth_bytes_per_s: bytes_per_s(gbps).max(1),
-            resident: Vec::new(),
+        let tier = |tier, capacity: u64, free: u64, gbps: f64| {
+            let capacity = capacity.max(1);
+            TierState::new(tier, capacity, free.min(capacity), bytes_per_s(gbps).max(1))
         };
         let cpu_cap = self.cpu.capacity() as u64 * bb;
         let ssd_cap = self.ssd.capacity() as u64 * bb;
@@ -543,11 +540,7 @@ impl Sim<'_> {
             // A gap page read to merge two runs: bytes moved, nothing staged.
             return;
         }
-        let rank = self
-            .planner
-            .as_ref()
-            .map_or(f64::NEG_INFINITY, |p| p.heat_table().rank((0, block)));
-        self.insert_gpu(block, (ordered(rank), 0));
+        self.insert_gpu(block, (ordered(self.heat_rank(block)), 0));
         if self.gpu.contains(block) {
             self.pinned.insert(block);
             self.staged.insert(block, Staged { from, landing_ns });
