@@ -885,15 +885,6 @@ pub fn report_from_summary(s: proto::PlanSummary) -> std::result::Result<Report,
 
 /// Parses a window input from JSON without [`WindowInput::check`], for a
 /// client that leaves checking to the service; parse errors name the field.
-pub fn window_from_json_unchecked(text: &str, origin: &str) -> Result<WindowInput> {
-    let mut de = serde_json::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| Error::Input {
-        origin: origin.to_owned(),
-        field: e.path().to_string(),
-        message: e.inner().to_string(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};

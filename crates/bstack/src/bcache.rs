@@ -214,13 +214,19 @@ pub fn run(cmd: BcacheCommand, out: &Output, quiet: bool) -> Result<Outcome> {
 }
 
 fn plan(args: PlanArgs, out: &Output) -> Result<Outcome> {
+    let origin = args.input.display().to_string();
+    let text =
+        std::fs::read_to_string(&args.input).map_err(|e| bcache::Error::io(&args.input, e))?;
+    // A remote planner checks the input itself and says what is wrong.
+    let window = WindowInput::from_json_unchecked(&text, &origin)?;
     let (cache_plan, report, planner) = match &args.remote {
         Some(remote) => {
-            let (cache_plan, report) = crate::bcache_serve::plan_remote(remote, &args.input)?;
+            let (cache_plan, report) = crate::bcache_serve::plan_remote(remote, &window)?;
             (cache_plan, report, None)
         }
         None => {
-            let (cache_plan, report, planner) = plan_local(&args)?;
+            window.check(&origin)?;
+            let (cache_plan, report, planner) = plan_local(&args, &window)?;
             (cache_plan, report, Some(planner))
         }
     };
@@ -250,14 +256,7 @@ fn plan(args: PlanArgs, out: &Output) -> Result<Outcome> {
         out.json_line(&json!({"plan": serde_json::to_value(&cache_plan)?, "report": report}))?;
         return Ok(Outcome::Ok);
     }
-    // Request ids for the positions the report gives; read without checks
-    // (the planner, local or remote, has checked the input).
-    let ids: Vec<String> = std::fs::read_to_string(&args.input)
-        .ok()
-        .and_then(|t| serde_json::from_str::<WindowInput>(&t).ok())
-        .map(|w| w.requests.into_iter().map(|r| r.id).collect())
-        .unwrap_or_default();
-    print_report(out, &report, &ids, args.all)?;
+    print_report(out, &report, &window, args.all)?;
     let mut t = table(
         &[
             "#",
@@ -305,9 +304,8 @@ fn plan(args: PlanArgs, out: &Output) -> Result<Outcome> {
 }
 
 /// Plans the window here, resuming from and returning the planner of --state.
-fn plan_local(args: &PlanArgs) -> Result<(CachePlan, Report, Planner)> {
+fn plan_local(args: &PlanArgs, input: &WindowInput) -> Result<(CachePlan, Report, Planner)> {
     let config = args.config.load()?;
-    let input = WindowInput::read(&args.input)?;
     let state = match &args.state {
         Some(path) if path.exists() => {
             let text = std::fs::read_to_string(path)
@@ -322,11 +320,11 @@ fn plan_local(args: &PlanArgs) -> Result<(CachePlan, Report, Planner)> {
         _ => PlannerState::default(),
     };
     let mut planner = Planner::with_state(config.planner, state);
-    let (cache_plan, report) = planner.plan(&input)?;
+    let (cache_plan, report) = planner.plan(input)?;
     Ok((cache_plan, report, planner))
 }
 
-fn print_report(out: &Output, r: &Report, ids: &[String], all: bool) -> Result<()> {
+fn print_report(out: &Output, r: &Report, window: &WindowInput, all: bool) -> Result<()> {
     let mut t = key_value_table();
     t.add_row(vec!["window".into(), r.window_index.to_string()]);
     t.add_row(vec![
@@ -388,9 +386,10 @@ fn print_report(out: &Output, r: &Report, ids: &[String], all: bool) -> Result<(
         let names: Vec<String> = r.credit_deferred[..shown]
             .iter()
             .map(|&i| {
-                ids.get(i as usize)
-                    .cloned()
-                    .unwrap_or_else(|| format!("requests[{i}]"))
+                window
+                    .requests
+                    .get(i as usize)
+                    .map_or_else(|| format!("requests[{i}]"), |r| r.id.clone())
             })
             .collect();
         let more = r.credit_deferred.len() - shown;

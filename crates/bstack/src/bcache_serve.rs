@@ -7,9 +7,9 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::Path;
 
 use anyhow::{Context, Result};
+use bcache::WindowInput;
 use bcache::planner::Report;
 use bcache::service::Client;
 use bstack_plan::CachePlan;
@@ -75,13 +75,11 @@ fn announce(out: &Output, grpc: SocketAddr, metrics: Option<SocketAddr>) -> std:
 /// Plans the window in the JSON file `input` on the service at `addr`. The
 /// input is only parsed here: the service checks it, so an invalid one fails
 /// with the service's message, which names the field.
-pub fn plan_remote(addr: &str, input: &Path) -> Result<(CachePlan, Report)> {
-    let text = std::fs::read_to_string(input).map_err(|e| bcache::Error::io(input, e))?;
-    let window = bcache::service::window_from_json_unchecked(&text, &input.display().to_string())?;
+pub fn plan_remote(addr: &str, window: &WindowInput) -> Result<(CachePlan, Report)> {
     let runtime = runtime()?;
     let planned = runtime.block_on(async {
         let mut client = Client::connect(addr).await?;
-        client.plan(&window).await
+        client.plan(window).await
     })?;
     Ok(planned)
 }
