@@ -90,6 +90,13 @@ impl Heat {
         value
     }
 
+    /// Makes room for `pages` more pages (up to the bound) in one step, so a
+    /// window that brings many new pages does not grow the table by doubling.
+    pub fn reserve(&mut self, pages: usize) {
+        let room = self.max_pages.saturating_sub(self.map.len());
+        self.map.reserve(pages.min(room));
+    }
+
     /// The factor turning stored values into heat at `now_ns`.
     pub fn scale(&self, now_ns: u64) -> f64 {
         (-self.epochs(now_ns)).exp2()

@@ -418,7 +418,7 @@ fn print_report(out: &Output, r: &Report, window: &WindowInput, all: bool) -> Re
             };
             t.add_row(vec![
                 format!("layer {} pages {}..{}", u.layer, u.page, u.page + u.count),
-                u.node.clone(),
+                u.node.to_string(),
                 format!("{}->{}", u.src, u.dst),
                 bytes(u.bytes),
                 format!("{verdict}: {}", u.reason.describe()),

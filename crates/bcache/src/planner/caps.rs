@@ -18,20 +18,21 @@ use crate::model::Tier;
 #[derive(Debug, Clone)]
 pub(crate) struct Issued {
     pub op: Op,
-    /// Pages `[start, end)` ranges demanded, inside the op.
-    pub refs: Vec<(u64, u64)>,
     /// Stream hint: 0 lets the executor choose.
     pub stream: u32,
 }
 
 pub(crate) fn apply(cx: &Context<'_>, mut ops: Vec<Op>, report: &mut Report) -> Vec<Issued> {
     if cx.config.edf {
-        ops.sort_by(|a, b| {
-            a.run
-                .deadline
-                .cmp(&b.run.deadline)
-                .then(b.popularity.total_cmp(&a.popularity))
-                .then((a.run.group, a.run.start).cmp(&(b.run.group, b.run.start)))
+        // Earliest deadline, then most popular, then position: (group,
+        // start) is unique, so the unstable sort is deterministic.
+        ops.sort_unstable_by_key(|op| {
+            (
+                op.run.deadline,
+                std::cmp::Reverse(total_order(op.popularity)),
+                op.run.group,
+                op.run.start,
+            )
         });
     }
     let mut link: FxHashMap<(usize, Tier), u64> = FxHashMap::default();
@@ -103,13 +104,15 @@ pub(crate) fn apply(cx: &Context<'_>, mut ops: Vec<Op>, report: &mut Report) -> 
                 Some(&d) if cx.config.overlap => 1 + layer % d.max(1),
                 _ => 0,
             };
-            Issued {
-                refs: op.refs.clone(),
-                op,
-                stream,
-            }
+            Issued { op, stream }
         })
         .collect()
+}
+
+/// A key that orders floats as [`f64::total_cmp`] does.
+fn total_order(x: f64) -> i64 {
+    let bits = x.to_bits() as i64;
+    bits ^ ((((bits >> 63) as u64) >> 1) as i64)
 }
 
 /// Splits an operation at page `cut`: the part before (trimmed to its

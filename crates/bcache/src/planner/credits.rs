@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::order::Derived;
@@ -66,25 +67,19 @@ impl TokenBucket {
     }
 }
 
-/// Charges requests in `order`; returns the admitted ones in input order.
+/// Charges the requests to their tenants' buckets; returns the admitted
+/// ones in input order.
+///
+/// A tenant whose bucket holds its whole demand has every request admitted
+/// whatever the order, so only the requests of tenants that fall short are
+/// ordered and charged one by one: the common window sorts nothing.
 pub(crate) fn charge(
     cx: &Context<'_>,
     reqs: &[Derived],
-    order: &[u32],
     buckets: &mut HashMap<String, TokenBucket>,
     report: &mut Report,
 ) -> Vec<u32> {
     let tenants = &cx.input.tenants;
-    let mut uses: Vec<TenantUse> = tenants
-        .iter()
-        .map(|t| TenantUse {
-            tenant: t.name.clone(),
-            demand_bytes: 0,
-            admitted_bytes: 0,
-            deferred_bytes: 0,
-            tokens_left: 0.0,
-        })
-        .collect();
     let mut live: Vec<TokenBucket> = tenants
         .iter()
         .map(|t| {
@@ -98,29 +93,79 @@ pub(crate) fn charge(
             b
         })
         .collect();
-    let mut admitted = Vec::with_capacity(order.len());
-    for &i in order {
-        let r = &reqs[i as usize];
-        let Some(t) = r.tenant else {
-            admitted.push(i);
-            continue;
-        };
-        uses[t].demand_bytes += r.bytes;
-        if !cx.config.credits || live[t].try_take(r.bytes) {
-            uses[t].admitted_bytes += r.bytes;
-            admitted.push(i);
-        } else {
-            uses[t].deferred_bytes += r.bytes;
-            report.deferred_bytes += r.bytes;
-            report.credit_deferred.push(r.index as u32);
+    let demand = demand_per_tenant(reqs, tenants.len());
+    let short: Vec<bool> = live
+        .iter()
+        .zip(&demand)
+        .map(|(b, &d)| cx.config.credits && d as f64 > b.tokens)
+        .collect();
+    let mut uses: Vec<TenantUse> = tenants
+        .iter()
+        .zip(&demand)
+        .map(|(t, &d)| TenantUse {
+            tenant: t.name.clone(),
+            demand_bytes: d,
+            admitted_bytes: 0,
+            deferred_bytes: 0,
+            tokens_left: 0.0,
+        })
+        .collect();
+    let mut deferred: Vec<bool> = Vec::new();
+    if short.iter().any(|&s| s) {
+        deferred = vec![false; reqs.len()];
+        for o in super::order::order(cx, reqs, |t| short[t]) {
+            let t = o.tenant as usize;
+            if live[t].try_take(o.bytes) {
+                uses[t].admitted_bytes += o.bytes;
+            } else {
+                uses[t].deferred_bytes += o.bytes;
+                report.deferred_bytes += o.bytes;
+                report.credit_deferred.push(o.index);
+                deferred[o.index as usize] = true;
+            }
         }
     }
-    // Later stages read the requests in input order: sequential memory.
-    admitted.sort_unstable();
     for (t, bucket) in live.into_iter().enumerate() {
+        let mut bucket = bucket;
+        if !short[t] {
+            uses[t].admitted_bytes = demand[t];
+            if cx.config.credits {
+                bucket.tokens -= demand[t] as f64;
+            }
+        }
         uses[t].tokens_left = bucket.tokens;
         buckets.insert(tenants[t].name.clone(), bucket);
     }
     report.tenants = uses;
-    admitted
+    if deferred.is_empty() {
+        return (0..reqs.len() as u32).collect();
+    }
+    (0..reqs.len() as u32)
+        .filter(|&i| !deferred[i as usize])
+        .collect()
+}
+
+/// Bytes demanded per tenant.
+fn demand_per_tenant(reqs: &[Derived], tenants: usize) -> Vec<u64> {
+    let add = |mut acc: Vec<u64>, r: &Derived| {
+        if let Some(t) = r.tenant {
+            acc[t] += r.bytes;
+        }
+        acc
+    };
+    if reqs.len() < super::order::PARALLEL_FROM {
+        return reqs.iter().fold(vec![0; tenants], add);
+    }
+    reqs.par_iter()
+        .with_min_len(8192)
+        .fold(|| vec![0; tenants], add)
+        .reduce(
+            || vec![0; tenants],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x += y;
+                }
+                a
+            },
+        )
 }

@@ -45,7 +45,7 @@ pub(crate) fn select(
         for op in issued {
             let key = GroupKey::unpack(op.op.run.group);
             if key.node as usize == n && key.src == tier {
-                for &(s, e) in &op.refs {
+                for &(s, e) in &op.op.refs {
                     set.extend((s..e).map(|p| (key.layer, p)));
                 }
             }

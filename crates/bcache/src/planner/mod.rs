@@ -48,6 +48,7 @@ mod order;
 mod union;
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use bstack_plan::{CachePlan, KvPageRef, PlanWindow, SCHEMA_VERSION, TransferOp};
@@ -103,14 +104,15 @@ impl Reason {
 pub struct Unplanned {
     /// Why.
     pub reason: Reason,
-    /// Node.
-    pub node: String,
+    /// Node. Shared with the window's other runs on the node: a window can
+    /// defer thousands of runs.
+    pub node: Arc<str>,
     /// Source tier.
     pub src: Tier,
     /// Destination tier.
     pub dst: Tier,
     /// KV pool.
-    pub tensor: String,
+    pub tensor: Arc<str>,
     /// Layer.
     pub layer: u32,
     /// First page.
@@ -266,6 +268,14 @@ pub(crate) struct Context<'a> {
     pub tiers: Vec<[Option<usize>; Tier::ALL.len()]>,
     /// Pool names, indexed by pool id.
     pub pools: Vec<&'a str>,
+    /// Pool id of each request, by position in the input.
+    pub pool_of: Vec<u16>,
+    /// Pool names as the report shares them.
+    pub pool_names: Vec<Arc<str>>,
+    /// Node names as the report shares them, made on first use.
+    pub node_names: Vec<OnceLock<Arc<str>>>,
+    /// Tier addresses (`tier://node/tier`) made so far.
+    addresses: Mutex<FxHashMap<(usize, Tier), Arc<str>>>,
     /// Page bytes per pool.
     pub page_bytes: Vec<u64>,
     /// Layer latency, ns.
@@ -309,8 +319,28 @@ impl Context<'_> {
             .max(1)
     }
 
+    /// The address of `tier` on `node`, as plans name it.
     pub fn address(&self, node: usize, tier: Tier) -> String {
-        format!("tier://{}/{}", self.input.nodes[node].name, tier.name())
+        let make = || format!("tier://{}/{}", self.input.nodes[node].name, tier.name());
+        // The cache is only for speed: a poisoned lock is bypassed.
+        match self.addresses.lock() {
+            Ok(mut cache) => cache
+                .entry((node, tier))
+                .or_insert_with(|| make().into())
+                .to_string(),
+            Err(_) => make(),
+        }
+    }
+
+    /// A node's name, shared.
+    pub fn node_name(&self, node: usize) -> Arc<str> {
+        self.node_names
+            .get(node)
+            .map(|cell| {
+                cell.get_or_init(|| self.input.nodes[node].name.as_str().into())
+                    .clone()
+            })
+            .unwrap_or_else(|| "".into())
     }
 }
 
@@ -395,8 +425,8 @@ impl Planner {
         };
 
         let reqs = order::derive(&cx)?;
-        let ordered = order::order(&cx, &reqs, &mut report);
-        let admitted = credits::charge(&cx, &reqs, &ordered, &mut self.buckets, &mut report);
+        order::tally(&cx, &reqs, &mut report);
+        let admitted = credits::charge(&cx, &reqs, &mut self.buckets, &mut report);
         let runs = union::runs(&cx, &reqs, &admitted);
         let merged = union::merge(&cx, runs, &mut report);
         let scored = self.score(&cx, &reqs, &merged);
@@ -429,32 +459,53 @@ fn context<'a>(config: &'a PlannerConfig, input: &'a WindowInput) -> crate::Resu
             tiers[n][tier.tier.index()] = Some(t);
         }
     }
+    // Most windows hold one pool: comparing with the previous request's
+    // name first skips the map for nearly every request.
     let mut pools: Vec<&str> = Vec::new();
     let mut page_bytes: Vec<u64> = Vec::new();
-    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let mut seen: FxHashMap<&str, u16> = FxHashMap::default();
+    let mut pool_of: Vec<u16> = Vec::with_capacity(input.requests.len());
+    let mut last: Option<(&str, u16)> = None;
     for (r, req) in input.requests.iter().enumerate() {
-        let id = *seen.entry(req.tensor.as_str()).or_insert_with(|| {
-            pools.push(req.tensor.as_str());
-            page_bytes.push(req.page_bytes);
-            pools.len() - 1
-        });
-        if page_bytes[id] != req.page_bytes {
+        let id = match last {
+            Some((name, id)) if name == req.tensor => id,
+            _ => {
+                let name = req.tensor.as_str();
+                let id = match seen.get(name) {
+                    Some(&id) => id,
+                    None if pools.len() < MAX_POOLS => {
+                        pools.push(name);
+                        page_bytes.push(req.page_bytes);
+                        let id = (pools.len() - 1) as u16;
+                        seen.insert(name, id);
+                        id
+                    }
+                    None => {
+                        return Err(crate::Error::Input {
+                            origin: origin(),
+                            field: format!("requests[{r}].tensor"),
+                            message: format!(
+                                "at most {MAX_POOLS} distinct pools (tensor names) per window"
+                            ),
+                        });
+                    }
+                };
+                last = Some((name, id));
+                id
+            }
+        };
+        pool_of.push(id);
+        let expected = page_bytes.get(usize::from(id)).copied().unwrap_or(0);
+        if expected != req.page_bytes {
             return Err(crate::Error::Input {
                 origin: origin(),
                 field: format!("requests[{r}].page_bytes"),
                 message: format!(
-                    "{} differs from {} given by an earlier request for pool {:?}; one pool has one page size",
-                    req.page_bytes, page_bytes[id], req.tensor
+                    "{} differs from {expected} given by an earlier request for pool {:?}; one pool has one page size",
+                    req.page_bytes, req.tensor
                 ),
             });
         }
-    }
-    if pools.len() > MAX_POOLS {
-        return Err(crate::Error::Input {
-            origin: origin(),
-            field: "requests".into(),
-            message: format!("at most {MAX_POOLS} distinct pools (tensor names) per window"),
-        });
     }
     let layer_latency = if input.layer_latency_ns.is_empty() {
         vec![(config.default_layer_latency_us * 1e3).max(1.0) as u64]
@@ -472,7 +523,11 @@ fn context<'a>(config: &'a PlannerConfig, input: &'a WindowInput) -> crate::Resu
         now: input.now_ns,
         window_ns,
         tiers,
+        pool_names: pools.iter().map(|&p| Arc::from(p)).collect(),
+        node_names: (0..input.nodes.len()).map(|_| OnceLock::new()).collect(),
+        addresses: Default::default(),
         pools,
+        pool_of,
         page_bytes,
         layer_latency,
     })
@@ -486,23 +541,29 @@ impl Planner {
         &mut self,
         cx: &Context<'_>,
         reqs: &[order::Derived],
-        merged: &[union::Merged],
+        union: &union::Union,
     ) -> Vec<union::Scored> {
         let now = cx.now;
-        let mut out = Vec::with_capacity(merged.len());
+        let mut out = Vec::with_capacity(union.merged.len());
         let mut diff: Vec<i64> = Vec::new();
         let weight = self.heat.hit_weight(now);
         let scale = self.heat.scale(now);
-        for m in merged {
+        if self.config.heat {
+            let pages: u64 = union.merged.iter().map(|m| m.run.end - m.run.start).sum();
+            self.heat
+                .reserve(usize::try_from(pages).unwrap_or(usize::MAX));
+        }
+        for m in &union.merged {
             let key = GroupKey::unpack(m.run.group);
             let len = (m.run.end - m.run.start) as usize;
+            let members = union.members_of(m);
             let mut heat_sum = 0.0;
             if self.config.heat {
                 diff.clear();
                 diff.resize(len + 1, 0);
-                for member in &m.members {
-                    diff[(member.0 - m.run.start) as usize] += 1;
-                    diff[(member.1 - m.run.start) as usize] -= 1;
+                for member in members {
+                    diff[(member.start - m.run.start) as usize] += 1;
+                    diff[(member.end - m.run.start) as usize] -= 1;
                 }
                 let mut hits = 0i64;
                 for (i, d) in diff.iter().take(len).enumerate() {
@@ -512,10 +573,9 @@ impl Planner {
                 }
             }
             let heat = if len > 0 { heat_sum / len as f64 } else { 0.0 };
-            let weight = m
-                .members
+            let weight = members
                 .iter()
-                .map(|&(_, _, r)| reqs[r as usize].tenant_weight)
+                .map(|r| reqs[r.request as usize].tenant_weight)
                 .fold(0.0, f64::max);
             out.push(union::Scored {
                 run: m.run,
@@ -555,7 +615,7 @@ impl Planner {
                 .entry((node, mid))
                 .or_insert_with(|| cx.tier(node, mid).map_or(0, |t| t.free_bytes));
             let page_bytes = cx.page_bytes[key.tensor as usize];
-            for &(start, end) in &op.refs {
+            for &(start, end) in &op.op.refs {
                 let bytes = (end - start) * page_bytes;
                 if bytes > *free {
                     continue;
@@ -604,6 +664,7 @@ impl Planner {
             let offset = dst_offset.entry((node, key.dst)).or_insert(0);
             let tensor = cx.pools[key.tensor as usize];
             let kv_refs: Vec<KvPageRef> = op
+                .op
                 .refs
                 .iter()
                 .map(|&(start, end)| KvPageRef {

@@ -7,11 +7,10 @@
 //! one link. A request with negative slack is already late: it is flagged in
 //! the report and planned first, never dropped.
 
-use std::collections::HashMap;
-
 use rayon::prelude::*;
+use rustc_hash::FxHashMap;
 
-use super::{Context, MAX_POOLS, Report};
+use super::{Context, Report};
 
 /// A request with everything later stages need, resolved once.
 #[derive(Debug, Clone)]
@@ -33,38 +32,44 @@ pub(crate) struct Derived {
     pub tenant_weight: f64,
 }
 
-/// Name lookup that stays fast for the few names a window has: a linear
-/// scan below 16 names (no hashing), a hash map above.
+impl Derived {
+    /// Marks a request that failed to resolve, in parallel derivation.
+    const UNRESOLVED: Derived = Derived {
+        index: usize::MAX,
+        node: usize::MAX,
+        tenant: None,
+        pool: 0,
+        bytes: 0,
+        slack: 0,
+        tenant_weight: 0.0,
+    };
+}
+
+/// Name lookup for the nodes and tenants of a window. A hash map with a
+/// fast hasher costs a few nanoseconds per short name, a linear scan with a
+/// string comparison per name costs more from four names up.
 struct Names<'a> {
-    names: Vec<&'a str>,
-    map: Option<HashMap<&'a str, usize>>,
+    map: FxHashMap<&'a str, usize>,
 }
 
 impl<'a> Names<'a> {
     fn new(names: impl Iterator<Item = &'a str>) -> Names<'a> {
-        let names: Vec<&str> = names.collect();
-        let map = (names.len() > 16).then(|| {
-            names
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (*n, i))
-                .collect::<HashMap<_, _>>()
-        });
-        Names { names, map }
+        let mut map = FxHashMap::default();
+        for (i, name) in names.enumerate() {
+            // The first of two equal names wins, as a scan would find it.
+            map.entry(name).or_insert(i);
+        }
+        Names { map }
     }
 
     fn get(&self, name: &str) -> Option<usize> {
-        match &self.map {
-            Some(map) => map.get(name).copied(),
-            None => self.names.iter().position(|n| *n == name),
-        }
+        self.map.get(name).copied()
     }
 }
 
 pub(crate) fn derive(cx: &Context<'_>) -> crate::Result<Vec<Derived>> {
     let nodes = Names::new(cx.input.nodes.iter().map(|n| n.name.as_str()));
     let tenants = Names::new(cx.input.tenants.iter().map(|t| t.name.as_str()));
-    let pools = Names::new(cx.pools.iter().copied());
     let one = |(index, req): (usize, &crate::model::Request)| {
         let unknown = |field: &str, message: String| crate::Error::Input {
             origin: format!("window {}", cx.input.window_index),
@@ -92,7 +97,7 @@ pub(crate) fn derive(cx: &Context<'_>) -> crate::Result<Vec<Derived>> {
                 ),
             ));
         }
-        let pool = pools.get(&req.tensor).unwrap_or(0).min(MAX_POOLS - 1);
+        let pool = cx.pool_of.get(index).copied().unwrap_or(0);
         let layers = u64::from(req.layers[1].saturating_sub(req.layers[0]));
         let bytes = (req.pages.len() as u64)
             .saturating_mul(layers)
@@ -110,7 +115,7 @@ pub(crate) fn derive(cx: &Context<'_>) -> crate::Result<Vec<Derived>> {
             index,
             node,
             tenant,
-            pool: pool as u16,
+            pool,
             bytes,
             slack,
             tenant_weight: tenant.map_or(1.0, |t| cx.input.tenants[t].weight),
@@ -118,45 +123,84 @@ pub(crate) fn derive(cx: &Context<'_>) -> crate::Result<Vec<Derived>> {
     };
     // Below a few tens of thousands of requests, waking the thread pool
     // costs more than it saves.
-    if cx.input.requests.len() < PARALLEL_FROM {
-        cx.input.requests.iter().enumerate().map(one).collect()
-    } else {
-        cx.input
-            .requests
-            .par_iter()
-            .with_min_len(4096)
-            .enumerate()
-            .map(one)
-            .collect()
+    let requests = &cx.input.requests;
+    if requests.len() < PARALLEL_FROM {
+        return requests.iter().enumerate().map(one).collect();
     }
+    // An indexed collect writes straight into one vector; a fallible
+    // collect would gather per-thread lists and copy them again. A bad
+    // request (rare: inputs are checked first) is found again in order, so
+    // the error names the first one whichever thread met it.
+    let mut out = Vec::new();
+    requests
+        .par_iter()
+        .with_min_len(4096)
+        .enumerate()
+        .map(|r| one(r).unwrap_or(Derived::UNRESOLVED))
+        .collect_into_vec(&mut out);
+    if out.par_iter().any(|d| d.node == Derived::UNRESOLVED.node) {
+        return requests.iter().enumerate().map(one).collect();
+    }
+    Ok(out)
 }
 
 /// Inputs at least this large are processed in parallel.
 pub(crate) const PARALLEL_FROM: usize = 32_768;
 
-/// Positions into `reqs`, least slack first when EDF is on, input order
-/// otherwise. Fills the report's demand and late list.
-pub(crate) fn order(cx: &Context<'_>, reqs: &[Derived], report: &mut Report) -> Vec<u32> {
+/// Fills the report's demand and its list of late requests.
+pub(crate) fn tally(cx: &Context<'_>, reqs: &[Derived], report: &mut Report) {
     report.demand_bytes = reqs.iter().map(|r| r.bytes).sum();
     report.late_requests = reqs
         .iter()
         .filter(|r| r.slack < 0)
         .map(|r| cx.input.requests[r.index].id.clone())
         .collect();
-    if !cx.config.edf {
-        return (0..reqs.len() as u32).collect();
-    }
-    // Sorting the keys themselves, not indices into `reqs`, keeps the sort
-    // in cache.
-    let mut keyed: Vec<(i64, u32)> = reqs
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (r.slack, i as u32))
-        .collect();
-    if keyed.len() < PARALLEL_FROM {
-        keyed.sort_unstable();
+}
+
+/// A request in planning order, with what charging it needs: the charging
+/// pass then reads memory in sequence, not at random in `reqs`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ordered {
+    pub slack: i64,
+    pub bytes: u64,
+    /// Position in the input.
+    pub index: u32,
+    /// Tenant index.
+    pub tenant: u32,
+}
+
+/// The requests of the tenants `pick` selects, least slack first when EDF
+/// is on (ties in input order), in input order otherwise.
+pub(crate) fn order(
+    cx: &Context<'_>,
+    reqs: &[Derived],
+    pick: impl Fn(usize) -> bool + Sync,
+) -> Vec<Ordered> {
+    let entry = |r: &Derived| {
+        let t = r.tenant.filter(|&t| pick(t))?;
+        Some(Ordered {
+            slack: r.slack,
+            bytes: r.bytes,
+            index: r.index as u32,
+            tenant: t as u32,
+        })
+    };
+    let mut keyed: Vec<Ordered> = if reqs.len() < PARALLEL_FROM {
+        reqs.iter().filter_map(entry).collect()
     } else {
-        keyed.par_sort_unstable();
+        reqs.par_iter()
+            .with_min_len(4096)
+            .filter_map(entry)
+            .collect()
+    };
+    if !cx.config.edf {
+        return keyed;
     }
-    keyed.into_iter().map(|(_, i)| i).collect()
+    let key = |o: &Ordered| (o.slack, o.index);
+    if keyed.len() < PARALLEL_FROM {
+        keyed.sort_unstable_by_key(key);
+    } else {
+        keyed.par_sort_unstable_by_key(key);
+    }
+    keyed
 }

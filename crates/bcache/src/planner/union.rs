@@ -12,7 +12,6 @@
 use std::collections::BTreeMap;
 
 use rustc_hash::FxHashMap;
-use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -20,11 +19,29 @@ use super::order::Derived;
 use super::{Context, GroupKey, Reason, Report, Run, Unplanned};
 
 /// A merged run and the request runs it covers.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct Merged {
     pub run: Run,
-    /// The request runs merged into it, as `(start, end, request)`.
-    pub members: Vec<(u64, u64, u32)>,
+    /// The request runs merged into it: `Union::members[first..end]`.
+    pub members: (u32, u32),
+}
+
+/// The interval union of a window: merged runs, and one flat store of the
+/// request runs they cover (one allocation, not one per merged run).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Union {
+    pub merged: Vec<Merged>,
+    /// Request runs; only `start`, `end` and `request` are meaningful.
+    pub members: Vec<Run>,
+}
+
+impl Union {
+    /// The request runs merged into `m`.
+    pub fn members_of(&self, m: &Merged) -> &[Run] {
+        self.members
+            .get(m.members.0 as usize..m.members.1 as usize)
+            .unwrap_or(&[])
+    }
 }
 
 /// A merged run with its score.
@@ -108,30 +125,39 @@ fn consecutive(pages: &[u64]) -> impl Iterator<Item = (u64, u64)> + '_ {
 }
 
 /// The interval union per group (with dedup on), or the runs as they are.
-pub(crate) fn merge(cx: &Context<'_>, mut runs: Vec<Run>, report: &mut Report) -> Vec<Merged> {
-    let single = |r: Run| Merged {
-        run: r,
-        members: vec![(r.start, r.end, r.request)],
-    };
+pub(crate) fn merge(cx: &Context<'_>, mut runs: Vec<Run>, report: &mut Report) -> Union {
     if !cx.config.dedup {
         report.unique_bytes = runs
             .iter()
             .map(|r| bytes(cx, r.group, r.start, r.end))
             .sum();
-        return runs.into_iter().map(single).collect();
+        let merged = runs
+            .iter()
+            .enumerate()
+            .map(|(i, &run)| Merged {
+                run,
+                members: (i as u32, i as u32 + 1),
+            })
+            .collect();
+        return Union {
+            merged,
+            members: runs,
+        };
     }
-    let key = |r: &Run| (r.group, r.start, r.end, r.request);
+    // Ties on (group, start) may come out in any order: what the sweep
+    // computes from them (maximum end, minimum deadline, the first request
+    // by deadline) does not depend on it.
+    let key = |r: &Run| (u128::from(r.group) << 64) | u128::from(r.start);
     if runs.len() < super::order::PARALLEL_FROM {
         runs.sort_unstable_by_key(key);
     } else {
         runs.par_sort_unstable_by_key(key);
     }
     let touching = cx.config.coalesce;
-    let mut out: Vec<Merged> = Vec::new();
+    let mut merged: Vec<Merged> = Vec::new();
     let mut i = 0;
     while i < runs.len() {
-        let first = runs[i];
-        let mut run = first;
+        let mut run = runs[i];
         let mut j = i + 1;
         while j < runs.len() {
             let next = runs[j];
@@ -140,42 +166,48 @@ pub(crate) fn merge(cx: &Context<'_>, mut runs: Vec<Run>, report: &mut Report) -
             if !joins {
                 break;
             }
-            run.end = run.end.max(next.end);
-            run.deadline = run.deadline.min(next.deadline);
-            run.fanout = run.fanout.saturating_add(1);
+            // The first request by (deadline, request) names the run.
             if ordered_before(&next, &run) {
                 run.request = next.request;
             }
+            run.end = run.end.max(next.end);
+            run.deadline = run.deadline.min(next.deadline);
+            run.fanout = run.fanout.saturating_add(1);
             j += 1;
         }
-        out.push(Merged {
+        merged.push(Merged {
             run,
-            members: members(&runs, i..j),
+            members: (i as u32, j as u32),
         });
         i = j;
     }
-    let out = one_source_per_page(out);
-    report.unique_bytes = out
+    let union = one_source_per_page(Union {
+        merged,
+        members: runs,
+    });
+    report.unique_bytes = union
+        .merged
         .iter()
         .map(|m| bytes(cx, m.run.group, m.run.start, m.run.end))
         .sum();
-    out
+    union
 }
 
 /// A page demanded from two source tiers (a CPU copy and an SSD copy) is
 /// read once, from the faster: runs from slower sources lose the pages a
 /// faster source already provides for the same destination, pool and layer.
-fn one_source_per_page(merged: Vec<Merged>) -> Vec<Merged> {
+fn one_source_per_page(union: Union) -> Union {
     const SRC: u64 = 7 << 45;
     let dst_key = |m: &Merged| m.run.group & !SRC;
     let mut sources: FxHashMap<u64, u64> = FxHashMap::default();
-    let conflict = merged.iter().any(|m| {
+    let conflict = union.merged.iter().any(|m| {
         let src = m.run.group & SRC;
         *sources.entry(dst_key(m)).or_insert(src) != src
     });
     if !conflict {
-        return merged;
+        return union;
     }
+    let merged = &union.merged;
     let mut order: Vec<usize> = (0..merged.len()).collect();
     order.sort_by_key(|&i| {
         (
@@ -184,7 +216,7 @@ fn one_source_per_page(merged: Vec<Merged>) -> Vec<Merged> {
             merged[i].run.start,
         )
     });
-    let mut out = Vec::with_capacity(merged.len());
+    let mut out = Union::default();
     let mut claimed: BTreeMap<u64, u64> = BTreeMap::new();
     let mut current = None;
     for i in order {
@@ -211,36 +243,36 @@ fn one_source_per_page(merged: Vec<Merged>) -> Vec<Merged> {
         }
         for (s, e) in pieces {
             claimed.insert(s, e);
-            let members: Vec<(u64, u64, u32)> = m
-                .members
-                .iter()
-                .filter(|(ms, me, _)| *ms < e && *me > s)
-                .map(|&(ms, me, r)| (ms.max(s), me.min(e), r))
-                .collect();
-            out.push(Merged {
+            let first = out.members.len() as u32;
+            out.members.extend(
+                union
+                    .members_of(m)
+                    .iter()
+                    .filter(|r| r.start < e && r.end > s)
+                    .map(|r| Run {
+                        start: r.start.max(s),
+                        end: r.end.min(e),
+                        ..*r
+                    }),
+            );
+            let end = out.members.len() as u32;
+            out.merged.push(Merged {
                 run: Run {
                     start: s,
                     end: e,
-                    fanout: members.len() as u32,
+                    fanout: end - first,
                     ..m.run
                 },
-                members,
+                members: (first, end),
             });
         }
     }
-    out.sort_by_key(|m| (m.run.group, m.run.start));
+    out.merged.sort_by_key(|m| (m.run.group, m.run.start));
     out
 }
 
 fn ordered_before(a: &Run, b: &Run) -> bool {
     (a.deadline, a.request) < (b.deadline, b.request)
-}
-
-fn members(runs: &[Run], range: Range<usize>) -> Vec<(u64, u64, u32)> {
-    runs[range]
-        .iter()
-        .map(|r| (r.start, r.end, r.request))
-        .collect()
 }
 
 /// Bytes of pages `[start, end)` of a group's pool.
@@ -357,10 +389,10 @@ pub(crate) fn defer(cx: &Context<'_>, op: &Op, reason: Reason, report: &mut Repo
         }
         report.unplanned.push(Unplanned {
             reason,
-            node: cx.input.nodes[key.node as usize].name.clone(),
+            node: cx.node_name(key.node as usize),
             src: key.src,
             dst: key.dst,
-            tensor: cx.pools[key.tensor as usize].to_owned(),
+            tensor: cx.pool_names[key.tensor as usize].clone(),
             layer: key.layer,
             page: start,
             count: end - start,

@@ -549,6 +549,58 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The planner charges only tenants that fall short one by one; the
+    /// result must be the plain rule: every request in least-slack order,
+    /// admitted when it fits the tokens left or the bucket is full.
+    #[test]
+    fn credits_match_charging_every_request_in_order(
+        reqs in prop::collection::vec((0usize..3, 1u64..20, 1u64..50), 1..60),
+        bursts in prop::collection::vec(0u64..80, 3),
+    ) {
+        let mut planner = Planner::new(no_caps());
+        let mut w = input(reqs.iter().enumerate().map(|(i, &(t, len, deadline))| {
+            let mut r = request(&format!("r{i}"), (0..len).collect(), deadline);
+            r.tenant = format!("t{t}");
+            r
+        }).collect());
+        // Copies take no time, so slack is the deadline and the order is
+        // (deadline, position).
+        for t in &mut w.nodes[0].tiers { t.bandwidth_bytes_per_s = u64::MAX / 2; }
+        w.tenants = bursts.iter().enumerate().map(|(t, &b)| Tenant {
+            name: format!("t{t}"),
+            rate_bytes_per_s: 0,
+            burst_bytes: b * PAGE,
+            weight: 1.0,
+        }).collect();
+        let (_, report) = planner.plan(&w).unwrap();
+        let mut order: Vec<usize> = (0..reqs.len()).collect();
+        order.sort_by_key(|&i| (reqs[i].2, i));
+        let mut buckets: Vec<TokenBucket> = bursts
+            .iter()
+            .map(|&b| TokenBucket::new(0.0, (b * PAGE) as f64, 0))
+            .collect();
+        let mut deferred = Vec::new();
+        let mut admitted = [0u64; 3];
+        for i in order {
+            let (t, len, _) = reqs[i];
+            if buckets[t].try_take(len * PAGE) {
+                admitted[t] += len * PAGE;
+            } else {
+                deferred.push(i as u32);
+            }
+        }
+        prop_assert_eq!(&report.credit_deferred, &deferred);
+        for (t, b) in buckets.iter().enumerate() {
+            let used = report.tenants.iter().find(|u| u.tenant == format!("t{t}")).unwrap();
+            prop_assert_eq!(used.admitted_bytes, admitted[t]);
+            prop_assert_eq!(used.tokens_left, b.tokens);
+        }
+    }
+}
+
 #[test]
 fn heat_decays_by_half_lives_and_ranks_survive_rescaling() {
     use bcache::heat::Heat;
