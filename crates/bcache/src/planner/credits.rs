@@ -67,8 +67,8 @@ impl TokenBucket {
     }
 }
 
-/// Charges the requests to their tenants' buckets; returns the admitted
-/// ones in input order.
+/// Charges the requests to their tenants' buckets; returns which requests
+/// are deferred, by position (empty when none is).
 ///
 /// A tenant whose bucket holds its whole demand has every request admitted
 /// whatever the order, so only the requests of tenants that fall short are
@@ -78,7 +78,7 @@ pub(crate) fn charge(
     reqs: &[Derived],
     buckets: &mut HashMap<String, TokenBucket>,
     report: &mut Report,
-) -> Vec<u32> {
+) -> Vec<bool> {
     let tenants = &cx.input.tenants;
     let mut live: Vec<TokenBucket> = tenants
         .iter()
@@ -137,12 +137,7 @@ pub(crate) fn charge(
         buckets.insert(tenants[t].name.clone(), bucket);
     }
     report.tenants = uses;
-    if deferred.is_empty() {
-        return (0..reqs.len() as u32).collect();
-    }
-    (0..reqs.len() as u32)
-        .filter(|&i| !deferred[i as usize])
-        .collect()
+    deferred
 }
 
 /// Bytes demanded per tenant.

@@ -266,17 +266,15 @@ pub(crate) struct Context<'a> {
     pub window_ns: u64,
     /// Tier state index per (node, tier).
     pub tiers: Vec<[Option<usize>; Tier::ALL.len()]>,
-    /// Pool names, indexed by pool id.
+    /// Pool names, indexed by pool id (filled by [`order::derive`]).
     pub pools: Vec<&'a str>,
-    /// Pool id of each request, by position in the input.
-    pub pool_of: Vec<u16>,
     /// Pool names as the report shares them.
     pub pool_names: Vec<Arc<str>>,
     /// Node names as the report shares them, made on first use.
     pub node_names: Vec<OnceLock<Arc<str>>>,
     /// Tier addresses (`tier://node/tier`) made so far.
     addresses: Mutex<FxHashMap<(usize, Tier), Arc<str>>>,
-    /// Page bytes per pool.
+    /// Page bytes per pool (filled by [`order::derive`]).
     pub page_bytes: Vec<u64>,
     /// Layer latency, ns.
     pub layer_latency: Vec<u64>,
@@ -417,17 +415,19 @@ impl Planner {
     pub fn plan(&mut self, input: &WindowInput) -> crate::Result<(CachePlan, Report)> {
         let started = Instant::now();
         let config = self.config.clone();
-        let cx = context(&config, input)?;
+        let mut cx = context(&config, input)?;
         let mut report = Report {
             window_index: input.window_index,
             requests: input.requests.len() as u64,
             ..Report::default()
         };
 
-        let reqs = order::derive(&cx)?;
+        let (reqs, mut runs) = order::derive(&mut cx)?;
         order::tally(&cx, &reqs, &mut report);
-        let admitted = credits::charge(&cx, &reqs, &mut self.buckets, &mut report);
-        let runs = union::runs(&cx, &reqs, &admitted);
+        let deferred = credits::charge(&cx, &reqs, &mut self.buckets, &mut report);
+        if !deferred.is_empty() {
+            runs.retain(|r| !deferred[r.request as usize]);
+        }
         let merged = union::merge(&cx, runs, &mut report);
         let scored = self.score(&cx, &reqs, &merged);
         let ops = union::shape(&cx, scored, &mut report);
@@ -459,54 +459,6 @@ fn context<'a>(config: &'a PlannerConfig, input: &'a WindowInput) -> crate::Resu
             tiers[n][tier.tier.index()] = Some(t);
         }
     }
-    // Most windows hold one pool: comparing with the previous request's
-    // name first skips the map for nearly every request.
-    let mut pools: Vec<&str> = Vec::new();
-    let mut page_bytes: Vec<u64> = Vec::new();
-    let mut seen: FxHashMap<&str, u16> = FxHashMap::default();
-    let mut pool_of: Vec<u16> = Vec::with_capacity(input.requests.len());
-    let mut last: Option<(&str, u16)> = None;
-    for (r, req) in input.requests.iter().enumerate() {
-        let id = match last {
-            Some((name, id)) if name == req.tensor => id,
-            _ => {
-                let name = req.tensor.as_str();
-                let id = match seen.get(name) {
-                    Some(&id) => id,
-                    None if pools.len() < MAX_POOLS => {
-                        pools.push(name);
-                        page_bytes.push(req.page_bytes);
-                        let id = (pools.len() - 1) as u16;
-                        seen.insert(name, id);
-                        id
-                    }
-                    None => {
-                        return Err(crate::Error::Input {
-                            origin: origin(),
-                            field: format!("requests[{r}].tensor"),
-                            message: format!(
-                                "at most {MAX_POOLS} distinct pools (tensor names) per window"
-                            ),
-                        });
-                    }
-                };
-                last = Some((name, id));
-                id
-            }
-        };
-        pool_of.push(id);
-        let expected = page_bytes.get(usize::from(id)).copied().unwrap_or(0);
-        if expected != req.page_bytes {
-            return Err(crate::Error::Input {
-                origin: origin(),
-                field: format!("requests[{r}].page_bytes"),
-                message: format!(
-                    "{} differs from {expected} given by an earlier request for pool {:?}; one pool has one page size",
-                    req.page_bytes, req.tensor
-                ),
-            });
-        }
-    }
     let layer_latency = if input.layer_latency_ns.is_empty() {
         vec![(config.default_layer_latency_us * 1e3).max(1.0) as u64]
     } else {
@@ -523,14 +475,76 @@ fn context<'a>(config: &'a PlannerConfig, input: &'a WindowInput) -> crate::Resu
         now: input.now_ns,
         window_ns,
         tiers,
-        pool_names: pools.iter().map(|&p| Arc::from(p)).collect(),
+        pool_names: Vec::new(),
         node_names: (0..input.nodes.len()).map(|_| OnceLock::new()).collect(),
         addresses: Default::default(),
-        pools,
-        pool_of,
-        page_bytes,
+        pools: Vec::new(),
+        page_bytes: Vec::new(),
         layer_latency,
     })
+}
+
+/// The window's KV pools (tensor names) in order of first use, each with
+/// its page size.
+#[derive(Default)]
+pub(crate) struct Pools<'a> {
+    pub names: Vec<&'a str>,
+    pub page_bytes: Vec<u64>,
+    ids: FxHashMap<&'a str, u16>,
+    last: Option<(&'a str, u16)>,
+}
+
+impl<'a> Pools<'a> {
+    /// The id of request `r`'s pool, checking that a pool has one page size.
+    pub fn intern(
+        &mut self,
+        window: u64,
+        r: usize,
+        req: &'a crate::model::Request,
+    ) -> crate::Result<u16> {
+        let fail = |field: &str, message: String| crate::Error::Input {
+            origin: format!("window {window}"),
+            field: format!("requests[{r}].{field}"),
+            message,
+        };
+        let name = req.tensor.as_str();
+        // Most windows hold one pool: comparing with the previous request's
+        // name first skips the map for nearly every request.
+        let id = match self.last {
+            Some((last, id)) if last == name => id,
+            _ => {
+                let id = match self.ids.get(name) {
+                    Some(&id) => id,
+                    None if self.names.len() < MAX_POOLS => {
+                        self.names.push(name);
+                        self.page_bytes.push(req.page_bytes);
+                        let id = (self.names.len() - 1) as u16;
+                        self.ids.insert(name, id);
+                        id
+                    }
+                    None => {
+                        return Err(fail(
+                            "tensor",
+                            format!("at most {MAX_POOLS} distinct pools (tensor names) per window"),
+                        ));
+                    }
+                };
+                self.last = Some((name, id));
+                id
+            }
+        };
+        let expected = self.page_bytes[usize::from(id)];
+        if expected != req.page_bytes {
+            return Err(fail(
+                "page_bytes",
+                format!(
+                    "{} differs from {expected} given by an earlier request for pool {:?}; one pool has one page size",
+                    req.page_bytes, req.tensor
+                ),
+            ));
+        }
+        Ok(id)
+    }
 }
 
 impl Planner {
@@ -565,12 +579,12 @@ impl Planner {
                     diff[(member.start - m.run.start) as usize] += 1;
                     diff[(member.end - m.run.start) as usize] -= 1;
                 }
-                let mut hits = 0i64;
-                for (i, d) in diff.iter().take(len).enumerate() {
-                    hits += d;
-                    let page = (key.layer, m.run.start + i as u64);
-                    heat_sum += self.heat.add_weighted(page, hits as f64 * weight) * scale;
-                }
+                let hits = diff.iter().take(len).scan(0i64, |hits, d| {
+                    *hits += d;
+                    Some(*hits as f64 * weight)
+                });
+                self.heat
+                    .add_run(key.layer, m.run.start, hits, |v| heat_sum += v * scale);
             }
             let heat = if len > 0 { heat_sum / len as f64 } else { 0.0 };
             let weight = members

@@ -10,7 +10,9 @@
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 
-use super::{Context, Report};
+use std::sync::Arc;
+
+use super::{Context, Pools, Report, Run};
 
 /// A request with everything later stages need, resolved once.
 #[derive(Debug, Clone)]
@@ -30,19 +32,6 @@ pub(crate) struct Derived {
     pub slack: i64,
     /// Tenant weight, for popularity.
     pub tenant_weight: f64,
-}
-
-impl Derived {
-    /// Marks a request that failed to resolve, in parallel derivation.
-    const UNRESOLVED: Derived = Derived {
-        index: usize::MAX,
-        node: usize::MAX,
-        tenant: None,
-        pool: 0,
-        bytes: 0,
-        slack: 0,
-        tenant_weight: 0.0,
-    };
 }
 
 /// Name lookup for the nodes and tenants of a window. A hash map with a
@@ -67,81 +56,139 @@ impl<'a> Names<'a> {
     }
 }
 
-pub(crate) fn derive(cx: &Context<'_>) -> crate::Result<Vec<Derived>> {
-    let nodes = Names::new(cx.input.nodes.iter().map(|n| n.name.as_str()));
-    let tenants = Names::new(cx.input.tenants.iter().map(|t| t.name.as_str()));
-    let one = |(index, req): (usize, &crate::model::Request)| {
-        let unknown = |field: &str, message: String| crate::Error::Input {
-            origin: format!("window {}", cx.input.window_index),
-            field: format!("requests[{index}].{field}"),
-            message,
-        };
-        let node = nodes
-            .get(&req.node)
-            .ok_or_else(|| unknown("node", format!("unknown node {:?}", req.node)))?;
-        let tenant = if cx.input.tenants.is_empty() {
-            None
-        } else {
-            Some(
-                tenants
-                    .get(&req.tenant)
-                    .ok_or_else(|| unknown("tenant", format!("unknown tenant {:?}", req.tenant)))?,
-            )
-        };
-        if cx.tier(node, req.src).is_none() || cx.tier(node, req.dst).is_none() {
-            return Err(unknown(
-                "src",
-                format!(
-                    "node {:?} lacks the {} or {} tier",
-                    req.node, req.src, req.dst
-                ),
-            ));
-        }
-        let pool = cx.pool_of.get(index).copied().unwrap_or(0);
-        let layers = u64::from(req.layers[1].saturating_sub(req.layers[0]));
-        let bytes = (req.pages.len() as u64)
-            .saturating_mul(layers)
-            .saturating_mul(req.page_bytes);
-        let needed = cx
-            .now
-            .saturating_add(cx.copy_ns(node, req.src, bytes))
-            .saturating_add(req.est_fill_ns);
-        let slack = if req.deadline_ns >= needed {
-            i64::try_from(req.deadline_ns - needed).unwrap_or(i64::MAX)
-        } else {
-            -i64::try_from(needed - req.deadline_ns).unwrap_or(i64::MAX)
-        };
-        Ok(Derived {
-            index,
-            node,
-            tenant,
-            pool,
-            bytes,
-            slack,
-            tenant_weight: tenant.map_or(1.0, |t| cx.input.tenants[t].weight),
-        })
-    };
-    // Below a few tens of thousands of requests, waking the thread pool
-    // costs more than it saves.
+/// Resolves every request ([`Derived`]) and cuts it into runs of
+/// consecutive pages, one set per layer, in one pass over the input: the
+/// input's strings and page lists are read once. Fills the context's pools.
+pub(crate) fn derive<'a>(cx: &mut Context<'a>) -> crate::Result<(Vec<Derived>, Vec<Run>)> {
     let requests = &cx.input.requests;
-    if requests.len() < PARALLEL_FROM {
-        return requests.iter().enumerate().map(one).collect();
-    }
-    // An indexed collect writes straight into one vector; a fallible
-    // collect would gather per-thread lists and copy them again. A bad
-    // request (rare: inputs are checked first) is found again in order, so
-    // the error names the first one whichever thread met it.
-    let mut out = Vec::new();
-    requests
-        .par_iter()
-        .with_min_len(4096)
-        .enumerate()
-        .map(|r| one(r).unwrap_or(Derived::UNRESOLVED))
-        .collect_into_vec(&mut out);
-    if out.par_iter().any(|d| d.node == Derived::UNRESOLVED.node) {
-        return requests.iter().enumerate().map(one).collect();
-    }
+    let window = cx.input.window_index;
+    let mut pools = Pools::default();
+    let out = {
+        let cx: &Context<'a> = cx;
+        let nodes = Names::new(cx.input.nodes.iter().map(|n| n.name.as_str()));
+        let tenants = Names::new(cx.input.tenants.iter().map(|t| t.name.as_str()));
+        let one = |index: usize, req: &crate::model::Request, pool: u16, runs: &mut Vec<Run>| {
+            let d = resolve(cx, &nodes, &tenants, index, req, pool)?;
+            super::union::push_runs(cx, &d, req, runs);
+            Ok(d)
+        };
+        if requests.len() < PARALLEL_FROM {
+            // Below a few tens of thousands of requests, waking the thread
+            // pool costs more than it saves.
+            let mut reqs = Vec::with_capacity(requests.len());
+            let mut runs = Vec::with_capacity(requests.len() * 2);
+            for (i, req) in requests.iter().enumerate() {
+                let pool = pools.intern(window, i, req)?;
+                reqs.push(one(i, req, pool, &mut runs)?);
+            }
+            (reqs, runs)
+        } else {
+            let pool_of = requests
+                .iter()
+                .enumerate()
+                .map(|(i, req)| pools.intern(window, i, req))
+                .collect::<crate::Result<Vec<u16>>>()?;
+            const CHUNK: usize = 8192;
+            // A bad request (rare: inputs are checked first) is found again
+            // in order, so the error names the first one whichever thread
+            // met it.
+            let parts: Vec<Option<(Vec<Derived>, Vec<Run>)>> = requests
+                .par_chunks(CHUNK)
+                .enumerate()
+                .map(|(c, chunk)| {
+                    let mut reqs = Vec::with_capacity(chunk.len());
+                    let mut runs = Vec::with_capacity(chunk.len() * 2);
+                    for (k, req) in chunk.iter().enumerate() {
+                        let i = c * CHUNK + k;
+                        reqs.push(one(i, req, pool_of[i], &mut runs).ok()?);
+                    }
+                    Some((reqs, runs))
+                })
+                .collect();
+            if let Some(c) = parts.iter().position(Option::is_none) {
+                let mut runs = Vec::new();
+                for (i, req) in requests.iter().enumerate() {
+                    one(i, req, pool_of[i], &mut runs)?;
+                }
+                // Resolving is deterministic: the pass above fails first.
+                return Err(crate::Error::Input {
+                    origin: format!("window {window}"),
+                    field: format!("requests[{}]", c * CHUNK),
+                    message: "a request in this chunk did not resolve".into(),
+                });
+            }
+            let mut reqs = Vec::with_capacity(requests.len());
+            let mut runs = Vec::with_capacity(parts.iter().flatten().map(|p| p.1.len()).sum());
+            for (r, u) in parts.into_iter().flatten() {
+                reqs.extend(r);
+                runs.extend(u);
+            }
+            (reqs, runs)
+        }
+    };
+    cx.pool_names = pools.names.iter().map(|&p| Arc::from(p)).collect();
+    cx.pools = pools.names;
+    cx.page_bytes = pools.page_bytes;
     Ok(out)
+}
+
+/// Resolves one request's names and computes its bytes and slack.
+fn resolve(
+    cx: &Context<'_>,
+    nodes: &Names<'_>,
+    tenants: &Names<'_>,
+    index: usize,
+    req: &crate::model::Request,
+    pool: u16,
+) -> crate::Result<Derived> {
+    let unknown = |field: &str, message: String| crate::Error::Input {
+        origin: format!("window {}", cx.input.window_index),
+        field: format!("requests[{index}].{field}"),
+        message,
+    };
+    let node = nodes
+        .get(&req.node)
+        .ok_or_else(|| unknown("node", format!("unknown node {:?}", req.node)))?;
+    let tenant = if cx.input.tenants.is_empty() {
+        None
+    } else {
+        Some(
+            tenants
+                .get(&req.tenant)
+                .ok_or_else(|| unknown("tenant", format!("unknown tenant {:?}", req.tenant)))?,
+        )
+    };
+    if cx.tier(node, req.src).is_none() || cx.tier(node, req.dst).is_none() {
+        return Err(unknown(
+            "src",
+            format!(
+                "node {:?} lacks the {} or {} tier",
+                req.node, req.src, req.dst
+            ),
+        ));
+    }
+    let layers = u64::from(req.layers[1].saturating_sub(req.layers[0]));
+    let bytes = (req.pages.len() as u64)
+        .saturating_mul(layers)
+        .saturating_mul(req.page_bytes);
+    let needed = cx
+        .now
+        .saturating_add(cx.copy_ns(node, req.src, bytes))
+        .saturating_add(req.est_fill_ns);
+    let slack = if req.deadline_ns >= needed {
+        i64::try_from(req.deadline_ns - needed).unwrap_or(i64::MAX)
+    } else {
+        -i64::try_from(needed - req.deadline_ns).unwrap_or(i64::MAX)
+    };
+    Ok(Derived {
+        index,
+        node,
+        tenant,
+        pool,
+        bytes,
+        slack,
+        tenant_weight: tenant.map_or(1.0, |t| cx.input.tenants[t].weight),
+    })
 }
 
 /// Inputs at least this large are processed in parallel.

@@ -17,6 +17,7 @@ use rayon::prelude::*;
 
 use super::order::Derived;
 use super::{Context, GroupKey, Reason, Report, Run, Unplanned};
+use crate::model::Request;
 
 /// A merged run and the request runs it covers.
 #[derive(Debug, Clone, Copy)]
@@ -62,51 +63,36 @@ pub(crate) struct Op {
     pub heat: f64,
 }
 
-/// The admitted requests' pages as runs of consecutive ids, one set per layer.
-pub(crate) fn runs(cx: &Context<'_>, reqs: &[Derived], admitted: &[u32]) -> Vec<Run> {
-    let chunk = |ids: &[u32]| {
-        let mut out = Vec::with_capacity(ids.len() * 2);
-        for &i in ids {
-            let r = &reqs[i as usize];
-            let req = &cx.input.requests[r.index];
-            let [first, end] = req.layers;
-            let base = cx.latency_before(first);
-            for layer in first..end {
-                let group = GroupKey {
-                    node: r.node as u16,
-                    src: req.src,
-                    dst: req.dst,
-                    tensor: r.pool,
-                    layer,
-                }
-                .pack();
-                let deadline = if cx.config.overlap && layer > first {
-                    req.deadline_ns
-                        .saturating_add(cx.latency_before(layer) - base)
-                } else {
-                    req.deadline_ns
-                };
-                out.extend(consecutive(&req.pages).map(|(start, end)| Run {
-                    group,
-                    start,
-                    end,
-                    deadline,
-                    fanout: 1,
-                    request: i,
-                }));
-            }
+/// Appends request `r`'s pages to `out` as runs of consecutive ids, one
+/// set per layer; with overlap on, layer `l`'s deadline is the request's
+/// plus the compute latency of the layers before `l`.
+pub(crate) fn push_runs(cx: &Context<'_>, r: &Derived, req: &Request, out: &mut Vec<Run>) {
+    let [first, end] = req.layers;
+    let base = cx.latency_before(first);
+    for layer in first..end {
+        let group = GroupKey {
+            node: r.node as u16,
+            src: req.src,
+            dst: req.dst,
+            tensor: r.pool,
+            layer,
         }
-        out
-    };
-    if admitted.len() < super::order::PARALLEL_FROM {
-        return chunk(admitted);
+        .pack();
+        let deadline = if cx.config.overlap && layer > first {
+            req.deadline_ns
+                .saturating_add(cx.latency_before(layer) - base)
+        } else {
+            req.deadline_ns
+        };
+        out.extend(consecutive(&req.pages).map(|(start, end)| Run {
+            group,
+            start,
+            end,
+            deadline,
+            fanout: 1,
+            request: r.index as u32,
+        }));
     }
-    let parts: Vec<Vec<Run>> = admitted.par_chunks(8192).map(chunk).collect();
-    let mut out = Vec::with_capacity(parts.iter().map(Vec::len).sum());
-    for part in parts {
-        out.extend(part);
-    }
-    out
 }
 
 /// Maximal runs of consecutive ids in `pages`, in the order given.

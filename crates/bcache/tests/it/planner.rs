@@ -628,4 +628,49 @@ fn heat_decays_by_half_lives_and_ranks_survive_rescaling() {
     }
     assert!(small.len() <= 100);
     assert!(small.get((0, 999), 0) > 0.0, "the hottest stays");
+    assert_eq!(small.get((0, 0), 0), 0.0, "the coldest went");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Heat kept in blocks of pages behaves as one number per page: runs
+    /// and single adds agree with a plain map, saving and restoring keeps
+    /// every page, and the bound holds.
+    #[test]
+    fn heat_blocks_behave_as_one_number_per_page(
+        adds in prop::collection::vec((0u32..3, 0u64..200, 1usize..40, 0.0f64..4.0), 1..60),
+    ) {
+        use bcache::heat::Heat;
+        let mut heat = Heat::new(1e9, 1 << 20);
+        let mut plain: HashMap<(u32, u64), f64> = HashMap::new();
+        for &(layer, start, len, w) in &adds {
+            let mut seen = Vec::new();
+            heat.add_run(layer, start, (0..len).map(|i| w * (i % 3) as f64), |v| seen.push(v));
+            prop_assert_eq!(seen.len(), len);
+            for (i, v) in seen.into_iter().enumerate() {
+                let add = w * (i % 3) as f64;
+                let e = plain.entry((layer, start + i as u64)).or_insert(0.0);
+                if add > 0.0 {
+                    *e += add;
+                }
+                prop_assert!((v - *e).abs() < 1e-9);
+            }
+        }
+        let nonzero = plain.values().filter(|v| **v > 0.0).count();
+        prop_assert_eq!(heat.len(), nonzero);
+        for (&(l, p), &v) in &plain {
+            prop_assert!((heat.get((l, p), 0) - v).abs() < 1e-9);
+        }
+        let saved = heat.entries(0);
+        prop_assert_eq!(saved.len(), nonzero);
+        let mut back = Heat::new(1e9, 1 << 20);
+        back.restore(&saved, 0);
+        prop_assert_eq!(back.entries(0), saved);
+        // A bound below the pages held forgets down to it, and never grows
+        // blocks beyond what it holds.
+        let mut bounded = Heat::new(1e9, 8);
+        bounded.restore(&heat.entries(0), 0);
+        prop_assert!(bounded.len() <= 8);
+    }
 }
