@@ -422,12 +422,18 @@ impl Planner {
             ..Report::default()
         };
 
-        let (reqs, mut runs) = order::derive(&mut cx)?;
+        let (reqs, runs) = order::derive(&mut cx)?;
         order::tally(&cx, &reqs, &mut report);
         let deferred = credits::charge(&cx, &reqs, &mut self.buckets, &mut report);
-        if !deferred.is_empty() {
-            runs.retain(|r| !deferred[r.request as usize]);
-        }
+        let runs = match runs {
+            Some(mut runs) => {
+                if !deferred.is_empty() {
+                    runs.retain(|r| !deferred[r.request as usize]);
+                }
+                runs
+            }
+            None => union::runs(&cx, &reqs, &deferred),
+        };
         let merged = union::merge(&cx, runs, &mut report);
         let scored = self.score(&cx, &reqs, &merged);
         let ops = union::shape(&cx, scored, &mut report);

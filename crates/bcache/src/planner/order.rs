@@ -56,10 +56,13 @@ impl<'a> Names<'a> {
     }
 }
 
-/// Resolves every request ([`Derived`]) and cuts it into runs of
-/// consecutive pages, one set per layer, in one pass over the input: the
-/// input's strings and page lists are read once. Fills the context's pools.
-pub(crate) fn derive<'a>(cx: &mut Context<'a>) -> crate::Result<(Vec<Derived>, Vec<Run>)> {
+/// Resolves every request ([`Derived`]) and fills the context's pools.
+/// Below [`PARALLEL_FROM`] requests it also cuts each request into runs of
+/// consecutive pages in the same pass, so that the input's strings and page
+/// lists are read once while they are in cache; above, the runs are cut in
+/// parallel after credits, for the admitted requests only
+/// ([`super::union::runs`]).
+pub(crate) fn derive<'a>(cx: &mut Context<'a>) -> crate::Result<(Vec<Derived>, Option<Vec<Run>>)> {
     let requests = &cx.input.requests;
     let window = cx.input.window_index;
     let mut pools = Pools::default();
@@ -81,7 +84,7 @@ pub(crate) fn derive<'a>(cx: &mut Context<'a>) -> crate::Result<(Vec<Derived>, V
                 let pool = pools.intern(window, i, req)?;
                 reqs.push(one(i, req, pool, &mut runs)?);
             }
-            (reqs, runs)
+            (reqs, Some(runs))
         } else {
             let pool_of = requests
                 .iter()
@@ -92,17 +95,16 @@ pub(crate) fn derive<'a>(cx: &mut Context<'a>) -> crate::Result<(Vec<Derived>, V
             // A bad request (rare: inputs are checked first) is found again
             // in order, so the error names the first one whichever thread
             // met it.
-            let parts: Vec<Option<(Vec<Derived>, Vec<Run>)>> = requests
+            let parts: Vec<Option<Vec<Derived>>> = requests
                 .par_chunks(CHUNK)
                 .enumerate()
                 .map(|(c, chunk)| {
                     let mut reqs = Vec::with_capacity(chunk.len());
-                    let mut runs = Vec::with_capacity(chunk.len() * 2);
                     for (k, req) in chunk.iter().enumerate() {
                         let i = c * CHUNK + k;
-                        reqs.push(one(i, req, pool_of[i], &mut runs).ok()?);
+                        reqs.push(resolve(cx, &nodes, &tenants, i, req, pool_of[i]).ok()?);
                     }
-                    Some((reqs, runs))
+                    Some(reqs)
                 })
                 .collect();
             if let Some(c) = parts.iter().position(Option::is_none) {
@@ -118,12 +120,10 @@ pub(crate) fn derive<'a>(cx: &mut Context<'a>) -> crate::Result<(Vec<Derived>, V
                 });
             }
             let mut reqs = Vec::with_capacity(requests.len());
-            let mut runs = Vec::with_capacity(parts.iter().flatten().map(|p| p.1.len()).sum());
-            for (r, u) in parts.into_iter().flatten() {
-                reqs.extend(r);
-                runs.extend(u);
+            for part in parts.into_iter().flatten() {
+                reqs.extend(part);
             }
-            (reqs, runs)
+            (reqs, None)
         }
     };
     cx.pool_names = pools.names.iter().map(|&p| Arc::from(p)).collect();

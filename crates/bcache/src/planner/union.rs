@@ -63,6 +63,28 @@ pub(crate) struct Op {
     pub heat: f64,
 }
 
+/// The runs of the requests not `deferred` (by position; empty: none is),
+/// cut in parallel.
+pub(crate) fn runs(cx: &Context<'_>, reqs: &[Derived], deferred: &[bool]) -> Vec<Run> {
+    let parts: Vec<Vec<Run>> = reqs
+        .par_chunks(8192)
+        .map(|chunk| {
+            let mut out = Vec::with_capacity(chunk.len() * 2);
+            for r in chunk {
+                if !deferred.get(r.index).copied().unwrap_or(false) {
+                    push_runs(cx, r, &cx.input.requests[r.index], &mut out);
+                }
+            }
+            out
+        })
+        .collect();
+    let mut out = Vec::with_capacity(parts.iter().map(Vec::len).sum());
+    for part in parts {
+        out.extend(part);
+    }
+    out
+}
+
 /// Appends request `r`'s pages to `out` as runs of consecutive ids, one
 /// set per layer; with overlap on, layer `l`'s deadline is the request's
 /// plus the compute latency of the layers before `l`.
