@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::lsh::LshConfig;
 
 /// The whole configuration: planner, simulator and tuner sections.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -95,6 +96,23 @@ pub struct PlannerConfig {
     pub high_watermark: f64,
     /// ...and stops when use is back at this fraction.
     pub low_watermark: f64,
+    /// Stage switch: group the window's requests into prefix clusters and
+    /// report, per cluster of two or more, the node that already holds most
+    /// of its pages (routing hints; the plan itself is unchanged). Off by
+    /// default: it costs about a quarter of a window's planning time, worth
+    /// paying when a router reads the hints.
+    pub route_hints: bool,
+    /// LSH bands for clustering requests that carry prompt tokens: prompts
+    /// are candidates when any band matches (more bands: fewer missed pairs).
+    pub lsh_bands: usize,
+    /// MinHash values per LSH band: a band matches when all of them do
+    /// (more rows: fewer false pairs).
+    pub lsh_rows: usize,
+    /// Tokens per shingle of the MinHash signature.
+    pub lsh_shingle: usize,
+    /// Leading page ids that decide the cluster of a request without prompt
+    /// tokens: requests whose first this many pages are equal share one.
+    pub prefix_depth: usize,
 }
 
 impl Default for PlannerConfig {
@@ -123,14 +141,35 @@ impl Default for PlannerConfig {
             eviction: true,
             high_watermark: 0.95,
             low_watermark: 0.85,
+            route_hints: false,
+            lsh_bands: LshConfig::default().bands,
+            lsh_rows: LshConfig::default().rows,
+            lsh_shingle: LshConfig::default().shingle,
+            prefix_depth: 4,
         }
     }
 }
+
+/// The most MinHash values (`lsh_bands * lsh_rows`) a signature may have:
+/// each prompt costs `tokens x values` multiply-adds, so a mistyped knob
+/// must not turn a window into minutes of hashing.
+pub const MAX_LSH_SIGNATURE: usize = 1024;
 
 impl PlannerConfig {
     /// Window length in ns.
     pub fn window_ns(&self) -> u64 {
         ms_to_ns(self.window_ms)
+    }
+
+    /// The LSH settings of the routing hints' prompt clustering (the hash
+    /// seed is [`LshConfig`]'s default, so clusters are stable across runs).
+    pub fn lsh(&self) -> LshConfig {
+        LshConfig {
+            bands: self.lsh_bands,
+            rows: self.lsh_rows,
+            shingle: self.lsh_shingle,
+            ..LshConfig::default()
+        }
     }
 }
 
@@ -317,6 +356,11 @@ knobs! {
     "planner.eviction", "eviction", "Stage switch: evict the coldest, cheapest pages when a tier fills.";
     "planner.high_watermark", "high-watermark", "Eviction starts above this fraction of a tier's capacity.";
     "planner.low_watermark", "low-watermark", "Eviction stops at this fraction of a tier's capacity.";
+    "planner.route_hints", "route-hints", "Stage switch: cluster near-duplicate prompts and report the node holding most of each cluster's pages (for a router; adds about a quarter to planning time).";
+    "planner.lsh_bands", "lsh-bands", "LSH bands for prompt clustering; prompts sharing any band cluster (more: fewer misses).";
+    "planner.lsh_rows", "lsh-rows", "MinHash values per LSH band; a band matches when all do (more: fewer false pairs).";
+    "planner.lsh_shingle", "lsh-shingle", "Tokens per shingle of a prompt's MinHash signature.";
+    "planner.prefix_depth", "prefix-depth", "Leading page ids that group requests without prompt tokens, exactly.";
     "sim.nodes", "nodes", "Serving nodes, one GPU each.";
     "sim.routing", "routing", "Request placement: round-robin or prefix-affinity.";
     "sim.affinity_blocks", "affinity-blocks", "Leading blocks that choose the node under prefix affinity.";
@@ -500,6 +544,31 @@ impl Config {
         }
         if p.max_prefetch_depth == 0 {
             return fail("planner.max_prefetch_depth", "must be > 0");
+        }
+        for (key, v) in [
+            ("planner.lsh_bands", p.lsh_bands),
+            ("planner.lsh_rows", p.lsh_rows),
+            ("planner.lsh_shingle", p.lsh_shingle),
+            ("planner.prefix_depth", p.prefix_depth),
+        ] {
+            if v == 0 {
+                return fail(key, "must be > 0");
+            }
+        }
+        let lsh = p.lsh();
+        // Zeros are reported above under their own keys; what is left for
+        // the LSH's own check is the size of the signature.
+        if let Err(e) = lsh.validate() {
+            return fail("planner.lsh_bands", &e.to_string());
+        }
+        if lsh.signature_len() > MAX_LSH_SIGNATURE {
+            return fail(
+                "planner.lsh_bands",
+                &format!(
+                    "planner.lsh_bands x planner.lsh_rows is {} x {}; at most {MAX_LSH_SIGNATURE} MinHash values",
+                    p.lsh_bands, p.lsh_rows
+                ),
+            );
         }
         let s = &self.sim;
         for (key, v) in [

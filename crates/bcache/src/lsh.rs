@@ -63,10 +63,10 @@
 //! nothing to estimate: [`prefix_clusters`] groups requests whose first
 //! `depth` block ids are identical, exactly.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 
 use rayon::prelude::*;
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -227,8 +227,11 @@ pub fn cluster(prompts: &[&[u32]], cfg: &LshConfig) -> Vec<u32> {
     let mut sets = UnionFind::new(prompts.len());
     // Band key -> first prompt seen in that bucket. The band index is mixed
     // into the key, so one table serves all bands.
-    let mut buckets: HashMap<u64, usize> =
-        HashMap::with_capacity(prompts.len().saturating_mul(hasher.bands));
+    // The keys are already mixed: a fast hasher loses nothing.
+    let mut buckets: FxHashMap<u64, usize> = FxHashMap::with_capacity_and_hasher(
+        prompts.len().saturating_mul(hasher.bands),
+        Default::default(),
+    );
     for (prompt, prompt_keys) in keys.iter().enumerate() {
         for &key in prompt_keys {
             match buckets.entry(key) {
@@ -251,17 +254,98 @@ pub fn cluster(prompts: &[&[u32]], cfg: &LshConfig) -> Vec<u32> {
 /// cluster of `[1, 2, 3]` when `depth` is 3 (its key is shorter), but it is
 /// when `depth` is 2. Ids are dense, in order of first appearance. With
 /// `depth == 0` every request is in cluster 0.
+///
+/// From 32 768 requests on, the work is spread over cores: see
+/// [`prefix_clusters_by`].
 pub fn prefix_clusters(prefixes: &[&[u64]], depth: usize) -> Vec<u32> {
-    let mut ids: HashMap<&[u64], u32> = HashMap::new();
-    prefixes
+    prefix_clusters_by(prefixes.len(), depth, |i| prefixes[i])
+}
+
+/// [`prefix_clusters`] over `n` requests whose block ids `blocks(i)` gives,
+/// for a caller that holds them in its own structures (the planner: a
+/// million requests, whose lists a copied index would only add a pass to).
+/// `blocks` is called with `0..n` only.
+///
+/// From 32 768 requests on, the keys are hashed, and then checked against
+/// their cluster's first key, in parallel (rayon): reading each request's
+/// block list is the cost, and it spreads over cores; only the numbering in
+/// order of first appearance is sequential, on the compact hashes. The
+/// result is the same as the serial one, collisions of the 64-bit hash
+/// included: they are found by the check and fall back to the exact table.
+pub fn prefix_clusters_by<'a, F>(n: usize, depth: usize, blocks: F) -> Vec<u32>
+where
+    F: Fn(usize) -> &'a [u64] + Sync,
+{
+    let key = |i: usize| prefix_key(blocks(i), depth);
+    if n < PARALLEL_MIN_PREFIXES {
+        return prefix_clusters_exact(n, key);
+    }
+    let hashes: Vec<u64> = (0..n)
+        .into_par_iter()
+        .with_min_len(4096)
+        .map(|i| hash_blocks(key(i)))
+        .collect();
+    let mut first: FxHashMap<u64, u32> = FxHashMap::default();
+    let mut reps: Vec<usize> = Vec::new();
+    let ids: Vec<u32> = hashes
         .iter()
-        .map(|blocks| {
-            let key = &blocks[..depth.min(blocks.len())];
+        .enumerate()
+        .map(|(i, &h)| {
+            *first.entry(h).or_insert_with(|| {
+                reps.push(i);
+                (reps.len() - 1) as u32
+            })
+        })
+        .collect();
+    let exact = ids
+        .par_iter()
+        .enumerate()
+        .with_min_len(4096)
+        .all(|(i, &id)| {
+            reps.get(id as usize)
+                .is_some_and(|&rep| rep == i || key(rep) == key(i))
+        });
+    if exact {
+        ids
+    } else {
+        prefix_clusters_exact(n, key)
+    }
+}
+
+/// From this many requests on, [`prefix_clusters_by`] works in parallel.
+const PARALLEL_MIN_PREFIXES: usize = 32_768;
+
+/// [`prefix_clusters_by`] with the keys themselves in the table: exact,
+/// serial.
+fn prefix_clusters_exact<'a>(n: usize, key: impl Fn(usize) -> &'a [u64]) -> Vec<u32> {
+    // A fast hasher, and a table that grows with the distinct keys only:
+    // shared prefixes are the point, so it stays small and in cache.
+    let mut ids: FxHashMap<&[u64], u32> = FxHashMap::default();
+    (0..n)
+        .map(|i| {
             let next = ids.len() as u32;
-            *ids.entry(key).or_insert(next)
+            *ids.entry(key(i)).or_insert(next)
         })
         .collect()
 }
+
+/// A request's key: its first `depth` block ids, or all when fewer.
+fn prefix_key(blocks: &[u64], depth: usize) -> &[u64] {
+    &blocks[..depth.min(blocks.len())]
+}
+
+/// A 64-bit hash of a block-id key, its length included (so that `[1, 2]`
+/// and `[1, 2, 0]` differ by construction).
+fn hash_blocks(blocks: &[u64]) -> u64 {
+    blocks
+        .iter()
+        .fold(mix64(blocks.len() as u64 ^ PREFIX_SEED), |h, &b| {
+            mix64(h ^ b)
+        })
+}
+
+/// Mixed into [`hash_blocks`]' start ("prefix").
+const PREFIX_SEED: u64 = 0x7072_6566_6978;
 
 /// The hash functions of one config, drawn once from its seed.
 struct MinHasher {
@@ -427,6 +511,28 @@ mod tests {
         };
         assert_eq!(signature(&[1, 2, 3], &zero).len(), 1);
         assert_eq!(cluster(&[&[1, 2], &[1, 2], &[3]], &zero), vec![0, 0, 1]);
+    }
+
+    #[test]
+    fn a_hash_collision_falls_back_to_the_exact_table() {
+        // mix64 is a bijection, so a second key with the same hash can be
+        // solved for: [a0, a1] and [b0, b1] collide when
+        // b1 = mix64(s ^ b0) ^ mix64(s ^ a0) ^ a1.
+        let s = mix64(2 ^ PREFIX_SEED);
+        let (a0, a1, b0) = (5u64, 6u64, 7u64);
+        let b1 = mix64(s ^ b0) ^ mix64(s ^ a0) ^ a1;
+        let a = [a0, a1];
+        let b = [b0, b1];
+        assert_eq!(hash_blocks(&a), hash_blocks(&b));
+        // Enough requests for the parallel path: `a` first, `b` last.
+        let filler = [1u64];
+        let mut lists: Vec<&[u64]> = vec![&a];
+        lists.extend(std::iter::repeat_n(&filler[..], PARALLEL_MIN_PREFIXES));
+        lists.push(&b);
+        let ids = prefix_clusters(&lists, 2);
+        assert_eq!(ids[0], 0);
+        assert_eq!(ids[1], 1);
+        assert_eq!(ids[lists.len() - 1], 2, "colliding keys stay apart");
     }
 
     #[test]

@@ -252,6 +252,12 @@ pub struct Request {
     /// KV pool or tensor name; empty for a single pool.
     #[serde(default)]
     pub tensor: String,
+    /// Prompt token ids, when the engine sends them. Used only to cluster
+    /// near-duplicate prompts (banded MinHash LSH) for the report's routing
+    /// hints; planning never reads them. Without tokens a request is
+    /// clustered by its first pages, exactly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<u32>,
 }
 
 fn all_layers() -> [u32; 2] {

@@ -60,7 +60,7 @@ use tonic::{Code, Status};
 use crate::config::PlannerConfig;
 use crate::error::{Error, Result};
 use crate::model::{Node, Request, ResidentPage, Tenant, Tier, TierState, WindowInput};
-use crate::planner::{Planner, Reason, Report, TenantUse, Unplanned};
+use crate::planner::{Planner, Reason, Report, RouteHint, TenantUse, Unplanned};
 
 /// Types and gRPC stubs generated from `proto/bstack/bcache/v1/planner.proto`.
 ///
@@ -656,6 +656,7 @@ impl From<&WindowInput> for proto::WindowInput {
                     page_bytes: r.page_bytes,
                     est_fill_ns: r.est_fill_ns,
                     tensor: r.tensor.clone(),
+                    tokens: r.tokens.clone(),
                 })
                 .collect(),
         }
@@ -737,6 +738,7 @@ pub fn window_from_proto(w: proto::WindowInput, origin: &str) -> Result<WindowIn
             page_bytes: req.page_bytes,
             est_fill_ns: req.est_fill_ns,
             tensor: req.tensor,
+            tokens: req.tokens,
         });
     }
     let input = WindowInput {
@@ -827,6 +829,17 @@ impl From<&Report> for proto::PlanSummary {
             admitted_bytes: r.admitted_bytes,
             planning_ns: r.planning_ns,
             credit_deferred: r.credit_deferred.clone(),
+            route_hints: r
+                .route_hints
+                .iter()
+                .map(|h| proto::RouteHint {
+                    cluster: h.cluster,
+                    requests: h.requests.clone(),
+                    node: h.node.to_string(),
+                    resident_pages: h.resident_pages,
+                    nodes_now: h.nodes_now,
+                })
+                .collect(),
         }
     }
 }
@@ -850,6 +863,36 @@ pub fn report_from_summary(s: proto::PlanSummary) -> std::result::Result<Report,
             page: u.page,
             count: u.count,
             bytes: u.bytes,
+        });
+    }
+    let mut route_hints = Vec::with_capacity(s.route_hints.len());
+    for (i, h) in s.route_hints.into_iter().enumerate() {
+        if h.node.is_empty() {
+            return Err(format!("route_hints[{i}].node: empty; a hint names a node"));
+        }
+        if h.requests.len() < 2 {
+            return Err(format!(
+                "route_hints[{i}].requests: {} listed; a cluster has at least 2",
+                h.requests.len()
+            ));
+        }
+        if let Some((j, p)) = h
+            .requests
+            .iter()
+            .enumerate()
+            .find(|&(_, &p)| u64::from(p) >= s.requests)
+        {
+            return Err(format!(
+                "route_hints[{i}].requests[{j}]: position {p} is past the window's {} requests",
+                s.requests
+            ));
+        }
+        route_hints.push(RouteHint {
+            cluster: h.cluster,
+            requests: h.requests,
+            node: h.node.into(),
+            resident_pages: h.resident_pages,
+            nodes_now: h.nodes_now,
         });
     }
     Ok(Report {
@@ -880,6 +923,7 @@ pub fn report_from_summary(s: proto::PlanSummary) -> std::result::Result<Report,
         evicted_bytes: s.evicted_bytes,
         admitted_bytes: s.admitted_bytes,
         planning_ns: s.planning_ns,
+        route_hints,
     })
 }
 
@@ -907,6 +951,7 @@ mod tests {
             page_bytes: 65_536,
             est_fill_ns: 0,
             tensor: String::new(),
+            tokens: Vec::new(),
         };
         let tier = |tier, capacity_bytes: u64, bandwidth_bytes_per_s| TierState {
             tier,
@@ -947,7 +992,8 @@ mod tests {
 
     #[test]
     fn window_round_trips_through_proto() {
-        let w = window();
+        let mut w = window();
+        w.requests[1].tokens = vec![7, 8, 9];
         let back = window_from_proto(proto::WindowInput::from(&w), "test").unwrap();
         assert_eq!(back, w);
     }
@@ -1013,13 +1059,26 @@ mod tests {
 
     #[test]
     fn summary_round_trips_the_report() {
-        let mut planner = Planner::new(PlannerConfig::default());
+        let mut planner = Planner::new(PlannerConfig {
+            route_hints: true,
+            ..PlannerConfig::default()
+        });
         let mut w = window();
         // A request larger than the GPU is dropped, so `unplanned` is not empty.
         w.requests[1].page_bytes = 1 << 30;
         w.requests[1].tensor = "big".into();
+        // Equal prompts on a window of two nodes, so that `route_hints` is
+        // not empty either.
+        let mut second = w.nodes[0].clone();
+        second.name = "node1".into();
+        w.nodes.push(second);
+        for r in &mut w.requests {
+            r.tokens = (0..32).collect();
+        }
         let (_, report) = planner.plan(&w).unwrap();
         assert!(!report.unplanned.is_empty(), "{report:?}");
+        assert_eq!(report.route_hints.len(), 1, "{report:?}");
+        assert_eq!(report.route_hints[0].requests, vec![0, 1]);
         let back = report_from_summary(proto::PlanSummary::from(&report)).unwrap();
         assert_eq!(back, report);
 
@@ -1027,6 +1086,22 @@ mod tests {
         summary.unplanned[0].reason = "bored".into();
         let e = report_from_summary(summary).unwrap_err();
         assert_eq!(e, "unplanned[0].reason: unknown reason \"bored\"");
+
+        let mut summary = proto::PlanSummary::from(&report);
+        summary.route_hints[0].node.clear();
+        let e = report_from_summary(summary).unwrap_err();
+        assert!(e.starts_with("route_hints[0].node: "), "{e}");
+        let mut summary = proto::PlanSummary::from(&report);
+        summary.route_hints[0].requests[1] = 2;
+        let e = report_from_summary(summary).unwrap_err();
+        assert_eq!(
+            e,
+            "route_hints[0].requests[1]: position 2 is past the window's 2 requests"
+        );
+        let mut summary = proto::PlanSummary::from(&report);
+        summary.route_hints[0].requests.truncate(1);
+        let e = report_from_summary(summary).unwrap_err();
+        assert!(e.starts_with("route_hints[0].requests: 1 listed"), "{e}");
     }
 
     /// `GET path` over a plain TCP stream; the whole response.

@@ -132,7 +132,7 @@ pub struct PlanArgs {
     /// Write the CachePlan here (.json, or .pb for protobuf).
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
-    /// Also print every deferred and dropped item.
+    /// Also print every deferred and dropped item and every route hint.
     #[arg(long)]
     all: bool,
     /// Plan on the service at ADDR (`bstack bcache serve`) instead of here:
@@ -429,6 +429,48 @@ fn print_report(out: &Output, r: &Report, window: &WindowInput, all: bool) -> Re
             out.line(format!(
                 "... and {} more (--all lists them)",
                 r.unplanned.len() - shown
+            ))?;
+        }
+    }
+    if !r.route_hints.is_empty() {
+        let shown = if all {
+            r.route_hints.len()
+        } else {
+            r.route_hints.len().min(10)
+        };
+        out.line("route hints (prefix clusters of 2 or more requests):")?;
+        let mut t = table(
+            &[
+                "cluster",
+                "requests",
+                "first request",
+                "suggested node",
+                "resident pages",
+                "nodes now",
+            ],
+            &[0, 1, 4, 5],
+        );
+        for h in &r.route_hints[..shown] {
+            let first = h.requests.first().map_or_else(String::new, |&i| {
+                window
+                    .requests
+                    .get(i as usize)
+                    .map_or_else(|| format!("requests[{i}]"), |r| r.id.clone())
+            });
+            t.add_row(vec![
+                h.cluster.to_string(),
+                h.requests.len().to_string(),
+                first,
+                h.node.to_string(),
+                h.resident_pages.to_string(),
+                h.nodes_now.to_string(),
+            ]);
+        }
+        out.line(t)?;
+        if shown < r.route_hints.len() {
+            out.line(format!(
+                "... and {} more (--all lists them)",
+                r.route_hints.len() - shown
             ))?;
         }
     }

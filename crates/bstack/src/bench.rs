@@ -619,6 +619,7 @@ fn synthetic_window(requests: usize, seed: u64) -> bcache::WindowInput {
                 page_bytes: 256 * 1024,
                 est_fill_ns: [1u64, 2, 5, 10, 20][(next() % 5) as usize] * 1_000_000,
                 tensor: "kv".into(),
+                tokens: Vec::new(),
             }
         })
         .collect();
@@ -631,6 +632,43 @@ fn synthetic_window(requests: usize, seed: u64) -> bcache::WindowInput {
         layer_latency_ns: (0..8).map(|l| 5_000_000 + l * 500_000).collect(),
         requests,
     }
+}
+
+/// Median planning time of one planner planning `window` `runs` times
+/// (after one warm-up), each window 20 ms after the last with the same
+/// requests due 20 ms later; only the planning call is timed. Returns the
+/// last result too.
+fn steady(
+    window: &mut bcache::WindowInput,
+    config: bcache::config::PlannerConfig,
+    runs: usize,
+) -> (
+    Duration,
+    Option<bcache::Result<(CachePlan, bcache::planner::Report)>>,
+) {
+    let mut planner = bcache::planner::Planner::new(config);
+    let step = window.window_ns.max(20_000_000);
+    let mut times = Vec::with_capacity(runs);
+    let mut last = None;
+    for run in 0..=runs {
+        let started = Instant::now();
+        let result = planner.plan(black_box(window));
+        let elapsed = started.elapsed();
+        if run > 0 {
+            times.push(elapsed);
+        }
+        last = Some(result);
+        window.window_index += 1;
+        window.now_ns += step;
+        for r in &mut window.requests {
+            r.deadline_ns += step;
+        }
+    }
+    times.sort_unstable();
+    (
+        times.get(times.len() / 2).copied().unwrap_or_default(),
+        last,
+    )
 }
 
 fn bench_bcache(args: &BenchArgs, out: &Output) -> Result<()> {
@@ -653,28 +691,18 @@ fn bench_bcache(args: &BenchArgs, out: &Output) -> Result<()> {
             black_box(p.plan(black_box(&window)).ok());
         });
         // Steady: one planner plans window after window, as the service
-        // does; each window comes 20 ms after the last, with the same
-        // requests due 20 ms later. Only the planning call is timed.
-        let mut planner = Planner::new(PlannerConfig::default());
-        let step = window.window_ns.max(20_000_000);
-        let mut times = Vec::with_capacity(runs);
-        let mut last = None;
-        for run in 0..=runs {
-            let started = Instant::now();
-            let result = planner.plan(black_box(&window));
-            let elapsed = started.elapsed();
-            if run > 0 {
-                times.push(elapsed);
-            }
-            last = Some(result);
-            window.window_index += 1;
-            window.now_ns += step;
-            for r in &mut window.requests {
-                r.deadline_ns += step;
-            }
-        }
-        times.sort_unstable();
-        let time = times.get(times.len() / 2).copied().unwrap_or_default();
+        // does. Measured with the default stages, and again with the
+        // route-hints stage on (off by default: it serves routers).
+        let (time, last) = steady(&mut window, PlannerConfig::default(), runs);
+        let hints = PlannerConfig {
+            route_hints: true,
+            ..PlannerConfig::default()
+        };
+        let (time_hints, hinted) = steady(&mut window, hints, runs);
+        let route_hints = match hinted {
+            Some(Ok((_, r))) => r.route_hints.len(),
+            _ => 0,
+        };
         let (plan, report) = match last {
             Some(r) => r?,
             None => bail!("no planning run"),
@@ -685,6 +713,8 @@ fn bench_bcache(args: &BenchArgs, out: &Output) -> Result<()> {
             Figure::new("bcache_plan_window", n, 0, time).with(json!({
                 "pages": pages,
                 "cold_median_ms": cold.as_secs_f64() * 1e3,
+                "with_route_hints_median_ms": time_hints.as_secs_f64() * 1e3,
+                "route_hints": route_hints,
                 "ops": plan.ops.len(),
                 "demand_bytes": report.demand_bytes,
                 "unique_bytes": report.unique_bytes,

@@ -386,6 +386,7 @@ fn bcache_stage(dir: &Path) -> Result<(String, serde_json::Value)> {
                 page_bytes: bb,
                 est_fill_ns: 0,
                 tensor: "kv".into(),
+                tokens: Vec::new(),
             })
             .collect(),
     };

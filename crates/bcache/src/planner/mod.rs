@@ -8,6 +8,10 @@
 //! 1. **order** ([`order`]): slack = deadline - now - estimated copy time -
 //!    estimated fill time; requests are taken least slack first (earliest
 //!    deadline first). Requests already late are flagged, and still planned.
+//!    **Route hints** (`route.rs`) follow: near-duplicate prompts (MinHash LSH
+//!    on their tokens) or equal page prefixes form clusters, and each
+//!    cluster of two or more gets the node holding most of its pages
+//!    ([`Report::route_hints`]); advice only, the plan does not use it.
 //! 2. **credits** ([`credits`]): each tenant has a token bucket (rate, burst,
 //!    carried over between windows). A request is admitted when its bytes fit
 //!    the tokens left, or when the bucket is full (so a request larger than
@@ -45,6 +49,7 @@ mod caps;
 mod credits;
 mod evict;
 mod order;
+mod route;
 mod union;
 
 use std::collections::HashMap;
@@ -177,6 +182,38 @@ pub struct Report {
     pub admitted_bytes: u64,
     /// Wall time of the planning call, ns.
     pub planning_ns: u64,
+    /// One routing hint per prefix cluster of two or more requests, largest
+    /// cluster first (ties by cluster id); empty when the `route_hints`
+    /// stage is off.
+    #[serde(default)]
+    pub route_hints: Vec<RouteHint>,
+}
+
+/// A prefix cluster of the window (requests with nearly the same prompt, or
+/// the same first pages) and the node a router should send such requests
+/// to: the one that already holds most of the cluster's pages, so that they
+/// are read from cache instead of moved or recomputed. The plan does not
+/// depend on it; it is advice for whoever places requests on nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteHint {
+    /// Cluster id, unique within the window: clusters of requests with
+    /// prompt tokens (MinHash LSH) are numbered first, then the exact
+    /// page-prefix groups of requests without tokens.
+    pub cluster: u32,
+    /// The cluster's requests, as positions in the input's `requests`,
+    /// ascending.
+    pub requests: Vec<u32>,
+    /// The suggested node: the one holding the most of the cluster's
+    /// distinct pages in any tier (ties: the one serving most of the
+    /// cluster's requests, then the first listed); when none holds any, the
+    /// one serving most of its requests.
+    pub node: Arc<str>,
+    /// Distinct page ids of the cluster (any layer) resident on `node`, in
+    /// any of its tiers.
+    pub resident_pages: u64,
+    /// Distinct nodes the cluster's requests are on now: above 1, routing
+    /// them together would share their pages.
+    pub nodes_now: u32,
 }
 
 /// What a planner remembers between windows, saved by `bstack bcache plan
@@ -266,6 +303,8 @@ pub(crate) struct Context<'a> {
     pub window_ns: u64,
     /// Tier state index per (node, tier).
     pub tiers: Vec<[Option<usize>; Tier::ALL.len()]>,
+    /// Copy time per byte out of each (node, tier), ns.
+    pub ns_per_byte: Vec<[f64; Tier::ALL.len()]>,
     /// Pool names, indexed by pool id (filled by [`order::derive`]).
     pub pools: Vec<&'a str>,
     /// Pool names as the report shares them.
@@ -293,9 +332,10 @@ impl Context<'_> {
 
     /// Copy time of `bytes` out of `tier` of `node`, ns.
     pub fn copy_ns(&self, node: usize, tier: Tier, bytes: u64) -> u64 {
-        // Floating point: a 128-bit division per request costs more than
-        // the rest of the request's bookkeeping.
-        (bytes as f64 * 1e9 / self.bandwidth(node, tier) as f64) as u64
+        // A multiplication by a per-link factor made once: a division per
+        // request costs more than the rest of its bookkeeping.
+        let ns_per_byte = self.ns_per_byte.get(node).map_or(1e9, |n| n[tier.index()]);
+        (bytes as f64 * ns_per_byte) as u64
     }
 
     /// Compute latency of layers before `layer`, ns.
@@ -424,6 +464,7 @@ impl Planner {
 
         let (reqs, runs) = order::derive(&mut cx)?;
         order::tally(&cx, &reqs, &mut report);
+        route::hints(&cx, &reqs, &mut report);
         let deferred = credits::charge(&cx, &reqs, &mut self.buckets, &mut report);
         let runs = match runs {
             Some(mut runs) => {
@@ -460,9 +501,12 @@ fn context<'a>(config: &'a PlannerConfig, input: &'a WindowInput) -> crate::Resu
         });
     }
     let mut tiers = vec![[None; Tier::ALL.len()]; input.nodes.len()];
+    // A missing tier reads at 1 byte/s, as `bandwidth` says.
+    let mut ns_per_byte = vec![[1e9; Tier::ALL.len()]; input.nodes.len()];
     for (n, node) in input.nodes.iter().enumerate() {
         for (t, tier) in node.tiers.iter().enumerate() {
             tiers[n][tier.tier.index()] = Some(t);
+            ns_per_byte[n][tier.tier.index()] = 1e9 / tier.bandwidth_bytes_per_s.max(1) as f64;
         }
     }
     let layer_latency = if input.layer_latency_ns.is_empty() {
@@ -481,6 +525,7 @@ fn context<'a>(config: &'a PlannerConfig, input: &'a WindowInput) -> crate::Resu
         now: input.now_ns,
         window_ns,
         tiers,
+        ns_per_byte,
         pool_names: Vec::new(),
         node_names: (0..input.nodes.len()).map(|_| OnceLock::new()).collect(),
         addresses: Default::default(),

@@ -449,6 +449,7 @@ impl Sim<'_> {
                         page_bytes: bb,
                         est_fill_ns: 0,
                         tensor: String::new(),
+                        tokens: Vec::new(),
                     });
                 }
             }

@@ -102,3 +102,61 @@ fn the_yaml_a_config_prints_reads_back_identically() {
     let back = Config::from_yaml(&c.to_yaml(), "printed").unwrap();
     assert_eq!(back, c);
 }
+
+#[test]
+fn the_readme_table_is_the_docs_table() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    assert!(
+        readme.contains(&Config::docs_table()),
+        "README.md's configuration table is stale: replace it with the output of \
+         `bstack bcache config --docs`"
+    );
+}
+
+#[test]
+fn route_hint_knobs_default_set_and_are_checked_by_key() {
+    let c = Config::default();
+    assert!(!c.planner.route_hints, "off unless a router asks");
+    assert_eq!(c.planner.lsh(), bcache::lsh::LshConfig::default());
+    assert_eq!(c.planner.prefix_depth, 4);
+
+    let mut tree = Config::default().to_value();
+    Config::set(&mut tree, "planner.route_hints", "true").unwrap();
+    Config::set(&mut tree, "planner.lsh_bands", "20").unwrap();
+    Config::set(&mut tree, "planner.lsh_rows", "5").unwrap();
+    Config::set(&mut tree, "planner.lsh_shingle", "3").unwrap();
+    Config::set(&mut tree, "planner.prefix_depth", "2").unwrap();
+    let c = Config::from_value(tree, "flags").unwrap();
+    assert!(c.planner.route_hints);
+    let lsh = c.planner.lsh();
+    assert_eq!((lsh.bands, lsh.rows, lsh.shingle), (20, 5, 3));
+    assert_eq!(c.planner.prefix_depth, 2);
+
+    for key in ["lsh_bands", "lsh_rows", "lsh_shingle", "prefix_depth"] {
+        let err = Config::from_yaml(&format!("planner:\n  {key}: 0\n"), "t.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("planner.{key}: must be > 0")),
+            "{err}"
+        );
+    }
+    let err = Config::from_yaml("planner:\n  lsh_bands: 512\n  lsh_rows: 4\n", "t.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("planner.lsh_bands") && err.contains("1024"),
+        "{err}"
+    );
+    let err = Config::from_yaml(
+        &format!("planner:\n  lsh_bands: {}\n  lsh_rows: 4\n", usize::MAX),
+        "t.yaml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("planner.lsh_bands") && err.contains("overflows"),
+        "{err}"
+    );
+}

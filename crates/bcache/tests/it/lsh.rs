@@ -5,8 +5,8 @@ use std::collections::HashSet;
 
 use bcache::Error;
 use bcache::lsh::{
-    LshConfig, cluster, collision_probability, jaccard_estimate, prefix_clusters, signature,
-    threshold,
+    LshConfig, cluster, collision_probability, jaccard_estimate, prefix_clusters,
+    prefix_clusters_by, signature, threshold,
 };
 use proptest::prelude::*;
 
@@ -248,6 +248,34 @@ fn prefix_clusters_group_by_exact_block_prefix() {
     assert_eq!(prefix_clusters(&[], 3), Vec::<u32>::new());
     let deep = prefix_clusters(&requests, 100);
     assert_eq!(deep, vec![0, 1, 2, 3, 2, 4, 5, 4]);
+}
+
+#[test]
+fn prefix_clusters_in_parallel_equal_the_first_appearance_numbering() {
+    // Above the parallel threshold (32 768): keys of 0 to 5 blocks from a
+    // small alphabet, so that clusters are many, large, and nested in each
+    // other (`[1, 2]` and `[1, 2, 0]` must stay apart).
+    let mut rng = Rng(11);
+    let lists: Vec<Vec<u64>> = (0..50_000)
+        .map(|_| {
+            let len = rng.below(6);
+            (0..len).map(|_| rng.below(3) as u64).collect()
+        })
+        .collect();
+    let refs: Vec<&[u64]> = lists.iter().map(Vec::as_slice).collect();
+    for depth in [0, 1, 3, 5] {
+        let mut seen: std::collections::HashMap<&[u64], u32> = Default::default();
+        let expected: Vec<u32> = refs
+            .iter()
+            .map(|l| {
+                let next = seen.len() as u32;
+                *seen.entry(&l[..depth.min(l.len())]).or_insert(next)
+            })
+            .collect();
+        assert_eq!(prefix_clusters(&refs, depth), expected, "depth {depth}");
+        let by = prefix_clusters_by(refs.len(), depth, |i| refs[i]);
+        assert_eq!(by, expected, "depth {depth}");
+    }
 }
 
 #[test]

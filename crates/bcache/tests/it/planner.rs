@@ -45,6 +45,7 @@ fn request(id: &str, pages: Vec<u64>, deadline_ms: u64) -> Request {
         page_bytes: PAGE,
         est_fill_ns: 0,
         tensor: "kv".into(),
+        tokens: Vec::new(),
     }
 }
 
@@ -673,4 +674,173 @@ proptest! {
         bounded.restore(&heat.entries(0), 0);
         prop_assert!(bounded.len() <= 8);
     }
+}
+
+// ----- route hints -----
+
+/// The defaults with the route-hints stage on (it is off by default).
+fn hints_on() -> PlannerConfig {
+    PlannerConfig {
+        route_hints: true,
+        ..PlannerConfig::default()
+    }
+}
+
+/// splitmix64 steps for test prompts.
+fn tokens_from(seed: &mut u64, len: usize) -> Vec<u32> {
+    (0..len)
+        .map(|_| (bcache::rng::splitmix64(seed) % 50_000) as u32)
+        .collect()
+}
+
+/// Three nodes; 50 requests whose 512-token prompts are one base with 5
+/// tokens changed each, spread over the nodes, reading the base's pages
+/// 1000..1008 and 8 pages of their own; then 10 unrelated prompts with
+/// pages of their own. The base's pages are resident on node2, the node
+/// that serves the fewest of the 50 (so the busiest node would be a wrong
+/// answer): all 8 in its CPU tier, the first 4 also in its GPU tier and for
+/// a second layer (a page counts once).
+fn near_duplicate_window() -> WindowInput {
+    let mut seed = 7;
+    let base = tokens_from(&mut seed, 512);
+    let mut requests = Vec::new();
+    for i in 0..50u64 {
+        let mut tokens = base.clone();
+        for _ in 0..5 {
+            let at = (bcache::rng::splitmix64(&mut seed) % 512) as usize;
+            tokens[at] = 60_000 + (bcache::rng::splitmix64(&mut seed) % 1000) as u32;
+        }
+        let mut pages: Vec<u64> = (1000..1008).collect();
+        pages.extend(10_000 + i * 8..10_008 + i * 8);
+        let mut r = request(&format!("dup{i}"), pages, 50);
+        r.node = format!("node{}", i % 3);
+        r.tokens = tokens;
+        requests.push(r);
+    }
+    for j in 0..10u64 {
+        let mut r = request(
+            &format!("other{j}"),
+            (20_000 + j * 8..20_008 + j * 8).collect(),
+            50,
+        );
+        r.node = format!("node{}", j % 3);
+        r.tokens = tokens_from(&mut seed, 512);
+        requests.push(r);
+    }
+    let resident = |pages: std::ops::Range<u64>, layer: u32| {
+        pages.map(move |page| ResidentPage {
+            page,
+            layer,
+            bytes: PAGE,
+            pinned: false,
+        })
+    };
+    let mut node2 = node("node2");
+    node2.tiers[1].resident = resident(1000..1008, 0).collect();
+    node2.tiers[0].resident = resident(1000..1004, 0)
+        .chain(resident(1000..1004, 1))
+        .collect();
+    // node0 holds pages of the unrelated prompts only.
+    let mut node0 = node("node0");
+    node0.tiers[1].resident = resident(20_000..20_016, 0).collect();
+    WindowInput {
+        nodes: vec![node0, node("node1"), node2],
+        ..input(requests)
+    }
+}
+
+#[test]
+fn near_duplicate_prompts_form_one_cluster_routed_to_their_pages() {
+    let window = near_duplicate_window();
+    window.check("test").unwrap();
+    let (plan, report) = Planner::new(hints_on()).plan(&window).unwrap();
+    assert_valid(&plan);
+    assert_eq!(report.route_hints.len(), 1, "{:?}", report.route_hints);
+    let hint = &report.route_hints[0];
+    assert_eq!(hint.requests, (0..50).collect::<Vec<u32>>());
+    assert_eq!(&*hint.node, "node2");
+    assert_eq!(hint.resident_pages, 8);
+    assert_eq!(hint.nodes_now, 3);
+
+    // Without resident pages anywhere, the node serving most of the
+    // cluster's requests (node0 and node1 serve 17 each: the first wins).
+    let mut bare = window.clone();
+    for n in &mut bare.nodes {
+        for t in &mut n.tiers {
+            t.resident.clear();
+        }
+    }
+    let (_, report) = Planner::new(hints_on()).plan(&bare).unwrap();
+    assert_eq!(report.route_hints.len(), 1);
+    assert_eq!(&*report.route_hints[0].node, "node0");
+    assert_eq!(report.route_hints[0].resident_pages, 0);
+}
+
+#[test]
+fn requests_without_tokens_group_by_their_first_pages_exactly() {
+    let mut tokened = request("t0", vec![1, 2, 3, 4, 5], 50);
+    tokened.tokens = (0..64).collect();
+    let mut tokened_too = tokened.clone();
+    tokened_too.id = "t1".into();
+    let mut window = input(vec![
+        request("a", vec![1, 2, 3, 4, 5], 50),
+        request("b", vec![1, 2, 3, 4, 9], 50),
+        request("c", vec![1, 2, 3, 7, 5], 50),
+        request("d", vec![8, 2, 3, 4, 5], 50),
+        request("e", vec![1, 2, 3, 4], 50),
+        // Same pages as `a`, but clustered by tokens: another family.
+        tokened,
+        tokened_too,
+    ]);
+    // One node: nowhere else to send anything, so no hints.
+    let (_, report) = Planner::new(hints_on()).plan(&window).unwrap();
+    assert!(report.route_hints.is_empty(), "{:?}", report.route_hints);
+    window.nodes.push(node("node1"));
+    let (_, report) = Planner::new(hints_on()).plan(&window).unwrap();
+    let groups: Vec<(u32, Vec<u32>)> = report
+        .route_hints
+        .iter()
+        .map(|h| (h.cluster, h.requests.clone()))
+        .collect();
+    assert_eq!(groups.len(), 2, "{groups:?}");
+    assert_eq!(groups[0].1, vec![0, 1, 4], "{groups:?}");
+    assert_eq!(groups[1].1, vec![5, 6], "{groups:?}");
+    assert_ne!(groups[0].0, groups[1].0, "families share no id");
+    for h in &report.route_hints {
+        assert_eq!((&*h.node, h.nodes_now, h.resident_pages), ("node0", 1, 0));
+    }
+
+    // Three pages deep, `c` joins.
+    let (_, report) = Planner::new(PlannerConfig {
+        prefix_depth: 3,
+        ..hints_on()
+    })
+    .plan(&window)
+    .unwrap();
+    assert_eq!(report.route_hints[0].requests, vec![0, 1, 2, 4]);
+
+    // All first pages different: no cluster of requests without tokens.
+    let mut window = input(
+        (0..5)
+            .map(|i| request(&format!("r{i}"), vec![i, 100], 50))
+            .collect(),
+    );
+    window.nodes.push(node("node1"));
+    let (_, report) = Planner::new(hints_on()).plan(&window).unwrap();
+    assert!(report.route_hints.is_empty(), "{:?}", report.route_hints);
+}
+
+#[test]
+fn route_hints_off_gives_none_and_never_change_the_plan() {
+    let window = near_duplicate_window();
+    let (on_plan, on) = Planner::new(hints_on()).plan(&window).unwrap();
+    let (off_plan, off) = Planner::new(PlannerConfig {
+        route_hints: false,
+        ..PlannerConfig::default()
+    })
+    .plan(&window)
+    .unwrap();
+    assert!(!on.route_hints.is_empty());
+    assert!(off.route_hints.is_empty(), "{:?}", off.route_hints);
+    assert_eq!(on_plan, off_plan);
 }

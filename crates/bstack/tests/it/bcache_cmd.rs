@@ -216,3 +216,78 @@ fn plan_writes_a_valid_cache_plan_and_keeps_state() {
     run.code(2);
     assert!(run.error_line().contains("s.json"), "{run}");
 }
+
+#[test]
+fn plan_prints_route_hints_for_prefix_clusters() {
+    let sandbox = Sandbox::empty();
+    let tier = |name: &str, resident: &str| {
+        format!(
+            r#"{{"tier": "{name}", "capacity_bytes": 8589934592, "free_bytes": 4294967296, "bandwidth_bytes_per_s": 25000000000, "resident": [{resident}]}}"#
+        )
+    };
+    let node = |name: &str, resident: &str| {
+        format!(
+            r#"{{"name": "{name}", "tiers": [{}, {}]}}"#,
+            tier("gpu", ""),
+            tier("cpu", resident)
+        )
+    };
+    let held = r#"{"page": 1, "bytes": 65536}, {"page": 2, "bytes": 65536}"#;
+    let tokens: Vec<String> = (0..64).map(|t| t.to_string()).collect();
+    let tokens = tokens.join(", ");
+    let request = |id: &str, node: &str, pages: &str, tokens: &str| {
+        format!(
+            r#"{{"id": "{id}", "node": "{node}", "pages": [{pages}], "src": "cpu", "dst": "gpu", "deadline_ns": 5000000, "page_bytes": 65536, "tokens": [{tokens}]}}"#
+        )
+    };
+    sandbox.write(
+        "w.json",
+        format!(
+            r#"{{"now_ns": 0, "nodes": [{}, {}], "requests": [{}, {}, {}]}}"#,
+            node("a", ""),
+            node("b", held),
+            request("r1", "a", "1, 2, 3", &tokens),
+            request("r2", "a", "1, 2, 4", &tokens),
+            request("r3", "b", "9", "7, 7, 7, 7, 7"),
+        ),
+    );
+    let run = sandbox.run(&[
+        "bcache",
+        "plan",
+        "--input",
+        "w.json",
+        "--route-hints",
+        "true",
+    ]);
+    run.code(0).stdout_has("route hints");
+    let row = run
+        .stdout_lines()
+        .into_iter()
+        .find(|l| l.contains("r1"))
+        .unwrap_or_else(|| panic!("no hint row for r1{run}"))
+        .to_owned();
+    let cells: Vec<&str> = row
+        .split(['│', '┆', '|'])
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(cells, ["0", "2", "r1", "b", "2", "1"], "{run}");
+
+    let run = sandbox.run(&[
+        "--json",
+        "bcache",
+        "plan",
+        "--input",
+        "w.json",
+        "--route-hints",
+        "true",
+    ]);
+    let hints = run.code(0).json()["report"]["route_hints"].clone();
+    assert_eq!(hints[0]["requests"], serde_json::json!([0, 1]), "{run}");
+    assert_eq!(hints[0]["node"], "b", "{run}");
+
+    // Off by default.
+    let run = sandbox.run(&["bcache", "plan", "--input", "w.json"]);
+    run.code(0);
+    assert!(!run.stdout.contains("route hints"), "{run}");
+}
