@@ -1,0 +1,37 @@
+//! stratacache: the tiered artifact store of BStack.
+//!
+//! KV-cache chunks and weight chunks outgrow GPU memory and live in CPU
+//! memory, CXL/DAX memory, local SSD or a remote store. This crate puts them
+//! behind one API. It is being built in steps; what exists today:
+//!
+//! - [`key`]: [`ArtifactKey`], the typed key of every stored object, with a
+//!   canonical binary encoding under which two different keys (two kinds,
+//!   two tensor-parallel ranks, two adapters) can never collide.
+//!
+//! ```
+//! use stratacache::{ArtifactKey, KvChunkKey, Layers};
+//!
+//! let rank0 = ArtifactKey::KvChunk(KvChunkKey {
+//!     model: "llama-3-8b".into(),
+//!     adapter: None,
+//!     kv_dtype: "bf16".into(),
+//!     tp_size: 2,
+//!     rank: 0,
+//!     prefix_hash: 0x1234_u64.to_be_bytes().to_vec(),
+//!     layers: Layers::One(12),
+//! });
+//! let mut rank1 = rank0.clone();
+//! if let ArtifactKey::KvChunk(k) = &mut rank1 {
+//!     k.rank = 1;
+//! }
+//! let (a, b) = (rank0.encode().unwrap(), rank1.encode().unwrap());
+//! assert_ne!(a, b, "two ranks never share a key");
+//! assert_eq!(ArtifactKey::decode(&a).unwrap(), rank0);
+//! assert_eq!(rank0.to_string(), "kv/llama-3-8b/bf16/tp2.r0/0000000000001234/layer12");
+//! ```
+
+pub mod error;
+pub mod key;
+
+pub use error::{Error, Result};
+pub use key::{ArtifactKey, CustomKey, KvChunkKey, Layers, ParamChunkKey};
