@@ -13,6 +13,16 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A tier has no room for an object, even after evicting all it may.
+    #[error("{tier} tier: cannot store {key}: {message}")]
+    Full {
+        /// The tier.
+        tier: String,
+        /// The object's key, as text.
+        key: String,
+        /// Why: sizes, and what could not be evicted.
+        message: String,
+    },
     /// Bytes are not a key's canonical encoding.
     #[error("not an encoded key: at byte {offset}: {message}")]
     Decode {
@@ -21,6 +31,14 @@ pub enum Error {
         /// What was expected there.
         message: String,
     },
+}
+
+impl Error {
+    /// Whether the error is a tier out of room (the caller may try another
+    /// tier), as opposed to bad input.
+    pub fn is_full(&self) -> bool {
+        matches!(self, Error::Full { .. })
+    }
 }
 
 /// The crate's result type.

@@ -8,6 +8,11 @@
 //!   canonical binary encoding under which two different keys (two kinds,
 //!   two tensor-parallel ranks, two adapters) can never collide.
 //!
+//! - [`tier`]: the [`Tier`] trait every tier implements, with [`Meta`] and
+//!   [`Object`] (metadata and shared, reference-counted bytes).
+//! - [`memory`]: [`MemoryTier`], a sharded byte-bounded LRU that never evicts
+//!   a pinned or borrowed object.
+//!
 //! ```
 //! use stratacache::{ArtifactKey, KvChunkKey, Layers};
 //!
@@ -32,6 +37,10 @@
 
 pub mod error;
 pub mod key;
+pub mod memory;
+pub mod tier;
 
 pub use error::{Error, Result};
 pub use key::{ArtifactKey, CustomKey, KvChunkKey, Layers, ParamChunkKey};
+pub use memory::MemoryTier;
+pub use tier::{Meta, Object, Tier, TierStats};

@@ -1,0 +1,306 @@
+//! The memory tier: a sharded, byte-bounded LRU cache in process memory.
+//!
+//! Keys are spread over shards by hash, each shard behind its own lock, so
+//! threads working on different keys rarely wait for each other. Each shard
+//! keeps its objects in a slab with an intrusive doubly linked list in
+//! recency order: a hit moves its entry to the front and eviction takes from
+//! the back, both O(1).
+//!
+//! Two kinds of object are never evicted: a *pinned* one ([`MemoryTier::pin`],
+//! for data an engine is about to use) and a *borrowed* one (an [`Object`]
+//! returned by `get` is still held somewhere: its bytes are shared, not
+//! copied, and must stay valid). Eviction walks past them. When nothing can
+//! be evicted, `put` fails with [`Error::Full`] and changes nothing; it
+//! never aborts and never drops what it cannot drop.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::tier::{Meta, Object, Tier, TierStats};
+use crate::{ArtifactKey, Error, Result};
+
+const NONE: u32 = u32::MAX;
+
+/// The memory tier. See the module documentation.
+#[derive(Debug)]
+pub struct MemoryTier {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    capacity: u64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    key: Arc<[u8]>,
+    object: Object,
+    pins: u32,
+    prev: u32,
+    next: u32,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    index: HashMap<Arc<[u8]>, u32>,
+    slab: Vec<Option<Entry>>,
+    free: Vec<u32>,
+    /// Most recently used.
+    head: u32,
+    /// Least recently used: the next victim.
+    tail: u32,
+    bytes: u64,
+    capacity: u64,
+}
+
+impl MemoryTier {
+    /// A tier holding at most `capacity_bytes` of payload, in `shards`
+    /// shards (at least 1) of equal share. An object larger than one
+    /// shard's share cannot be stored.
+    pub fn new(capacity_bytes: u64, shards: usize) -> MemoryTier {
+        let n = shards.max(1);
+        let share = capacity_bytes / n as u64;
+        MemoryTier {
+            shards: (0..n)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        head: NONE,
+                        tail: NONE,
+                        capacity: share,
+                        ..Shard::default()
+                    })
+                })
+                .collect(),
+            hasher: RandomState::new(),
+            capacity: share * n as u64,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self, encoded: &[u8]) -> MutexGuard<'_, Shard> {
+        let i = (self.hasher.hash_one(encoded) % self.shards.len() as u64) as usize;
+        // A panic while holding the lock cannot leave a shard half-changed
+        // (every change completes before anything that can panic), so a
+        // poisoned lock is taken over.
+        self.shards[i]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Pins `key`: it is not evicted until as many [`MemoryTier::unpin`]s.
+    /// Says whether the key is stored.
+    pub fn pin(&self, key: &ArtifactKey) -> Result<bool> {
+        let encoded = key.encode()?;
+        let mut shard = self.shard(&encoded);
+        let Some(&slot) = shard.index.get(encoded.as_slice()) else {
+            return Ok(false);
+        };
+        if let Some(e) = shard.entry_mut(slot) {
+            e.pins = e.pins.saturating_add(1);
+        }
+        Ok(true)
+    }
+
+    /// Undoes one [`MemoryTier::pin`]. Says whether the key is stored.
+    pub fn unpin(&self, key: &ArtifactKey) -> Result<bool> {
+        let encoded = key.encode()?;
+        let mut shard = self.shard(&encoded);
+        let Some(&slot) = shard.index.get(encoded.as_slice()) else {
+            return Ok(false);
+        };
+        if let Some(e) = shard.entry_mut(slot) {
+            e.pins = e.pins.saturating_sub(1);
+        }
+        Ok(true)
+    }
+}
+
+impl Shard {
+    fn entry(&self, slot: u32) -> Option<&Entry> {
+        self.slab.get(slot as usize)?.as_ref()
+    }
+
+    fn entry_mut(&mut self, slot: u32) -> Option<&mut Entry> {
+        self.slab.get_mut(slot as usize)?.as_mut()
+    }
+
+    fn unlink(&mut self, slot: u32) {
+        let (prev, next) = match self.entry(slot) {
+            Some(e) => (e.prev, e.next),
+            None => return,
+        };
+        match self.entry_mut(prev) {
+            Some(p) => p.next = next,
+            None => self.head = next,
+        }
+        match self.entry_mut(next) {
+            Some(n) => n.prev = prev,
+            None => self.tail = prev,
+        }
+    }
+
+    fn push_front(&mut self, slot: u32) {
+        let head = self.head;
+        if let Some(e) = self.entry_mut(slot) {
+            e.prev = NONE;
+            e.next = head;
+        }
+        match self.entry_mut(head) {
+            Some(h) => h.prev = slot,
+            None => self.tail = slot,
+        }
+        self.head = slot;
+    }
+
+    fn remove(&mut self, slot: u32) -> Option<Entry> {
+        self.unlink(slot);
+        let entry = self.slab.get_mut(slot as usize)?.take()?;
+        self.index.remove(&entry.key);
+        self.free.push(slot);
+        self.bytes -= entry.object.bytes.len() as u64;
+        Some(entry)
+    }
+
+    fn insert(&mut self, entry: Entry) {
+        let len = entry.object.bytes.len() as u64;
+        let key = entry.key.clone();
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.slab[s as usize] = Some(entry);
+                s
+            }
+            None => {
+                self.slab.push(Some(entry));
+                (self.slab.len() - 1) as u32
+            }
+        };
+        self.index.insert(key, slot);
+        self.bytes += len;
+        self.push_front(slot);
+    }
+
+    /// Victims, least recent first, that free `need` bytes, skipping
+    /// pinned and borrowed objects and `keep`; `None` when they cannot.
+    fn victims(&self, need: u64, keep: Option<u32>) -> Option<Vec<u32>> {
+        let mut out = Vec::new();
+        let mut freed = 0;
+        let mut at = self.tail;
+        while freed < need {
+            let e = self.entry(at)?;
+            let borrowed = Arc::strong_count(&e.object.bytes) > 1;
+            if e.pins == 0 && !borrowed && Some(at) != keep {
+                freed += e.object.bytes.len() as u64;
+                out.push(at);
+            }
+            at = e.prev;
+        }
+        Some(out)
+    }
+}
+
+impl Tier for MemoryTier {
+    fn name(&self) -> &str {
+        "memory"
+    }
+
+    fn get(&self, key: &ArtifactKey) -> Result<Option<Object>> {
+        let encoded = key.encode()?;
+        let mut shard = self.shard(&encoded);
+        let Some(&slot) = shard.index.get(encoded.as_slice()) else {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        };
+        shard.unlink(slot);
+        shard.push_front(slot);
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Ok(shard.entry(slot).map(|e| e.object.clone()))
+    }
+
+    fn put(&self, key: &ArtifactKey, meta: Meta, bytes: &[u8]) -> Result<()> {
+        let encoded = key.encode()?;
+        let len = bytes.len() as u64;
+        // Copy before locking: the copy is the slow part.
+        let object = Object {
+            meta: Meta {
+                length: len,
+                ..meta
+            },
+            bytes: Arc::from(bytes),
+        };
+        let mut shard = self.shard(&encoded);
+        if len > shard.capacity {
+            return Err(Error::Full {
+                tier: "memory".into(),
+                key: key.to_string(),
+                message: format!(
+                    "{len} bytes exceed a shard's share of the capacity ({} bytes)",
+                    shard.capacity
+                ),
+            });
+        }
+        let old = shard.index.get(encoded.as_slice()).copied();
+        let old_len = old
+            .and_then(|s| shard.entry(s))
+            .map_or(0, |e| e.object.bytes.len() as u64);
+        let need = (shard.bytes - old_len + len).saturating_sub(shard.capacity);
+        let Some(victims) = shard.victims(need, old) else {
+            return Err(Error::Full {
+                tier: "memory".into(),
+                key: key.to_string(),
+                message: format!(
+                    "{need} more bytes needed and every other object is pinned or borrowed"
+                ),
+            });
+        };
+        for v in victims {
+            shard.remove(v);
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        let pins = old.and_then(|s| shard.remove(s)).map_or(0, |e| e.pins);
+        shard.insert(Entry {
+            key: encoded.into(),
+            object,
+            pins,
+            prev: NONE,
+            next: NONE,
+        });
+        Ok(())
+    }
+
+    fn contains(&self, key: &ArtifactKey) -> Result<bool> {
+        let encoded = key.encode()?;
+        Ok(self.shard(&encoded).index.contains_key(encoded.as_slice()))
+    }
+
+    fn delete(&self, key: &ArtifactKey) -> Result<bool> {
+        let encoded = key.encode()?;
+        let mut shard = self.shard(&encoded);
+        let Some(&slot) = shard.index.get(encoded.as_slice()) else {
+            return Ok(false);
+        };
+        Ok(shard.remove(slot).is_some())
+    }
+
+    fn stats(&self) -> TierStats {
+        let mut stats = TierStats {
+            capacity_bytes: self.capacity,
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            ..TierStats::default()
+        };
+        for shard in self.shards.iter() {
+            let shard = shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            stats.objects += shard.index.len() as u64;
+            stats.bytes += shard.bytes;
+        }
+        stats
+    }
+}

@@ -1,0 +1,88 @@
+//! The interface every tier implements, and what it stores with an object.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ArtifactKey, Result};
+
+/// What is known about a stored object besides its bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Element type of the payload, e.g. `bf16`; empty when not a tensor.
+    pub dtype: String,
+    /// Shape of the payload; empty when not a tensor.
+    pub shape: Vec<u64>,
+    /// How the payload is encoded, e.g. `raw`, `zstd`; empty is `raw`.
+    pub codec: String,
+    /// Payload bytes.
+    pub length: u64,
+    /// When the object was stored, ns since the Unix epoch.
+    pub created_ns: u64,
+}
+
+/// An object as a tier returns it: metadata and reference-counted bytes
+/// (the tier keeps its copy; holding this one borrows it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Object {
+    /// The metadata.
+    pub meta: Meta,
+    /// The payload.
+    pub bytes: Arc<[u8]>,
+}
+
+/// Counters of one tier.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TierStats {
+    /// Objects held.
+    pub objects: u64,
+    /// Payload bytes held.
+    pub bytes: u64,
+    /// Payload bytes the tier may hold.
+    pub capacity_bytes: u64,
+    /// Reads that found their key.
+    pub hits: u64,
+    /// Reads that did not.
+    pub misses: u64,
+    /// Objects evicted to make room.
+    pub evictions: u64,
+}
+
+/// One storage tier: memory, mmap/DAX, disk or remote.
+///
+/// Implementations are safe to share between threads; every method takes
+/// `&self`. A failed call leaves the tier as it was.
+pub trait Tier: Send + Sync {
+    /// A short name for reports, e.g. `memory`.
+    fn name(&self) -> &str;
+
+    /// The object stored under `key`, or `None`.
+    fn get(&self, key: &ArtifactKey) -> Result<Option<Object>>;
+
+    /// Stores `bytes` under `key`, replacing what was there. May evict other
+    /// objects to make room; fails (storing nothing) when it cannot.
+    fn put(&self, key: &ArtifactKey, meta: Meta, bytes: &[u8]) -> Result<()>;
+
+    /// Whether `key` is stored.
+    fn contains(&self, key: &ArtifactKey) -> Result<bool>;
+
+    /// Removes `key`; says whether it was there.
+    fn delete(&self, key: &ArtifactKey) -> Result<bool>;
+
+    /// The tier's counters now.
+    fn stats(&self) -> TierStats;
+
+    /// [`Tier::get`] for many keys, in order.
+    fn get_many(&self, keys: &[ArtifactKey]) -> Vec<Result<Option<Object>>> {
+        keys.iter().map(|k| self.get(k)).collect()
+    }
+
+    /// [`Tier::put`] for many objects, in order; each result says how its
+    /// object fared.
+    fn put_many(&self, items: &[(ArtifactKey, Meta, &[u8])]) -> Vec<Result<()>> {
+        items
+            .iter()
+            .map(|(k, m, b)| self.put(k, m.clone(), b))
+            .collect()
+    }
+}
