@@ -59,15 +59,22 @@ pub fn run(args: BenchArgs, out: &Output) -> Result<Outcome> {
 /// Runs `f` once to warm up, then `runs` times; returns the median.
 pub fn median(runs: usize, mut f: impl FnMut()) -> Duration {
     f();
-    let mut times: Vec<Duration> = (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed()
-        })
-        .collect();
+    middle(
+        (0..runs)
+            .map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed()
+            })
+            .collect(),
+    )
+}
+
+/// The median of `times` (zero when empty), for benches that time only
+/// part of each run.
+fn middle(mut times: Vec<Duration>) -> Duration {
     times.sort_unstable();
-    times[times.len() / 2]
+    times.get(times.len() / 2).copied().unwrap_or_default()
 }
 
 /// The time to copy `len` bytes from one buffer to another: the floor for any
@@ -295,12 +302,11 @@ fn bench_plan_million(args: &BenchArgs, out: &Output) -> Result<()> {
             drop(black_box(planned));
         }
         times.remove(0); // warm-up
-        times.sort_unstable();
         let (changed, buckets) = report.unwrap_or_default();
         emit(
             out,
             args.runs,
-            Figure::new(name, chunks, 0, times[times.len() / 2]).with(json!({
+            Figure::new(name, chunks, 0, middle(times)).with(json!({
                 "chunks_changed": changed,
                 "buckets": buckets,
                 "peak_rss_mib": peak_rss_mib(),
@@ -664,11 +670,7 @@ fn steady(
             r.deadline_ns += step;
         }
     }
-    times.sort_unstable();
-    (
-        times.get(times.len() / 2).copied().unwrap_or_default(),
-        last,
-    )
+    (middle(times), last)
 }
 
 fn bench_bcache(args: &BenchArgs, out: &Output) -> Result<()> {

@@ -125,8 +125,7 @@ pub(crate) fn charge(
             }
         }
     }
-    for (t, bucket) in live.into_iter().enumerate() {
-        let mut bucket = bucket;
+    for (t, mut bucket) in live.into_iter().enumerate() {
         if !short[t] {
             uses[t].admitted_bytes = demand[t];
             if cx.config.credits {

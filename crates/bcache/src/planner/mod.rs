@@ -53,7 +53,7 @@ mod route;
 mod union;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bstack_plan::{CachePlan, KvPageRef, PlanWindow, SCHEMA_VERSION, TransferOp};
@@ -311,8 +311,6 @@ pub(crate) struct Context<'a> {
     pub pool_names: Vec<Arc<str>>,
     /// Node names as the report shares them, made on first use.
     pub node_names: Vec<OnceLock<Arc<str>>>,
-    /// Tier addresses (`tier://node/tier`) made so far.
-    addresses: Mutex<FxHashMap<(usize, Tier), Arc<str>>>,
     /// Page bytes per pool (filled by [`order::derive`]).
     pub page_bytes: Vec<u64>,
     /// Layer latency, ns.
@@ -359,15 +357,7 @@ impl Context<'_> {
 
     /// The address of `tier` on `node`, as plans name it.
     pub fn address(&self, node: usize, tier: Tier) -> String {
-        let make = || format!("tier://{}/{}", self.input.nodes[node].name, tier.name());
-        // The cache is only for speed: a poisoned lock is bypassed.
-        match self.addresses.lock() {
-            Ok(mut cache) => cache
-                .entry((node, tier))
-                .or_insert_with(|| make().into())
-                .to_string(),
-            Err(_) => make(),
-        }
+        format!("tier://{}/{}", self.input.nodes[node].name, tier.name())
     }
 
     /// A node's name, shared.
@@ -528,7 +518,6 @@ fn context<'a>(config: &'a PlannerConfig, input: &'a WindowInput) -> crate::Resu
         ns_per_byte,
         pool_names: Vec::new(),
         node_names: (0..input.nodes.len()).map(|_| OnceLock::new()).collect(),
-        addresses: Default::default(),
         pools: Vec::new(),
         page_bytes: Vec::new(),
         layer_latency,
