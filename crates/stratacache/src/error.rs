@@ -23,6 +23,52 @@ pub enum Error {
         /// Why: sizes, and what could not be evicted.
         message: String,
     },
+    /// An I/O call failed.
+    #[error("{tier} tier: {op} {path}: {source}")]
+    Io {
+        /// The tier.
+        tier: String,
+        /// What was being done, e.g. `writing`.
+        op: &'static str,
+        /// The file or device.
+        path: String,
+        /// The system's error.
+        source: std::io::Error,
+    },
+    /// A stored object failed its check (checksum, length, header) and was
+    /// not returned. The tier drops it; the caller should treat it as a miss
+    /// (and recompute the data).
+    #[error("{tier} tier: {key} is corrupt: {reason}")]
+    Corrupt {
+        /// The tier.
+        tier: String,
+        /// The object's key, as text.
+        key: String,
+        /// What did not match.
+        reason: String,
+    },
+    /// A remote tier or store server could not be reached or refused a call.
+    #[error("{tier} tier: {message}")]
+    Remote {
+        /// The tier, with its address.
+        tier: String,
+        /// What failed.
+        message: String,
+    },
+    /// A configuration value is invalid.
+    #[error("config {field}: {message}")]
+    Config {
+        /// The key, e.g. `tiers[1].capacity`.
+        field: String,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
+    /// The tier or engine was closed.
+    #[error("{what} is closed")]
+    Closed {
+        /// What was closed.
+        what: String,
+    },
     /// Bytes are not a key's canonical encoding.
     #[error("not an encoded key: at byte {offset}: {message}")]
     Decode {

@@ -92,29 +92,14 @@ impl MemoryTier {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Pins `key`: it is not evicted until as many [`MemoryTier::unpin`]s.
-    /// Says whether the key is stored.
-    pub fn pin(&self, key: &ArtifactKey) -> Result<bool> {
+    fn pin_by(&self, key: &ArtifactKey, delta: i32) -> Result<bool> {
         let encoded = key.encode()?;
         let mut shard = self.shard(&encoded);
         let Some(&slot) = shard.index.get(encoded.as_slice()) else {
             return Ok(false);
         };
         if let Some(e) = shard.entry_mut(slot) {
-            e.pins = e.pins.saturating_add(1);
-        }
-        Ok(true)
-    }
-
-    /// Undoes one [`MemoryTier::pin`]. Says whether the key is stored.
-    pub fn unpin(&self, key: &ArtifactKey) -> Result<bool> {
-        let encoded = key.encode()?;
-        let mut shard = self.shard(&encoded);
-        let Some(&slot) = shard.index.get(encoded.as_slice()) else {
-            return Ok(false);
-        };
-        if let Some(e) = shard.entry_mut(slot) {
-            e.pins = e.pins.saturating_sub(1);
+            e.pins = e.pins.saturating_add_signed(delta);
         }
         Ok(true)
     }
@@ -302,5 +287,32 @@ impl Tier for MemoryTier {
             stats.bytes += shard.bytes;
         }
         stats
+    }
+
+    fn list(&self) -> Result<Vec<(ArtifactKey, Meta)>> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for e in shard.slab.iter().flatten() {
+                out.push((ArtifactKey::decode(&e.key)?, e.object.meta.clone()));
+            }
+        }
+        Ok(out)
+    }
+
+    fn can_pin(&self) -> bool {
+        true
+    }
+
+    /// Pins `key`: it is not evicted until as many `unpin`s; a `put` that
+    /// replaces it keeps its pins.
+    fn pin(&self, key: &ArtifactKey) -> Result<bool> {
+        self.pin_by(key, 1)
+    }
+
+    fn unpin(&self, key: &ArtifactKey) -> Result<bool> {
+        self.pin_by(key, -1)
     }
 }

@@ -19,6 +19,17 @@ pub struct Meta {
     pub length: u64,
     /// When the object was stored, ns since the Unix epoch.
     pub created_ns: u64,
+    /// [`checksum`] of the payload. Tiers that keep bytes outside process
+    /// memory (mmap, disk, Redis) compute it on `put` and check it on every
+    /// `get`; 0 means not computed yet.
+    pub checksum: u64,
+}
+
+/// The checksum of a payload: XXH3-64. Fast enough (tens of GB/s on one
+/// core) that persistent tiers verify every read; it detects corruption
+/// (flipped bits, torn writes), not tampering.
+pub fn checksum(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
 }
 
 /// An object as a tier returns it: metadata and reference-counted bytes
@@ -71,6 +82,36 @@ pub trait Tier: Send + Sync {
 
     /// The tier's counters now.
     fn stats(&self) -> TierStats;
+
+    /// Every stored key with its metadata, in no particular order (for
+    /// `strata ls`; it walks the whole tier).
+    fn list(&self) -> Result<Vec<(ArtifactKey, Meta)>>;
+
+    /// Makes everything stored so far durable (written and synced, for
+    /// tiers that persist). Tiers in process memory have nothing to do.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Whether [`Tier::pin`] works on this tier. A write-back link needs it:
+    /// a dirty object stays pinned until it has been flushed below.
+    fn can_pin(&self) -> bool {
+        false
+    }
+
+    /// Pins `key`: it is not evicted until as many [`Tier::unpin`]s. Says
+    /// whether the key is stored (always `false` where pinning is not
+    /// supported).
+    fn pin(&self, key: &ArtifactKey) -> Result<bool> {
+        let _ = key;
+        Ok(false)
+    }
+
+    /// Undoes one [`Tier::pin`]. Says whether the key is stored.
+    fn unpin(&self, key: &ArtifactKey) -> Result<bool> {
+        let _ = key;
+        Ok(false)
+    }
 
     /// [`Tier::get`] for many keys, in order.
     fn get_many(&self, keys: &[ArtifactKey]) -> Vec<Result<Option<Object>>> {
