@@ -38,9 +38,10 @@
 pub mod error;
 pub mod key;
 pub mod memory;
+pub mod record;
 pub mod tier;
 
 pub use error::{Error, Result};
 pub use key::{ArtifactKey, CustomKey, KvChunkKey, Layers, ParamChunkKey};
 pub use memory::MemoryTier;
-pub use tier::{Meta, Object, Tier, TierStats};
+pub use tier::{Meta, Object, Tier, TierStats, checksum, shared_bytes};

@@ -127,3 +127,39 @@ pub trait Tier: Send + Sync {
             .collect()
     }
 }
+
+/// A new shared buffer of `len` bytes, zeroed, then filled by `fill` (a
+/// file read, a copy out of a mapping).
+///
+/// Tiers that read into memory use it so that a read lands directly in the
+/// buffer the caller receives: building an `Arc<[u8]>` from a `Vec` would
+/// copy every byte once more.
+pub fn shared_bytes<E>(
+    len: usize,
+    fill: impl FnOnce(&mut [u8]) -> std::result::Result<(), E>,
+) -> std::result::Result<Arc<[u8]>, E> {
+    let mut buf = Arc::<[u8]>::new_uninit_slice(len);
+    let filled = match Arc::get_mut(&mut buf) {
+        Some(slots) => {
+            for slot in slots.iter_mut() {
+                slot.write(0);
+            }
+            #[allow(unsafe_code)]
+            // SAFETY: every element was initialised just above, and
+            // `MaybeUninit<u8>` has the layout of `u8`.
+            let bytes = unsafe { &mut *(std::ptr::from_mut(slots) as *mut [u8]) };
+            fill(bytes)
+        }
+        // A fresh Arc has no other owner; were it otherwise, fall back to
+        // a copy rather than write through a shared buffer.
+        None => {
+            let mut v = vec![0u8; len];
+            fill(&mut v)?;
+            return Ok(Arc::from(v));
+        }
+    };
+    filled?;
+    #[allow(unsafe_code)]
+    // SAFETY: every element was initialised above.
+    Ok(unsafe { buf.assume_init() })
+}
