@@ -69,6 +69,25 @@ pub enum Error {
         /// What was closed.
         what: String,
     },
+    /// Dirty objects could not be flushed to the tier below; they stay
+    /// dirty and the flusher retries them.
+    #[error("{failed} dirty object(s) could not be flushed; the first: {first}")]
+    Flush {
+        /// How many failed.
+        failed: usize,
+        /// The first failure, with its key.
+        first: String,
+    },
+    /// A load found the key in no tier. `reasons` lists the tiers whose
+    /// lookup failed (corrupt object, I/O error); empty when every tier
+    /// simply did not hold it.
+    #[error("{key}: not found{}", if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join("; ")) })]
+    NotFound {
+        /// The key, as text.
+        key: String,
+        /// `tier: error` for each tier that failed.
+        reasons: Vec<String>,
+    },
     /// Bytes are not a key's canonical encoding.
     #[error("not an encoded key: at byte {offset}: {message}")]
     Decode {
@@ -84,6 +103,12 @@ impl Error {
     /// tier), as opposed to bad input.
     pub fn is_full(&self) -> bool {
         matches!(self, Error::Full { .. })
+    }
+
+    /// Whether the error is a plain miss (no tier held the key, and none
+    /// failed), as opposed to a failure the caller should report.
+    pub fn is_miss(&self) -> bool {
+        matches!(self, Error::NotFound { reasons, .. } if reasons.is_empty())
     }
 }
 

@@ -35,12 +35,16 @@
 //! assert_eq!(rank0.to_string(), "kv/llama-3-8b/bf16/tp2.r0/0000000000001234/layer12");
 //! ```
 
+pub mod chain;
+pub mod engine;
 pub mod error;
 pub mod key;
 pub mod memory;
 pub mod record;
 pub mod tier;
 
+pub use chain::{ChainStats, FlushPolicy, Link, LinkMode, Lookup, TierChain};
+pub use engine::{Access, EngineStats, LoadBatch, LoadFailure, Loaded, StorageEngine};
 pub use error::{Error, Result};
 pub use key::{ArtifactKey, CustomKey, KvChunkKey, Layers, ParamChunkKey};
 pub use memory::MemoryTier;

@@ -1,5 +1,6 @@
 //! stratacache's integration tests: one binary, one module per area.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod chain;
 mod key;
 mod memory;
