@@ -370,6 +370,40 @@ impl TierChain {
         Ok(false)
     }
 
+    /// Copies `key` from tier `from` into tier `to` (the same bytes, so no
+    /// copy elsewhere goes stale); returns the bytes copied, or `None` when
+    /// `from` does not hold the key. Plans move pages this way.
+    pub fn copy(&self, key: &ArtifactKey, from: usize, to: usize) -> Result<Option<u64>> {
+        let (src, dst) = (self.inner.link(from)?, self.inner.link(to)?);
+        let encoded = key.encode()?;
+        let _stripe = self.inner.lock_stripe(&encoded);
+        let Some(object) = src.tier.get(key)? else {
+            return Ok(None);
+        };
+        let len = object.bytes.len() as u64;
+        dst.tier.put(key, object.meta, &object.bytes)?;
+        Ok(Some(len))
+    }
+
+    /// Removes `key` from tier `tier` only. A dirty object is flushed
+    /// below first; if that fails it stays, and the error says why. Says
+    /// whether the tier held the key.
+    pub fn evict(&self, tier: usize, key: &ArtifactKey) -> Result<bool> {
+        let link = self.inner.link(tier)?;
+        let encoded = key.encode()?;
+        let held = self.inner.stripe_of(&encoded);
+        let _stripe = self.inner.lock_stripe(&encoded);
+        let dirty = self
+            .inner
+            .dirty_shard(&encoded)
+            .entries
+            .contains_key(&(tier, encoded.clone()));
+        if dirty && let Flushed::Failed(e) = self.inner.flush_one(tier, key, Some(held)) {
+            return Err(e);
+        }
+        link.tier.delete(key)
+    }
+
     /// Removes `key` from every tier (dirty or not); says whether any held it.
     pub fn delete(&self, key: &ArtifactKey) -> Result<bool> {
         let encoded = key.encode()?;

@@ -88,6 +88,14 @@ pub enum Error {
         /// `tier: error` for each tier that failed.
         reasons: Vec<String>,
     },
+    /// A plan given to the executor does not validate.
+    #[error("plan {plan:?} is invalid: {message}")]
+    Plan {
+        /// The plan's id.
+        plan: String,
+        /// Every problem, with the path of its field.
+        message: String,
+    },
     /// Bytes are not a key's canonical encoding.
     #[error("not an encoded key: at byte {offset}: {message}")]
     Decode {

@@ -38,6 +38,7 @@
 pub mod chain;
 pub mod engine;
 pub mod error;
+pub mod exec;
 pub mod key;
 pub mod memory;
 pub mod record;
@@ -46,6 +47,9 @@ pub mod tier;
 pub use chain::{ChainStats, FlushPolicy, Link, LinkMode, Lookup, TierChain};
 pub use engine::{Access, EngineStats, LoadBatch, LoadFailure, Loaded, StorageEngine};
 pub use error::{Error, Result};
+pub use exec::{
+    ExecOptions, ExecReport, KeySpace, OpReport, OpStatus, PageHit, execute, execute_with,
+};
 pub use key::{ArtifactKey, CustomKey, KvChunkKey, Layers, ParamChunkKey};
 pub use memory::MemoryTier;
 pub use tier::{Meta, Object, Tier, TierStats, checksum, shared_bytes};

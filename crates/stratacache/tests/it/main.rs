@@ -2,5 +2,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod chain;
+mod exec;
 mod key;
 mod memory;
