@@ -255,6 +255,106 @@ impl fmt::Display for ArtifactKey {
     }
 }
 
+/// Parses the text form that [`fmt::Display`] prints, for command lines:
+///
+/// - `custom/NAMESPACE/NAME` (the name may contain `/`);
+/// - `param/MODEL@REVISION/TENSOR#CHUNK`;
+/// - `kv/MODEL[@ADAPTER]/KV_DTYPE/tpSIZE.rRANK/PREFIX_HASH_HEX/(layerN|bundle)`
+///   (the model may contain `/`).
+impl std::str::FromStr for ArtifactKey {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<ArtifactKey> {
+        let fail = |message: String| Error::Key {
+            field: "key",
+            message: format!("{text:?}: {message}"),
+        };
+        let forms = "expected custom/NAMESPACE/NAME, param/MODEL@REVISION/TENSOR#CHUNK or \
+                     kv/MODEL[@ADAPTER]/DTYPE/tpN.rR/HEX/layerN";
+        let (kind, rest) = text.split_once('/').ok_or_else(|| fail(forms.to_owned()))?;
+        match kind {
+            "custom" => {
+                let (namespace, name) = rest
+                    .split_once('/')
+                    .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+                    .ok_or_else(|| fail("expected custom/NAMESPACE/NAME".into()))?;
+                Ok(ArtifactKey::Custom(CustomKey {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                }))
+            }
+            "param" => {
+                let bad = || fail("expected param/MODEL@REVISION/TENSOR#CHUNK".into());
+                let (head, chunk) = rest.rsplit_once('#').ok_or_else(bad)?;
+                let chunk = chunk.parse().map_err(|_| bad())?;
+                let (model, after) = head.split_once('@').ok_or_else(bad)?;
+                let (revision, tensor) = after.split_once('/').ok_or_else(bad)?;
+                Ok(ArtifactKey::ParamChunk(ParamChunkKey {
+                    model: model.into(),
+                    revision: revision.into(),
+                    tensor: tensor.into(),
+                    chunk,
+                }))
+            }
+            "kv" => {
+                let bad = |what: &str| {
+                    fail(format!(
+                        "{what}; expected kv/MODEL[@ADAPTER]/DTYPE/tpN.rR/HEX/layerN"
+                    ))
+                };
+                let mut parts = rest.rsplitn(5, '/');
+                let (Some(layers), Some(hash), Some(tp), Some(dtype), Some(model)) = (
+                    parts.next(),
+                    parts.next(),
+                    parts.next(),
+                    parts.next(),
+                    parts.next(),
+                ) else {
+                    return Err(bad("too few parts"));
+                };
+                let layers = match layers {
+                    "bundle" => Layers::Bundle,
+                    l => Layers::One(
+                        l.strip_prefix("layer")
+                            .and_then(|n| n.parse().ok())
+                            .ok_or_else(|| bad("the last part must be layerN or bundle"))?,
+                    ),
+                };
+                if hash.len() % 2 != 0 {
+                    return Err(bad("the prefix hash must be an even number of hex digits"));
+                }
+                let prefix_hash = (0..hash.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&hash[i..i + 2], 16))
+                    .collect::<std::result::Result<Vec<u8>, _>>()
+                    .map_err(|_| bad("the prefix hash must be hex"))?;
+                let (tp_size, rank) = tp
+                    .strip_prefix("tp")
+                    .and_then(|t| t.split_once(".r"))
+                    .and_then(|(s, r)| Some((s.parse().ok()?, r.parse().ok()?)))
+                    .ok_or_else(|| bad("the tensor-parallel part must read tpN.rR"))?;
+                let (model, adapter) = match model.split_once('@') {
+                    Some((m, a)) => (m, Some(a.to_owned())),
+                    None => (model, None),
+                };
+                let key = ArtifactKey::KvChunk(KvChunkKey {
+                    model: model.into(),
+                    adapter,
+                    kv_dtype: dtype.into(),
+                    tp_size,
+                    rank,
+                    prefix_hash,
+                    layers,
+                });
+                // Rank below size, field lengths: the encoding's checks.
+                key.encode()?;
+                Ok(key)
+            }
+            other => Err(fail(format!("unknown kind {other:?}; {forms}"))),
+        }
+    }
+}
+
 struct Writer(Vec<u8>);
 
 impl Writer {

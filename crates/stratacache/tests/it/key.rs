@@ -146,3 +146,26 @@ fn bad_keys_and_bad_bytes_say_where() {
     let err = ArtifactKey::decode(&bytes).unwrap_err().to_string();
     assert!(err.contains("rank 2 not below tp_size 2"), "{err}");
 }
+
+#[test]
+fn the_text_form_parses_back() {
+    for text in [
+        "custom/demo/a/b/c",
+        "param/meta-llama/Llama-3@v2/model.layers.0.q_proj.weight#3",
+        "kv/meta-llama/Llama-3@lora7/bf16/tp4.r3/00ff12/layer31",
+        "kv/m/fp8_e4m3/tp1.r0/ab/bundle",
+    ] {
+        let key: ArtifactKey = text.parse().unwrap();
+        assert_eq!(key.to_string(), text);
+    }
+    for (bad, says) in [
+        ("nokind", "expected custom/"),
+        ("blob/x", "unknown kind"),
+        ("kv/m/bf16/tp2.r2/00/layer1", "not below"),
+        ("kv/m/bf16/tp2.r0/0g/layer1", "hex"),
+        ("param/m/t#x", "param/MODEL@REVISION"),
+    ] {
+        let err = bad.parse::<ArtifactKey>().unwrap_err().to_string();
+        assert!(err.contains(says), "{bad}: {err}");
+    }
+}
