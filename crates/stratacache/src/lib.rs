@@ -12,6 +12,8 @@
 //!   [`Object`] (metadata and shared, reference-counted bytes).
 //! - [`memory`]: [`MemoryTier`], a sharded byte-bounded LRU that never evicts
 //!   a pinned or borrowed object.
+//! - [`disk`]: [`DiskTier`], append-only segment files with an index
+//!   snapshot, recovered after a crash by a checked scan.
 //!
 //! ```
 //! use stratacache::{ArtifactKey, KvChunkKey, Layers};
@@ -35,12 +37,14 @@
 //! assert_eq!(rank0.to_string(), "kv/llama-3-8b/bf16/tp2.r0/0000000000001234/layer12");
 //! ```
 
+pub mod disk;
 pub mod error;
 pub mod key;
 pub mod memory;
 pub mod record;
 pub mod tier;
 
+pub use disk::{DiskOptions, DiskTier};
 pub use error::{Error, Result};
 pub use key::{ArtifactKey, CustomKey, KvChunkKey, Layers, ParamChunkKey};
 pub use memory::MemoryTier;

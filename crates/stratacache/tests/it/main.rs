@@ -1,5 +1,6 @@
 //! stratacache's integration tests: one binary, one module per area.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod disk;
 mod key;
 mod memory;
