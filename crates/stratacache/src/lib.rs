@@ -12,6 +12,8 @@
 //!   [`Object`] (metadata and shared, reference-counted bytes).
 //! - [`memory`]: [`MemoryTier`], a sharded byte-bounded LRU that never evicts
 //!   a pinned or borrowed object.
+//! - [`disk`]: [`DiskTier`], append-only segment files with an index
+//!   snapshot, recovered after a crash by a checked scan.
 //!
 //! ```
 //! use stratacache::{ArtifactKey, KvChunkKey, Layers};
@@ -37,6 +39,7 @@
 
 pub mod chain;
 pub mod engine;
+pub mod disk;
 pub mod error;
 pub mod exec;
 pub mod key;
@@ -46,6 +49,7 @@ pub mod tier;
 
 pub use chain::{ChainStats, FlushPolicy, Link, LinkMode, Lookup, TierChain};
 pub use engine::{Access, EngineStats, LoadBatch, LoadFailure, Loaded, StorageEngine};
+pub use disk::{DiskOptions, DiskTier};
 pub use error::{Error, Result};
 pub use exec::{
     ExecOptions, ExecReport, KeySpace, OpReport, OpStatus, PageHit, execute, execute_with,

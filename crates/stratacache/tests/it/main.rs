@@ -3,5 +3,6 @@
 
 mod chain;
 mod exec;
+mod disk;
 mod key;
 mod memory;
