@@ -12,6 +12,9 @@
 //!   [`Object`] (metadata and shared, reference-counted bytes).
 //! - [`memory`]: [`MemoryTier`], a sharded byte-bounded LRU that never evicts
 //!   a pinned or borrowed object.
+//! - [`mmap`]: [`MmapTier`], objects in a mapped region of a file or a DAX
+//!   device, with an allocator, eviction and an index rebuilt from the
+//!   region itself after a restart or a crash.
 //!
 //! ```
 //! use stratacache::{ArtifactKey, KvChunkKey, Layers};
@@ -38,10 +41,12 @@
 pub mod error;
 pub mod key;
 pub mod memory;
+pub mod mmap;
 pub mod record;
 pub mod tier;
 
 pub use error::{Error, Result};
 pub use key::{ArtifactKey, CustomKey, KvChunkKey, Layers, ParamChunkKey};
 pub use memory::MemoryTier;
+pub use mmap::{MmapOptions, MmapTier};
 pub use tier::{Meta, Object, Tier, TierStats, checksum, shared_bytes};
