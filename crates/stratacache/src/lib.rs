@@ -14,6 +14,9 @@
 //!   a pinned or borrowed object.
 //! - [`disk`]: [`DiskTier`], append-only segment files with an index
 //!   snapshot, recovered after a crash by a checked scan.
+//! - [`mmap`]: [`MmapTier`], objects in a mapped region of a file or a DAX
+//!   device, with an allocator, eviction and an index rebuilt from the
+//!   region itself after a restart or a crash.
 //!
 //! ```
 //! use stratacache::{ArtifactKey, KvChunkKey, Layers};
@@ -38,22 +41,24 @@
 //! ```
 
 pub mod chain;
-pub mod engine;
 pub mod disk;
+pub mod engine;
 pub mod error;
 pub mod exec;
 pub mod key;
 pub mod memory;
+pub mod mmap;
 pub mod record;
 pub mod tier;
 
 pub use chain::{ChainStats, FlushPolicy, Link, LinkMode, Lookup, TierChain};
-pub use engine::{Access, EngineStats, LoadBatch, LoadFailure, Loaded, StorageEngine};
 pub use disk::{DiskOptions, DiskTier};
+pub use engine::{Access, EngineStats, LoadBatch, LoadFailure, Loaded, StorageEngine};
 pub use error::{Error, Result};
 pub use exec::{
     ExecOptions, ExecReport, KeySpace, OpReport, OpStatus, PageHit, execute, execute_with,
 };
 pub use key::{ArtifactKey, CustomKey, KvChunkKey, Layers, ParamChunkKey};
 pub use memory::MemoryTier;
+pub use mmap::{MmapOptions, MmapTier};
 pub use tier::{Meta, Object, Tier, TierStats, checksum, shared_bytes};

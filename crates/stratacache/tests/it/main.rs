@@ -2,7 +2,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod chain;
-mod exec;
 mod disk;
+mod exec;
 mod key;
 mod memory;
+mod mmap;
