@@ -12,6 +12,9 @@
 //!   [`Object`] (metadata and shared, reference-counted bytes).
 //! - [`memory`]: [`MemoryTier`], a sharded byte-bounded LRU that never evicts
 //!   a pinned or borrowed object.
+//! - [`remote`] and [`server`]: one store shared by many processes (ranks,
+//!   a scheduler and its workers): [`Server`] serves any tier over TCP or a
+//!   Unix socket, and [`RemoteTier`] is a tier that talks to it.
 //!
 //! ```
 //! use stratacache::{ArtifactKey, KvChunkKey, Layers};
@@ -39,9 +42,13 @@ pub mod error;
 pub mod key;
 pub mod memory;
 pub mod record;
+pub mod remote;
+pub mod server;
 pub mod tier;
 
 pub use error::{Error, Result};
 pub use key::{ArtifactKey, CustomKey, KvChunkKey, Layers, ParamChunkKey};
 pub use memory::MemoryTier;
+pub use remote::{RemoteOptions, RemoteTier};
+pub use server::{Listener, ServeOptions, Server, ServerHandle, ServerStats, serve};
 pub use tier::{Meta, Object, Tier, TierStats, checksum, shared_bytes};
