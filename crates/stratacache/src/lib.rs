@@ -17,6 +17,9 @@
 //! - [`mmap`]: [`MmapTier`], objects in a mapped region of a file or a DAX
 //!   device, with an allocator, eviction and an index rebuilt from the
 //!   region itself after a restart or a crash.
+//! - [`remote`] and [`server`]: one store shared by many processes (ranks,
+//!   a scheduler and its workers): [`Server`] serves any tier over TCP or a
+//!   Unix socket, and [`RemoteTier`] is a tier that talks to it.
 //!
 //! ```
 //! use stratacache::{ArtifactKey, KvChunkKey, Layers};
@@ -49,6 +52,8 @@ pub mod key;
 pub mod memory;
 pub mod mmap;
 pub mod record;
+pub mod remote;
+pub mod server;
 pub mod tier;
 
 pub use chain::{ChainStats, FlushPolicy, Link, LinkMode, Lookup, TierChain};
@@ -61,4 +66,6 @@ pub use exec::{
 pub use key::{ArtifactKey, CustomKey, KvChunkKey, Layers, ParamChunkKey};
 pub use memory::MemoryTier;
 pub use mmap::{MmapOptions, MmapTier};
+pub use remote::{RemoteOptions, RemoteTier};
+pub use server::{Listener, ServeOptions, Server, ServerHandle, ServerStats, serve};
 pub use tier::{Meta, Object, Tier, TierStats, checksum, shared_bytes};

@@ -7,3 +7,4 @@ mod exec;
 mod key;
 mod memory;
 mod mmap;
+mod remote;
