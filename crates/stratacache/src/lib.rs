@@ -12,6 +12,9 @@
 //!   [`Object`] (metadata and shared, reference-counted bytes).
 //! - [`memory`]: [`MemoryTier`], a sharded byte-bounded LRU that never evicts
 //!   a pinned or borrowed object.
+//! - [`redis`]: [`RedisTier`], the remote tier on a Redis server: one
+//!   self-checking record per object, pipelined batches, pooled
+//!   connections.
 //!
 //! ```
 //! use stratacache::{ArtifactKey, KvChunkKey, Layers};
@@ -39,9 +42,11 @@ pub mod error;
 pub mod key;
 pub mod memory;
 pub mod record;
+pub mod redis;
 pub mod tier;
 
 pub use error::{Error, Result};
 pub use key::{ArtifactKey, CustomKey, KvChunkKey, Layers, ParamChunkKey};
 pub use memory::MemoryTier;
+pub use redis::{RedisOptions, RedisTier};
 pub use tier::{Meta, Object, Tier, TierStats, checksum, shared_bytes};

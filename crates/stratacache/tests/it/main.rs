@@ -3,3 +3,4 @@
 
 mod key;
 mod memory;
+mod redis;
