@@ -214,8 +214,9 @@ impl RedisTier {
         &self.url
     }
 
-    /// The Redis name of `key`: the prefix and the hex digest of its
-    /// encoding (which the caller needs too, to check the record).
+    /// The Redis key under which `key` is stored: the prefix, then the hex
+    /// of [`ArtifactKey::digest`]. For looking at the store with other
+    /// Redis tools.
     pub fn redis_key(&self, key: &ArtifactKey) -> Result<Vec<u8>> {
         Ok(self.name_of(&key.encode()?))
     }
@@ -499,13 +500,14 @@ impl Tier for RedisTier {
             let heads = self.pipelined("GETRANGE", names, |p, n| {
                 p.cmd("GETRANGE").arg(n).arg(0).arg(HEADER_LEN - 1);
             })?;
-            for head in heads {
-                if let Value::BulkString(h) = head
-                    && let Some(h) = Header::parse(&h).filter(|h| h.kind == Kind::Object)
-                {
-                    objects += 1;
-                    bytes += h.payload_len;
-                }
+            // (No let chains: the workspace supports Rust 1.85.)
+            let headers = heads.iter().filter_map(|head| match head {
+                Value::BulkString(h) => Header::parse(h).filter(|h| h.kind == Kind::Object),
+                _ => None,
+            });
+            for h in headers {
+                objects += 1;
+                bytes += h.payload_len;
             }
             Ok(())
         });
@@ -537,11 +539,11 @@ impl Tier for RedisTier {
                 let (Value::BulkString(mut head), Value::Int(len)) = (head, len) else {
                     continue; // not a string: not ours
                 };
+                let len = u64::try_from(len).unwrap_or(0);
                 // A head longer than the first fetch: fetch it whole.
-                if let Some(h) = Header::parse(&head)
-                    && h.payload_offset() > head.len() as u64
-                    && h.total_len() == len as u64
-                {
+                let longer = Header::parse(&head)
+                    .filter(|h| h.payload_offset() > head.len() as u64 && h.total_len() == len);
+                if let Some(h) = longer {
                     let end = h.payload_offset() - 1;
                     let mut cmd = redis::cmd("GETRANGE");
                     cmd.arg(name).arg(0).arg(end);
@@ -549,7 +551,7 @@ impl Tier for RedisTier {
                         .run(|c| cmd.query(c))
                         .map_err(|e| self.remote("GETRANGE", &e))?;
                 }
-                if let Some(entry) = self.listed(name, &head, len as u64) {
+                if let Some(entry) = self.listed(name, &head, len) {
                     out.push(entry);
                 }
             }
