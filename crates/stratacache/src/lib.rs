@@ -20,6 +20,9 @@
 //! - [`remote`] and [`server`]: one store shared by many processes (ranks,
 //!   a scheduler and its workers): [`Server`] serves any tier over TCP or a
 //!   Unix socket, and [`RemoteTier`] is a tier that talks to it.
+//! - [`redis`]: [`RedisTier`], the remote tier on a Redis server: one
+//!   self-checking record per object, pipelined batches, pooled
+//!   connections.
 //!
 //! ```
 //! use stratacache::{ArtifactKey, KvChunkKey, Layers};
@@ -52,6 +55,7 @@ pub mod key;
 pub mod memory;
 pub mod mmap;
 pub mod record;
+pub mod redis;
 pub mod remote;
 pub mod server;
 pub mod tier;
@@ -66,6 +70,7 @@ pub use exec::{
 pub use key::{ArtifactKey, CustomKey, KvChunkKey, Layers, ParamChunkKey};
 pub use memory::MemoryTier;
 pub use mmap::{MmapOptions, MmapTier};
+pub use redis::{RedisOptions, RedisTier};
 pub use remote::{RemoteOptions, RemoteTier};
 pub use server::{Listener, ServeOptions, Server, ServerHandle, ServerStats, serve};
 pub use tier::{Meta, Object, Tier, TierStats, checksum, shared_bytes};

@@ -7,4 +7,5 @@ mod exec;
 mod key;
 mod memory;
 mod mmap;
+mod redis;
 mod remote;
