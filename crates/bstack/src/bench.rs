@@ -26,8 +26,9 @@ use crate::output::Output;
 pub struct BenchArgs {
     /// Component to measure: `plan` (contract encode, decode, JSON,
     /// validate), `hotweights` (publish against file reading and hashing)
-    /// or `bcache` (planning latency at 1k to 1M pending requests; the
-    /// shared trace under every policy, with hit rates and TTFT).
+    /// `bcache` (planning latency at 1k to 1M pending requests; the
+    /// shared trace under every policy, with hit rates and TTFT) or
+    /// `strata` (every tier against memcpy, raw file I/O or raw TCP).
     component: String,
     /// Timed runs per figure, after one warm-up run.
     #[arg(long, default_value_t = 7)]
@@ -51,7 +52,8 @@ pub fn run(args: BenchArgs, out: &Output) -> Result<Outcome> {
         "plan" => bench_plan(&args, out)?,
         "hotweights" | "hw" => bench_hotweights(&args, out)?,
         "bcache" => bench_bcache(&args, out)?,
-        other => bail!("no benchmarks for {other:?}; available: plan, hotweights, bcache"),
+        "strata" => crate::bench_strata::measure(args.runs, args.scale, out)?,
+        other => bail!("no benchmarks for {other:?}; available: plan, hotweights, bcache, strata"),
     }
     Ok(Outcome::Ok)
 }
@@ -72,7 +74,7 @@ pub fn median(runs: usize, mut f: impl FnMut()) -> Duration {
 
 /// The median of `times` (zero when empty), for benches that time only
 /// part of each run.
-fn middle(mut times: Vec<Duration>) -> Duration {
+pub(crate) fn middle(mut times: Vec<Duration>) -> Duration {
     times.sort_unstable();
     times.get(times.len() / 2).copied().unwrap_or_default()
 }
@@ -89,7 +91,7 @@ pub fn memcpy_baseline(runs: usize, len: usize) -> Duration {
 }
 
 /// One measured figure.
-struct Figure<'a> {
+pub(crate) struct Figure<'a> {
     bench: &'a str,
     /// Items processed (tensors, ops, ...).
     n: usize,
@@ -104,7 +106,7 @@ struct Figure<'a> {
 }
 
 impl<'a> Figure<'a> {
-    fn new(bench: &'a str, n: usize, bytes: usize, time: Duration) -> Self {
+    pub(crate) fn new(bench: &'a str, n: usize, bytes: usize, time: Duration) -> Self {
         Figure {
             bench,
             n,
@@ -115,19 +117,19 @@ impl<'a> Figure<'a> {
         }
     }
 
-    fn against(mut self, name: &'a str, time: Duration) -> Self {
+    pub(crate) fn against(mut self, name: &'a str, time: Duration) -> Self {
         self.baseline = Some((name, time));
         self
     }
 
-    fn with(mut self, extra: serde_json::Value) -> Self {
+    pub(crate) fn with(mut self, extra: serde_json::Value) -> Self {
         self.extra = extra;
         self
     }
 }
 
 /// Prints one figure.
-fn emit(out: &Output, runs: usize, f: Figure<'_>) -> std::io::Result<()> {
+pub(crate) fn emit(out: &Output, runs: usize, f: Figure<'_>) -> std::io::Result<()> {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let mut figure = json!({
         "bench": f.bench,

@@ -59,6 +59,7 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
 
     let (steps, hw_summary) = hotweights_stage(&args.out.join("hotweights"))?;
     let (cache_rows, cache_summary) = bcache_stage(&args.out.join("bcache"))?;
+    let (strata_text, strata_summary) = strata_stage(&args.out.join("strata"))?;
 
     if out.json {
         let stages: Vec<_> = rows
@@ -78,6 +79,7 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
             "contracts": stages,
             "hotweights": hw_summary,
             "bcache": cache_summary,
+            "strata": strata_summary,
         }))?;
     } else {
         let mut t = table(
@@ -100,6 +102,7 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
         }
         out.line(t)?;
         out.line(cache_rows)?;
+        out.line(strata_text)?;
         out.line(format_args!(
             "wrote {} files to {}; inspect one with `bstack plan show {}`",
             rows.len() * 2,
@@ -336,21 +339,8 @@ fn same_files(a: &Path, b: &Path) -> Result<bool> {
 fn bcache_stage(dir: &Path) -> Result<(String, serde_json::Value)> {
     use bcache::config::Config;
     use bcache::model::{Node, Request, Tier, TierState, WindowInput};
-    use bcache::trace::Trace;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let shared = Path::new(crate::bcache::SHARED_TRACE);
-    let (mut trace, source) = if shared.exists() {
-        (
-            Trace::read(shared, false)?,
-            format!("{} (first 5 minutes)", shared.display()),
-        )
-    } else {
-        (
-            Trace::synthetic(1000, 60, 42),
-            format!("a generated trace ({} was not found)", shared.display()),
-        )
-    };
-    trace.truncate_to(300.0);
+    let (trace, source) = demo_trace()?;
 
     // One window: the first 16 requests' blocks, waiting in CPU memory.
     let mut config = Config::default();
@@ -427,5 +417,180 @@ fn bcache_stage(dir: &Path) -> Result<(String, serde_json::Value)> {
                    "deferred_bytes": report.deferred_bytes, "plan": plan_path},
         "sim": sim,
     });
+    Ok((text, summary))
+}
+
+/// The first five minutes of the shared serving trace, or a generated
+/// trace when it is absent; with words saying which.
+fn demo_trace() -> Result<(bcache::trace::Trace, String)> {
+    use bcache::trace::Trace;
+    let shared = Path::new(crate::bcache::SHARED_TRACE);
+    let (mut trace, source) = if shared.exists() {
+        (
+            Trace::read(shared, false)?,
+            format!("{} (first 5 minutes)", shared.display()),
+        )
+    } else {
+        (
+            Trace::synthetic(1000, 60, 42),
+            format!("a generated trace ({} was not found)", shared.display()),
+        )
+    };
+    trace.truncate_to(300.0);
+    Ok((trace, source))
+}
+
+/// Bytes of one KV page in the stratacache stage: small enough that the
+/// demo moves a few hundred MiB at most, large enough to measure bandwidth.
+const STRATA_PAGE_BYTES: u64 = 256 << 10;
+
+/// The stratacache stage: bcache plans one window of the trace's first
+/// requests (their pages wait on SSD and are wanted in CPU memory); the
+/// plan goes through a file; stratacache executes it on real bytes from a
+/// disk tier into a memory tier on four streams, every copied page is
+/// checked byte for byte, and the page hits go back to the planner.
+fn strata_stage(dir: &Path) -> Result<(String, serde_json::Value)> {
+    use bcache::model::{Node, Request, Tier, TierState, WindowInput};
+    use stratacache::config::{ByteSize, Config, TierConfig, TierKind};
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (trace, source) = demo_trace()?;
+
+    let mut planner_config = bcache::config::Config::default().planner;
+    // Operations of at most 4 MiB: enough of them to keep four streams busy.
+    planner_config.max_io_bytes = 4 << 20;
+    let tier = |tier, capacity: u64, bw: u64| TierState::new(tier, capacity, capacity, bw);
+    let window = WindowInput {
+        window_index: 0,
+        now_ns: 0,
+        window_ns: 0,
+        nodes: vec![Node {
+            name: "node0".into(),
+            tiers: vec![
+                tier(Tier::Cpu, 4 << 30, 20_000_000_000),
+                tier(Tier::Ssd, 64 << 30, 4_000_000_000),
+            ],
+        }],
+        tenants: Vec::new(),
+        layer_latency_ns: Vec::new(),
+        requests: trace
+            .requests
+            .iter()
+            .take(24)
+            .enumerate()
+            .map(|(i, r)| Request {
+                id: format!("req{i}"),
+                node: "node0".into(),
+                tenant: "default".into(),
+                pages: r.blocks.clone(),
+                layers: [0, 1],
+                src: Tier::Ssd,
+                dst: Tier::Cpu,
+                deadline_ns: 5_000_000 + i as u64 * 2_000_000,
+                page_bytes: STRATA_PAGE_BYTES,
+                est_fill_ns: 0,
+                tensor: "kv".into(),
+                tokens: Vec::new(),
+            })
+            .collect(),
+    };
+    let mut planner = bcache::Planner::new(planner_config);
+    let (plan, plan_report) = planner.plan(&window)?;
+    let plan_path = dir.join("cache_plan.json");
+    Document::CachePlan(plan).write(&plan_path, Format::Json)?;
+    // The executor reads the plan back from its file, as a separate
+    // process would.
+    let plan = crate::strata::read_plan(&plan_path)?;
+
+    let mut memory = TierConfig::new(TierKind::Memory);
+    memory.name = Some("cpu".into());
+    memory.capacity = Some(ByteSize(2 << 30));
+    let mut disk = TierConfig::new(TierKind::Disk);
+    disk.name = Some("ssd".into());
+    disk.path = Some(dir.join("store"));
+    disk.capacity = Some(ByteSize(8 << 30));
+    let mut config = Config {
+        tiers: vec![memory, disk],
+        ..Config::default()
+    };
+    config.exec.node = "node0".into();
+    config.exec.streams = 4;
+    let engine = config.open()?;
+    let seeded = crate::strata::fill_sources(&engine, &plan, &config.exec)?;
+    engine.flush()?;
+    let report = stratacache::execute(&engine, &plan, &config.exec)?;
+
+    // Every page the plan moved must now be in CPU memory, byte for byte.
+    let cpu = engine.tier_index("cpu")?;
+    let mut verified = 0u64;
+    for op in plan.ops.iter().filter(|o| o.dst == "tier://node0/cpu") {
+        let pages: u64 = op.kv_refs.iter().map(|r| r.count.max(1)).sum();
+        let page_bytes = (op.length / pages.max(1)) as usize;
+        for r in &op.kv_refs {
+            for (layer, page, key) in config.exec.keys.ref_keys(r) {
+                let got = engine.load(&key, stratacache::Access::Exact(cpu))?;
+                if *got.object.bytes != *crate::strata::page_pattern(layer, page, page_bytes) {
+                    bail!("page {page} of layer {layer} arrived with the wrong bytes");
+                }
+                verified += 1;
+            }
+        }
+    }
+    let hits: Vec<(u32, u64, f64)> = report
+        .hits
+        .iter()
+        .map(|h| (h.layer, h.page, h.hits))
+        .collect();
+    planner.observe_hits(&hits, window.now_ns);
+    engine.close()?;
+    let report_path = dir.join("exec_report.json");
+    bstack_plan::write_atomic(&report_path, &serde_json::to_vec_pretty(&report)?)?;
+
+    let text = format!(
+        "stratacache: executed the bcache plan for {} requests of {source}:\n  \
+         {} ops, {} from the disk tier (ssd) into the memory tier (cpu) on {} streams in {} \
+         ({}/s); {} late (at most {}), {} failed; {} pages checked byte for byte; \
+         {} page hits fed back to the planner\n  wrote {} and {}",
+        window.requests.len(),
+        report.ops.len(),
+        bytes(report.done_bytes),
+        report.streams,
+        crate::output::duration_ns(report.elapsed_ns),
+        bytes(report.bandwidth_bps as u64),
+        report.late_ops,
+        crate::output::duration_ns(report.max_late_ns),
+        report.failed_ops,
+        verified,
+        hits.len(),
+        plan_path.display(),
+        report_path.display(),
+    );
+    let summary = json!({
+        "trace": source,
+        "requests": window.requests.len(),
+        "planned_bytes": plan_report.planned_bytes,
+        "deferred_bytes": plan_report.deferred_bytes,
+        "seeded_pages": seeded,
+        "ops": report.ops.len(),
+        "done_bytes": report.done_bytes,
+        "failed_ops": report.failed_ops,
+        "late_ops": report.late_ops,
+        "max_late_ns": report.max_late_ns,
+        "elapsed_ns": report.elapsed_ns,
+        "bandwidth_bps": report.bandwidth_bps,
+        "verified_pages": verified,
+        "hits_fed_back": hits.len(),
+        "plan": plan_path,
+        "report": report_path,
+    });
+    if report.failed_ops > 0 {
+        bail!(
+            "the stratacache stage failed {} operations: {}",
+            report.failed_ops,
+            text
+        );
+    }
     Ok((text, summary))
 }

@@ -8,10 +8,14 @@
 mod bcache;
 mod bcache_serve;
 mod bench;
+mod bench_strata;
 mod demo;
 mod hotweights;
 mod output;
 mod plan;
+mod redis_server;
+mod strata;
+mod strata_serve;
 
 use std::process::ExitCode;
 
@@ -66,6 +70,11 @@ enum Command {
     #[command(subcommand)]
     Bcache(bcache::BcacheCommand),
 
+    /// The tiered artifact store: put, get, list and serve objects across
+    /// memory, mmap/DAX, disk and Redis tiers; execute cache plans.
+    #[command(subcommand)]
+    Strata(strata::StrataCommand),
+
     /// Run the whole stack on built-in examples and write every contract to a
     /// directory as JSON and protobuf.
     Demo(demo::DemoArgs),
@@ -98,6 +107,7 @@ fn main() -> ExitCode {
         Command::Plan(cmd) => plan::run(cmd, &out),
         Command::Hotweights(cmd) => hotweights::run(cmd, &out, cli.quiet),
         Command::Bcache(cmd) => bcache::run(cmd, &out, cli.quiet),
+        Command::Strata(cmd) => strata::run(cmd, &out, cli.quiet),
         Command::Demo(args) => demo::run(args, &out),
         Command::Bench(args) => bench::run(args, &out),
     };

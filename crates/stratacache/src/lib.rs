@@ -47,6 +47,7 @@
 //! ```
 
 pub mod chain;
+pub mod config;
 pub mod disk;
 pub mod engine;
 pub mod error;

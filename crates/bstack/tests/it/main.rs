@@ -13,3 +13,4 @@ mod hw_rollout_cmd;
 mod plan_convert;
 mod plan_show;
 mod plan_validate;
+mod strata_cmd;
