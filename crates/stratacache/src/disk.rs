@@ -121,7 +121,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, IoSlice, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::record::{self, HEADER_LEN, Header, Kind};
@@ -137,6 +137,9 @@ const SNAP_MAGIC: [u8; 8] = *b"SCDIDX01";
 /// and a shape.
 const MAX_KEY: u32 = 1 << 20;
 const MAX_META: u32 = 1 << 24;
+/// Reads of a payload go in pieces of this size, each hashed while it is
+/// in the CPU's cache.
+const READ_PIECE: usize = 256 << 10;
 
 /// How a [`DiskTier`] is set up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,6 +180,8 @@ pub struct DiskTier {
     /// (briefly) `state`.
     writer: Mutex<Writer>,
     state: Mutex<State>,
+    /// A read dropped a damaged object: the snapshot must forget it too.
+    dropped: AtomicBool,
     hits: AtomicU64,
     misses: AtomicU64,
     evictions: AtomicU64,
@@ -743,6 +748,7 @@ impl DiskTier {
                 dirty,
             }),
             state: Mutex::new(state),
+            dropped: AtomicBool::new(false),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
@@ -1085,7 +1091,9 @@ impl Tier for DiskTier {
         };
         let path = self.segment_path(entry.segment);
         let drop_it = |reason: String| {
-            lock(&self.state).remove_if_at(&encoded, entry.segment, entry.offset);
+            if lock(&self.state).remove_if_at(&encoded, entry.segment, entry.offset) {
+                self.dropped.store(true, Ordering::Relaxed);
+            }
             self.misses.fetch_add(1, Ordering::Relaxed);
             self.corrupt(key, format!("{reason} (in {})", path.display()))
         };
@@ -1102,15 +1110,32 @@ impl Tier for DiskTier {
         else {
             return Err(drop_it("its index entry is inconsistent".into()));
         };
-        let bytes = match shared_bytes(len, |buf| file.read_exact_at(buf, at)) {
+        // Hash each piece right after reading it, while it is still in
+        // the CPU's cache: checking a large object then costs little more
+        // than reading it.
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let read = shared_bytes(len, |buf| {
+            let mut done = 0;
+            for piece in buf.chunks_mut(READ_PIECE) {
+                file.read_exact_at(piece, at + done)?;
+                hasher.update(piece);
+                done += piece.len() as u64;
+            }
+            Ok::<(), io::Error>(())
+        });
+        let bytes = match read {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 return Err(drop_it("the record is cut short".into()));
             }
             Err(e) => return Err(io_err("reading", &path, e)),
         };
-        if let Err(reason) = record::check_payload(&entry.meta, &bytes) {
-            return Err(drop_it(reason));
+        let sum = hasher.digest();
+        if sum != entry.meta.checksum {
+            return Err(drop_it(format!(
+                "payload checksum {sum:016x} does not match the stored {:016x}",
+                entry.meta.checksum
+            )));
         }
         self.hits.fetch_add(1, Ordering::Relaxed);
         Ok(Some(Object {
@@ -1226,7 +1251,7 @@ impl Tier for DiskTier {
                 .map_err(|e| io_err("syncing", &self.segment_path(id), e))?;
         }
         w.unsynced.clear();
-        if w.dirty {
+        if self.dropped.swap(false, Ordering::Relaxed) || w.dirty {
             let bytes = encode_snapshot(&lock(&self.state), w.next_seq, w.next_segment);
             let tmp = self.dir.join(SNAPSHOT_TMP);
             let write = || -> io::Result<()> {
