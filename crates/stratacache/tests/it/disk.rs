@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
 
+use proptest::prelude::*;
 use stratacache::record::{HEADER_LEN, Header, Kind};
 use stratacache::{ArtifactKey, CustomKey, DiskOptions, DiskTier, Error, Meta, Tier, checksum};
 
@@ -154,6 +155,27 @@ fn objects_round_trip_with_their_metadata() {
     assert!(!tier.delete(&key(1)).unwrap());
     assert!(!tier.contains(&key(1)).unwrap());
     assert_eq!(tier.stats().bytes, 0);
+}
+
+#[test]
+fn synced_writes_round_trip_and_survive_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = || DiskOptions {
+        sync_on_put: true,
+        ..opts(1 << 20, 4 << 10)
+    };
+    let tier = DiskTier::open(dir.path(), o()).unwrap();
+    for i in 0..10 {
+        tier.put(&key(i), Meta::default(), &payload(i, 1000))
+            .unwrap();
+    }
+    assert!(tier.delete(&key(0)).unwrap());
+    std::mem::forget(tier);
+    let tier = DiskTier::open(dir.path(), o()).unwrap();
+    assert!(!tier.contains(&key(0)).unwrap());
+    for i in 1..10 {
+        assert_intact(&tier, i, 1000);
+    }
 }
 
 #[test]
@@ -702,4 +724,85 @@ fn reopening_twenty_thousand_objects() {
     println!("rebuilt 20,000 objects by a scan in {:?}", t.elapsed());
     assert_eq!(tier.stats().objects, 20_000);
     assert_intact(&tier, 19_999, 64);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Put(u64, usize),
+    Delete(u64),
+    Flush,
+    /// Drop and reopen.
+    Reopen,
+    /// Reopen what the files are now, as a process crash leaves them.
+    Crash,
+    /// The same, with the snapshot lost too: a scan rebuilds everything.
+    CrashWithoutSnapshot,
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0u64..8, 0usize..3000).prop_map(|(k, len)| Op::Put(k, len)),
+        2 => (0u64..8).prop_map(Op::Delete),
+        1 => Just(Op::Flush),
+        1 => Just(Op::Reopen),
+        1 => Just(Op::Crash),
+        1 => Just(Op::CrashWithoutSnapshot),
+    ]
+}
+
+/// A copy of the tier's files as they are now.
+fn copy_dir(from: &Path) -> tempfile::TempDir {
+    let to = tempfile::tempdir().unwrap();
+    for item in fs::read_dir(from).unwrap() {
+        let path = item.unwrap().path();
+        fs::copy(&path, to.path().join(path.file_name().unwrap())).unwrap();
+    }
+    to
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Any sequence of puts, deletes, flushes, clean restarts and crashes
+    /// leaves exactly what a map would hold.
+    #[test]
+    fn the_tier_matches_a_map_across_restarts_and_crashes(
+        ops in prop::collection::vec(arb_op(), 1..40)
+    ) {
+        let o = || opts(1 << 30, 4 << 10);
+        let mut dir = tempfile::tempdir().unwrap();
+        let mut tier = DiskTier::open(dir.path(), o()).unwrap();
+        let mut model: std::collections::HashMap<u64, Vec<u8>> = Default::default();
+        for (n, op) in ops.into_iter().enumerate() {
+            match op {
+                Op::Put(k, len) => {
+                    let bytes = versioned(k, n as u64, len);
+                    tier.put(&key(k), Meta::default(), &bytes).unwrap();
+                    model.insert(k, bytes);
+                }
+                Op::Delete(k) => {
+                    prop_assert_eq!(tier.delete(&key(k)).unwrap(), model.remove(&k).is_some());
+                }
+                Op::Flush => tier.flush().unwrap(),
+                Op::Reopen => {
+                    drop(tier);
+                    tier = DiskTier::open(dir.path(), o()).unwrap();
+                }
+                Op::Crash | Op::CrashWithoutSnapshot => {
+                    let copy = copy_dir(dir.path());
+                    drop(tier);
+                    if matches!(op, Op::CrashWithoutSnapshot) {
+                        let _ = fs::remove_file(copy.path().join("index.snap"));
+                    }
+                    dir = copy;
+                    tier = DiskTier::open(dir.path(), o()).unwrap();
+                }
+            }
+            for k in 0..8 {
+                let got = tier.get(&key(k)).unwrap();
+                prop_assert_eq!(got.map(|o| o.bytes.to_vec()), model.get(&k).cloned(), "k{}", k);
+            }
+        }
+        prop_assert_eq!(tier.stats().objects, model.len() as u64);
+    }
 }
