@@ -99,11 +99,12 @@
 //! so that an older version cannot come back in its place. Stray temporary
 //! files are removed.
 //!
-//! Compaction copies records forward with their original sequence numbers,
-//! so the order of writes survives any rewriting. The newest record of a
-//! key always lies after its older ones in append order; a tombstone is
-//! therefore kept (copied forward) while any older segment exists, and
-//! dropped with the oldest segment.
+//! Compaction and reclaiming copy records forward byte for byte, sequence
+//! number included, so the order of writes survives any rewriting. Only
+//! live records are copied, so a key's newest record always lies after its
+//! older ones in append order (segment id, then offset). A tombstone is
+//! therefore needed only while an older segment exists: compaction copies it
+//! forward, and it is dropped with the oldest segment.
 //!
 //! # Durability
 //!
@@ -115,6 +116,9 @@
 //!   the directory, and the snapshot), or at once with
 //!   [`DiskOptions::sync_on_put`], which fsyncs each write before returning
 //!   (slower: one device flush per write).
+//! - Reclaiming never weakens what a flush made durable: a segment whose
+//!   records were copied forward is deleted only after the copies are
+//!   fsynced.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -625,7 +629,7 @@ impl DiskTier {
                     .get(&e.segment)
                     .is_some_and(|&c| e.offset.saturating_add(e.len) <= c);
                 if within && ids.contains(&e.segment) {
-                    next_seq = next_seq.max(e.seq + 1);
+                    next_seq = next_seq.max(e.seq.saturating_add(1));
                     state.index.insert(key, e);
                 }
             }
@@ -647,7 +651,7 @@ impl DiskTier {
             let index = &mut state.index;
             let end = scan_segment(&file, start, len, |r| {
                 dirty = true;
-                next_seq = next_seq.max(r.seq + 1);
+                next_seq = next_seq.max(r.seq.saturating_add(1));
                 if r.kind == Kind::Object && r.intact {
                     let stale = index.get(r.key.as_slice()).is_some_and(|e| e.seq > r.seq)
                         || deleted.get(&r.key).is_some_and(|&d| d > r.seq);
@@ -743,7 +747,10 @@ impl DiskTier {
                 size,
                 next_seq,
                 next_segment,
-                unsynced: BTreeSet::new(),
+                // What an earlier process wrote may still be only in the
+                // page cache: the first flush syncs it all (cheap where it
+                // is already on the medium).
+                unsynced: state.segments.keys().copied().collect(),
                 dir_unsynced,
                 dirty,
             }),
@@ -799,6 +806,23 @@ impl DiskTier {
                 tombs: Vec::new(),
             },
         );
+        Ok(())
+    }
+
+    /// Fsyncs the data of every segment written since its last fsync.
+    fn sync_segments(&self, w: &mut Writer) -> Result<()> {
+        let files: Vec<(u64, Arc<File>)> = {
+            let s = lock(&self.state);
+            w.unsynced
+                .iter()
+                .filter_map(|id| s.segments.get(id).map(|seg| (*id, seg.file.clone())))
+                .collect()
+        };
+        for (id, file) in files {
+            file.sync_data()
+                .map_err(|e| io_err("syncing", &self.segment_path(id), e))?;
+        }
+        w.unsynced.clear();
         Ok(())
     }
 
@@ -981,6 +1005,7 @@ impl DiskTier {
             (file, moves, tombs)
         };
         let path = self.segment_path(id);
+        let copied = !moves.is_empty() || !tombs.is_empty();
         for (key, offset, len) in moves {
             let mut buf = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
             file.read_exact_at(&mut buf, offset)
@@ -1018,13 +1043,18 @@ impl DiskTier {
                 });
             }
         }
+        w.unsynced.remove(&id);
+        if copied {
+            // The copies must be on the medium before the originals go: a
+            // power loss must not take a flushed object with it.
+            self.sync_segments(w)?;
+        }
         {
             let mut s = lock(&self.state);
             if let Some(seg) = s.segments.remove(&id) {
                 s.total -= seg.size;
             }
         }
-        w.unsynced.remove(&id);
         w.dir_unsynced = true;
         w.dirty = true;
         fs::remove_file(&path).map_err(|e| io_err("removing", &path, e))
@@ -1239,18 +1269,7 @@ impl Tier for DiskTier {
     /// instead of scanning.
     fn flush(&self) -> Result<()> {
         let mut w = lock(&self.writer);
-        let files: Vec<(u64, Arc<File>)> = {
-            let s = lock(&self.state);
-            w.unsynced
-                .iter()
-                .filter_map(|id| s.segments.get(id).map(|seg| (*id, seg.file.clone())))
-                .collect()
-        };
-        for (id, file) in files {
-            file.sync_data()
-                .map_err(|e| io_err("syncing", &self.segment_path(id), e))?;
-        }
-        w.unsynced.clear();
+        self.sync_segments(&mut w)?;
         if self.dropped.swap(false, Ordering::Relaxed) || w.dirty {
             let bytes = encode_snapshot(&lock(&self.state), w.next_seq, w.next_segment);
             let tmp = self.dir.join(SNAPSHOT_TMP);
