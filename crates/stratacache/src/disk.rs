@@ -17,6 +17,7 @@
 //!   seg-000002.log     sealed
 //!   seg-000003.log     active: writes append here
 //!   index.snap         the index as of the last flush
+//!   LOCK               flock'ed while a tier has the directory open
 //! ```
 //!
 //! - **Writes** serialise on one append lock (there is one append point):
@@ -135,6 +136,7 @@ use crate::{ArtifactKey, Error, Result};
 const TIER: &str = "disk";
 const SNAPSHOT: &str = "index.snap";
 const SNAPSHOT_TMP: &str = "index.snap.tmp";
+const LOCK: &str = "LOCK";
 const SNAP_MAGIC: [u8; 8] = *b"SCDIDX01";
 /// Larger key or metadata lengths in a header are garbage, not records:
 /// keys are a handful of u16-length fields, metadata a few short strings
@@ -180,6 +182,8 @@ pub struct DiskTier {
     capacity: u64,
     segment_bytes: u64,
     sync_on_put: bool,
+    /// Holds the directory's exclusive lock while the tier is open.
+    _lock: File,
     /// The append point. Every change to the files takes it first, then
     /// (briefly) `state`.
     writer: Mutex<Writer>,
@@ -557,6 +561,28 @@ impl DiskTier {
             });
         }
         fs::create_dir_all(&dir).map_err(|e| io_err("creating", &dir, e))?;
+        // Two writers would interleave records and overwrite each other's
+        // snapshot: one open tier per directory, across processes. The
+        // kernel drops the lock with the process, so a crash leaves none.
+        let lock_path = dir.join(LOCK);
+        let lock_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| io_err("opening", &lock_path, e))?;
+        rustix::fs::flock(
+            &lock_file,
+            rustix::fs::FlockOperation::NonBlockingLockExclusive,
+        )
+        .map_err(|e| {
+            io_err(
+                "locking (is the tier open elsewhere?)",
+                &lock_path,
+                e.into(),
+            )
+        })?;
         let mut ids = BTreeSet::new();
         for item in fs::read_dir(&dir).map_err(|e| io_err("listing", &dir, e))? {
             let item = item.map_err(|e| io_err("listing", &dir, e))?;
@@ -736,7 +762,14 @@ impl DiskTier {
                 (id, file, 0)
             }
         };
+        if options.sync_on_put && dir_unsynced {
+            File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io_err("syncing", &dir, e))?;
+            dir_unsynced = false;
+        }
         Ok(DiskTier {
+            _lock: lock_file,
             dir,
             capacity,
             segment_bytes,
