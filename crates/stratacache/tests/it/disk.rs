@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
 
+use proptest::prelude::*;
 use stratacache::record::{HEADER_LEN, Header, Kind};
 use stratacache::{ArtifactKey, CustomKey, DiskOptions, DiskTier, Error, Meta, Tier, checksum};
 
@@ -98,6 +99,15 @@ fn payload_location(dir: &Path, k: &ArtifactKey) -> (PathBuf, u64, u64) {
     found.unwrap()
 }
 
+/// What a process crash leaves: the files as they are now (every
+/// returned write is in them), with no snapshot written at exit. The tier
+/// itself is then dropped; `dir` becomes the copy.
+fn crash(tier: DiskTier, dir: &mut tempfile::TempDir) {
+    let copy = copy_dir(dir.path());
+    drop(tier);
+    *dir = copy;
+}
+
 fn assert_intact(tier: &DiskTier, i: u64, len: usize) {
     let got = tier
         .get(&key(i))
@@ -157,6 +167,27 @@ fn objects_round_trip_with_their_metadata() {
 }
 
 #[test]
+fn synced_writes_round_trip_and_survive_a_crash() {
+    let mut dir = tempfile::tempdir().unwrap();
+    let o = || DiskOptions {
+        sync_on_put: true,
+        ..opts(1 << 20, 4 << 10)
+    };
+    let tier = DiskTier::open(dir.path(), o()).unwrap();
+    for i in 0..10 {
+        tier.put(&key(i), Meta::default(), &payload(i, 1000))
+            .unwrap();
+    }
+    assert!(tier.delete(&key(0)).unwrap());
+    crash(tier, &mut dir);
+    let tier = DiskTier::open(dir.path(), o()).unwrap();
+    assert!(!tier.contains(&key(0)).unwrap());
+    for i in 1..10 {
+        assert_intact(&tier, i, 1000);
+    }
+}
+
+#[test]
 fn a_restart_keeps_every_object() {
     let dir = tempfile::tempdir().unwrap();
     let lens: Vec<usize> = (0..300).map(|i| (mix(i) % 3000) as usize).collect();
@@ -194,7 +225,7 @@ fn a_restart_keeps_every_object() {
 /// the index is rebuilt from the segments alone.
 #[test]
 fn writes_past_the_last_snapshot_are_recovered() {
-    let dir = tempfile::tempdir().unwrap();
+    let mut dir = tempfile::tempdir().unwrap();
     let o = || opts(1 << 30, 8 << 10);
     let tier = DiskTier::open(dir.path(), o()).unwrap();
     for i in 0..40 {
@@ -214,7 +245,7 @@ fn writes_past_the_last_snapshot_are_recovered() {
         assert!(tier.delete(&key(i)).unwrap());
     }
     // A crash: no snapshot is written.
-    std::mem::forget(tier);
+    crash(tier, &mut dir);
     let check = |tier: &DiskTier| {
         assert_eq!(tier.stats().objects, 70);
         for i in 0..80 {
@@ -240,8 +271,8 @@ fn writes_past_the_last_snapshot_are_recovered() {
     fs::write(&snap, &bytes).unwrap();
     let tier = DiskTier::open(dir.path(), o()).unwrap();
     check(&tier);
-    std::mem::forget(tier);
-    fs::remove_file(&snap).unwrap();
+    crash(tier, &mut dir);
+    fs::remove_file(dir.path().join("index.snap")).unwrap();
     // A stray temporary file of an interrupted snapshot is removed.
     fs::write(dir.path().join("index.snap.tmp"), b"half").unwrap();
     let tier = DiskTier::open(dir.path(), o()).unwrap();
@@ -251,7 +282,7 @@ fn writes_past_the_last_snapshot_are_recovered() {
 
 #[test]
 fn a_delete_survives_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
+    let mut dir = tempfile::tempdir().unwrap();
     let o = || opts(1 << 30, 4 << 10);
     {
         let tier = DiskTier::open(dir.path(), o()).unwrap();
@@ -268,7 +299,7 @@ fn a_delete_survives_a_restart() {
         assert!(!tier.contains(&key(3)).unwrap());
         assert!(tier.delete(&key(4)).unwrap());
         // Crashed: the tombstone alone must keep k4 deleted.
-        std::mem::forget(tier);
+        crash(tier, &mut dir);
     }
     fs::remove_file(dir.path().join("index.snap")).unwrap();
     let tier = DiskTier::open(dir.path(), o()).unwrap();
@@ -280,7 +311,7 @@ fn a_delete_survives_a_restart() {
 
 #[test]
 fn a_corrupted_object_is_reported_then_a_miss_never_its_bytes() {
-    let dir = tempfile::tempdir().unwrap();
+    let mut dir = tempfile::tempdir().unwrap();
     let o = || opts(1 << 30, 1 << 20);
     let tier = DiskTier::open(dir.path(), o()).unwrap();
     for i in 0..10 {
@@ -314,7 +345,7 @@ fn a_corrupted_object_is_reported_then_a_miss_never_its_bytes() {
     // Nor does a restart bring it back, with the snapshot or by a scan.
     let tier = DiskTier::open(dir.path(), o()).unwrap();
     assert!(tier.get(&key(3)).unwrap().is_none());
-    std::mem::forget(tier);
+    crash(tier, &mut dir);
     fs::remove_file(dir.path().join("index.snap")).unwrap();
     let tier = DiskTier::open(dir.path(), o()).unwrap();
     assert!(tier.get(&key(3)).unwrap().is_none());
@@ -327,7 +358,7 @@ fn a_corrupted_object_is_reported_then_a_miss_never_its_bytes() {
 #[test]
 fn a_torn_tail_loses_only_its_record() {
     for garbage in [false, true] {
-        let dir = tempfile::tempdir().unwrap();
+        let mut dir = tempfile::tempdir().unwrap();
         let o = || opts(1 << 30, 1 << 20);
         let tier = DiskTier::open(dir.path(), o()).unwrap();
         for i in 0..6 {
@@ -339,7 +370,7 @@ fn a_torn_tail_loses_only_its_record() {
             tier.put(&key(i), Meta::default(), &payload(i, 1500))
                 .unwrap();
         }
-        std::mem::forget(tier);
+        crash(tier, &mut dir);
         let seg = segments(dir.path()).pop().unwrap();
         let whole = fs::metadata(&seg).unwrap().len();
         let last = records(&seg).last().unwrap().0;
@@ -465,7 +496,7 @@ fn a_tier_with_everything_pinned_is_full_and_changes_nothing() {
 /// (an older segment still holds the deleted object).
 #[test]
 fn compaction_reclaims_dead_bytes_and_keeps_deletions() {
-    let dir = tempfile::tempdir().unwrap();
+    let mut dir = tempfile::tempdir().unwrap();
     let o = || opts(32 << 10, 8 << 10);
     let tier = DiskTier::open(dir.path(), o()).unwrap();
     // Segment 1: k0..k6, of which k4..k6 will be deleted (still 4/7 live,
@@ -518,7 +549,7 @@ fn compaction_reclaims_dead_bytes_and_keeps_deletions() {
     };
     check(&tier);
     // A crash with no snapshot: the scan alone must get it right.
-    std::mem::forget(tier);
+    crash(tier, &mut dir);
     let _ = fs::remove_file(dir.path().join("index.snap"));
     let tier = DiskTier::open(dir.path(), o()).unwrap();
     check(&tier);
@@ -679,7 +710,7 @@ fn a_sigkilled_writer_loses_nothing_it_acknowledged() {
 
 #[test]
 fn reopening_twenty_thousand_objects() {
-    let dir = tempfile::tempdir().unwrap();
+    let mut dir = tempfile::tempdir().unwrap();
     let o = || opts(1 << 30, 4 << 20);
     {
         let tier = DiskTier::open(dir.path(), o()).unwrap();
@@ -695,11 +726,102 @@ fn reopening_twenty_thousand_objects() {
     );
     assert_eq!(tier.stats().objects, 20_000);
     assert_intact(&tier, 12_345, 64);
-    std::mem::forget(tier);
+    crash(tier, &mut dir);
     fs::remove_file(dir.path().join("index.snap")).unwrap();
     let t = Instant::now();
     let tier = DiskTier::open(dir.path(), o()).unwrap();
     println!("rebuilt 20,000 objects by a scan in {:?}", t.elapsed());
     assert_eq!(tier.stats().objects, 20_000);
     assert_intact(&tier, 19_999, 64);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Put(u64, usize),
+    Delete(u64),
+    Flush,
+    /// Drop and reopen.
+    Reopen,
+    /// Reopen what the files are now, as a process crash leaves them.
+    Crash,
+    /// The same, with the snapshot lost too: a scan rebuilds everything.
+    CrashWithoutSnapshot,
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0u64..8, 0usize..3000).prop_map(|(k, len)| Op::Put(k, len)),
+        2 => (0u64..8).prop_map(Op::Delete),
+        1 => Just(Op::Flush),
+        1 => Just(Op::Reopen),
+        1 => Just(Op::Crash),
+        1 => Just(Op::CrashWithoutSnapshot),
+    ]
+}
+
+/// A copy of the tier's files as they are now.
+fn copy_dir(from: &Path) -> tempfile::TempDir {
+    let to = tempfile::tempdir().unwrap();
+    for item in fs::read_dir(from).unwrap() {
+        let path = item.unwrap().path();
+        fs::copy(&path, to.path().join(path.file_name().unwrap())).unwrap();
+    }
+    to
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Any sequence of puts, deletes, flushes, clean restarts and crashes
+    /// leaves exactly what a map would hold.
+    #[test]
+    fn the_tier_matches_a_map_across_restarts_and_crashes(
+        ops in prop::collection::vec(arb_op(), 1..40)
+    ) {
+        let o = || opts(1 << 30, 4 << 10);
+        let mut dir = tempfile::tempdir().unwrap();
+        let mut tier = DiskTier::open(dir.path(), o()).unwrap();
+        let mut model: std::collections::HashMap<u64, Vec<u8>> = Default::default();
+        for (n, op) in ops.into_iter().enumerate() {
+            match op {
+                Op::Put(k, len) => {
+                    let bytes = versioned(k, n as u64, len);
+                    tier.put(&key(k), Meta::default(), &bytes).unwrap();
+                    model.insert(k, bytes);
+                }
+                Op::Delete(k) => {
+                    prop_assert_eq!(tier.delete(&key(k)).unwrap(), model.remove(&k).is_some());
+                }
+                Op::Flush => tier.flush().unwrap(),
+                Op::Reopen => {
+                    drop(tier);
+                    tier = DiskTier::open(dir.path(), o()).unwrap();
+                }
+                Op::Crash | Op::CrashWithoutSnapshot => {
+                    let copy = copy_dir(dir.path());
+                    drop(tier);
+                    if matches!(op, Op::CrashWithoutSnapshot) {
+                        let _ = fs::remove_file(copy.path().join("index.snap"));
+                    }
+                    dir = copy;
+                    tier = DiskTier::open(dir.path(), o()).unwrap();
+                }
+            }
+            for k in 0..8 {
+                let got = tier.get(&key(k)).unwrap();
+                prop_assert_eq!(got.map(|o| o.bytes.to_vec()), model.get(&k).cloned(), "k{}", k);
+            }
+        }
+        prop_assert_eq!(tier.stats().objects, model.len() as u64);
+    }
+}
+
+#[test]
+fn a_directory_is_open_in_one_tier_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let tier = DiskTier::open(dir.path(), DiskOptions::default()).unwrap();
+    let err = DiskTier::open(dir.path(), DiskOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("LOCK"), "{err}");
+    drop(tier);
+    DiskTier::open(dir.path(), DiskOptions::default()).unwrap();
 }
