@@ -84,6 +84,9 @@
 //! [`MmapOptions::repair`] opens it anyway. With `sync_writes` on, every
 //! commit is ordered by msync (data, then slot, then header), so the region
 //! survives a power loss at any point, at the cost of three msyncs a put.
+//! On a device DAX mapping msync may not write back CPU caches; there,
+//! power-loss durability needs a platform whose caches are persistent
+//! (eADR): this tier issues no cache-line flushes of its own.
 //!
 //! A payload damaged in place (a flipped bit, a write from outside) is
 //! caught by its checksum on `get`: the call fails with
@@ -109,7 +112,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering, compiler_fence};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use memmap2::MmapMut;
@@ -603,10 +606,18 @@ impl Inner {
         slot[8..48].copy_from_slice(&header);
         let sum = checksum(&slot[0..48]);
         slot[48..56].copy_from_slice(&sum.to_le_bytes());
+        // The order of these writes is the crash story: a killed process
+        // has done exactly the stores before some instruction, so the
+        // compiler must not move one across another (the CPU may reorder
+        // their arrival in memory, but a store executed is never lost to a
+        // kill).
+        compiler_fence(Ordering::SeqCst);
         self.write(SLOT_OFF, &slot);
         self.sync_range(SLOT_OFF, SLOT_LEN as u64);
+        compiler_fence(Ordering::SeqCst);
         self.write(off, &header);
         self.sync_range(off, HEADER_LEN_U64);
+        compiler_fence(Ordering::SeqCst);
         // A slot left valid would only rewrite the same header (every
         // header write goes through the slot), so clearing it needs no sync.
         self.write(SLOT_OFF, &[0u8; SLOT_LEN]);
@@ -623,7 +634,9 @@ impl Inner {
         let valid = checksum(&slot[0..48]) == u64_at(&slot, 48)
             && off >= DATA_START
             && off % ALIGN == 0
-            && off + HEADER_LEN_U64 <= self.region_len
+            && off
+                .checked_add(HEADER_LEN_U64)
+                .is_some_and(|end| end <= self.region_len)
             && Header::parse(&slot[8..48]).is_some();
         if valid {
             let mut header = [0u8; HEADER_LEN];
@@ -1151,6 +1164,97 @@ impl Drop for MmapTier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::CustomKey;
+
+    fn key(name: &str) -> ArtifactKey {
+        ArtifactKey::Custom(CustomKey {
+            namespace: "t".into(),
+            name: name.into(),
+        })
+    }
+
+    /// A region with `k` in its first block, then free space.
+    fn region_with_one_object(dir: &Path) -> (std::path::PathBuf, u64) {
+        let path = dir.join("region");
+        let tier = MmapTier::open(
+            &path,
+            MmapOptions {
+                size_bytes: DATA_START + 4 * 4096,
+                ..MmapOptions::default()
+            },
+        )
+        .unwrap();
+        tier.put(&key("k"), Meta::default(), &[5u8; 3000]).unwrap();
+        let len = tier.lock().index.values().next().unwrap().len;
+        (path, len)
+    }
+
+    /// Writes the slot for `header` at `off` and then only `upto` bytes of
+    /// the header, as a process killed inside `commit_header` leaves them.
+    fn torn_commit(path: &Path, off: u64, header: [u8; HEADER_LEN], upto: usize) {
+        let tier = MmapTier::open(path, MmapOptions::default()).unwrap();
+        let mut inner = tier.lock();
+        let mut slot = [0u8; SLOT_LEN];
+        slot[0..8].copy_from_slice(&off.to_le_bytes());
+        slot[8..48].copy_from_slice(&header);
+        let sum = checksum(&slot[0..48]);
+        slot[48..56].copy_from_slice(&sum.to_le_bytes());
+        inner.write(SLOT_OFF, &slot);
+        inner.write(off, &header[..upto]);
+    }
+
+    #[test]
+    fn a_torn_header_is_finished_from_the_commit_slot() {
+        for upto in [0, 1, 5, 8, 16, 20, 31, 32, 39, 40] {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, len) = region_with_one_object(dir.path());
+            // Freeing the object merges it with the free tail.
+            let total = DATA_START + 4 * 4096 - DATA_START;
+            assert!(len < total);
+            torn_commit(&path, DATA_START, free_header(total), upto);
+            let tier = MmapTier::open(&path, MmapOptions::default())
+                .unwrap_or_else(|e| panic!("torn at {upto}: {e}"));
+            assert!(!tier.contains(&key("k")).unwrap(), "torn at {upto}");
+            assert_eq!(tier.free_bytes(), (total, total), "torn at {upto}");
+            assert_eq!(
+                tier.lock().map[SLOT_OFF as usize..][..SLOT_LEN],
+                [0u8; SLOT_LEN],
+                "the slot is cleared"
+            );
+        }
+    }
+
+    #[test]
+    fn a_torn_slot_is_ignored_and_the_header_was_not_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = region_with_one_object(dir.path());
+        {
+            let tier = MmapTier::open(&path, MmapOptions::default()).unwrap();
+            let mut inner = tier.lock();
+            let mut slot = [0u8; SLOT_LEN];
+            slot[0..8].copy_from_slice(&DATA_START.to_le_bytes());
+            slot[8..48].copy_from_slice(&free_header(4 * 4096));
+            // The checksum never made it.
+            inner.write(SLOT_OFF, &slot[..40]);
+        }
+        let tier = MmapTier::open(&path, MmapOptions::default()).unwrap();
+        assert_eq!(
+            &*tier.get(&key("k")).unwrap().unwrap().bytes,
+            &[5u8; 3000][..]
+        );
+    }
+
+    #[test]
+    fn without_the_slot_a_torn_header_fails_the_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = region_with_one_object(dir.path());
+        {
+            let tier = MmapTier::open(&path, MmapOptions::default()).unwrap();
+            tier.lock().write(DATA_START, &free_header(4 * 4096)[..20]);
+        }
+        let err = MmapTier::open(&path, MmapOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("offset 128"), "{err}");
+    }
 
     #[test]
     fn region_headers_round_trip_and_catch_damage() {

@@ -144,6 +144,29 @@ fn a_reopened_region_keeps_its_objects() {
 }
 
 #[test]
+fn ordered_writes_keep_the_same_contents() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("region");
+    let synced = MmapOptions {
+        sync_writes: true,
+        ..region(8)
+    };
+    {
+        let tier = open(&path, synced.clone());
+        fill(&tier, 0..8);
+        tier.delete(&key(3)).unwrap();
+        tier.put(&key(8), Meta::default(), &payload(8, 0, 100))
+            .unwrap();
+        tier.flush().unwrap();
+    }
+    let tier = open(&path, synced);
+    assert_eq!(tier.stats().objects, 8);
+    assert_eq!(bytes_of(&tier, 8), Some(payload(8, 0, 100)));
+    assert_eq!(bytes_of(&tier, 7), Some(payload(7, 0, BLOCK_PAYLOAD)));
+    assert!(bytes_of(&tier, 3).is_none());
+}
+
+#[test]
 fn a_file_that_is_not_a_region_is_left_alone() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("data");
@@ -420,6 +443,39 @@ fn a_broken_block_header_fails_open_unless_repairing() {
 }
 
 #[test]
+fn a_crash_between_a_replacement_and_freeing_the_old_copy_keeps_the_new() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("region");
+    let tier = open(&path, region(4));
+    tier.put(&key(1), Meta::default(), &payload(1, 0, BLOCK_PAYLOAD))
+        .unwrap();
+    tier.flush().unwrap();
+    // The old copy's header, at the first block.
+    let file = std::fs::File::open(&path).unwrap();
+    let mut old_head = [0u8; 40];
+    file.read_exact_at(&mut old_head, 128).unwrap();
+    tier.put(&key(1), Meta::default(), &payload(1, 1, BLOCK_PAYLOAD))
+        .unwrap();
+    drop(tier);
+    // Undo the freeing of the old copy: the region as a crash right after
+    // the new copy's commit leaves it, two objects under one key.
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all_at(&old_head, 128).unwrap();
+    drop(file);
+    let tier = open(&path, MmapOptions::default());
+    assert_eq!(tier.stats().objects, 1);
+    assert_eq!(bytes_of(&tier, 1), Some(payload(1, 1, BLOCK_PAYLOAD)));
+    // The old copy's block was freed (and merged with the free tail).
+    assert_eq!(tier.free_bytes(), (3 * 4096, 2 * 4096));
+    tier.put(&key(1), Meta::default(), &payload(1, 2, BLOCK_PAYLOAD))
+        .unwrap();
+    drop(tier);
+    let tier = open(&path, MmapOptions::default());
+    assert_eq!(bytes_of(&tier, 1), Some(payload(1, 2, BLOCK_PAYLOAD)));
+}
+
+#[test]
 fn threads_never_see_another_keys_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let tier = std::sync::Arc::new(open(&dir.path().join("region"), region(16)));
@@ -559,7 +615,7 @@ fn crash_child() {
         if r % 10 < 7 {
             // Up to 64 KiB: long copies, so the kill often lands in one.
             let len = (r >> 16) as usize % (64 << 10);
-            let body = payload(k, version, len);
+            let body = crash_payload(k, version, len);
             writeln_flush(&mut out, &format!("@DO put {k} {version} {len}"));
             tier.put(&key(k), Meta::default(), &body).unwrap();
         } else {
@@ -568,6 +624,26 @@ fn crash_child() {
         }
         writeln_flush(&mut out, "@OK");
     }
+}
+
+/// A megabyte of random bytes, the same in parent and child: the child's
+/// payloads are slices of it, so making one costs a copy and the kill
+/// mostly lands inside the tier, not in the test's own loop.
+fn pool() -> &'static [u8] {
+    static POOL: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let mut seed = 42;
+        (0..(1 << 17))
+            .flat_map(|_| next_random(&mut seed).to_le_bytes())
+            .collect()
+    })
+}
+
+fn crash_payload(k: u64, version: u64, len: usize) -> Vec<u8> {
+    let pool = pool();
+    let start =
+        (k.wrapping_mul(1_000_003) ^ version.wrapping_mul(7919)) as usize % (pool.len() - len);
+    pool[start..start + len].to_vec()
 }
 
 fn writeln_flush(out: &mut impl std::io::Write, line: &str) {
@@ -592,7 +668,7 @@ fn parse_do(line: &str) -> (u64, Value) {
 }
 
 fn expected(k: u64, v: Value) -> Option<Vec<u8>> {
-    v.map(|(version, len)| payload(k, version, len))
+    v.map(|(version, len)| crash_payload(k, version, len))
 }
 
 #[test]
@@ -600,7 +676,8 @@ fn a_killed_writer_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let path: PathBuf = dir.path().join("region");
     let mut model: HashMap<u64, Value> = HashMap::new();
-    for round in 0..4u64 {
+    let mut pause_seed = 7;
+    for round in 0..16u64 {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["mmap::crash_child", "--exact", "--ignored", "--nocapture"])
             .args(["--test-threads", "1"])
@@ -611,7 +688,7 @@ fn a_killed_writer_loses_nothing_acknowledged() {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap());
-        let target = 200 + round * 150;
+        let target = 100 + round * 10;
         let mut acks = 0u64;
         let mut pending: Option<(u64, Value)> = None;
         let mut killed = false;
@@ -633,6 +710,10 @@ fn a_killed_writer_loses_nothing_acknowledged() {
                 model.insert(k, v);
                 acks += 1;
                 if acks == target && !killed {
+                    // Let it run on for a moment of varying length, so
+                    // that the kill lands anywhere in its loop.
+                    let pause = next_random(&mut pause_seed) % 1500;
+                    std::thread::sleep(std::time::Duration::from_micros(pause));
                     child.kill().unwrap();
                     killed = true;
                 }
