@@ -141,12 +141,16 @@ const HEADER_LEN_U64: u64 = HEADER_LEN as u64;
 pub struct MmapOptions {
     /// Region size in bytes, rounded down to a multiple of 64. A regular
     /// file is created or extended to it. 0 means the size of the existing
-    /// region, file or device. Opening an existing region with another
-    /// non-zero size fails: a region's size is fixed.
+    /// region, file or device (read from sysfs for a device). Opening an
+    /// existing region with another non-zero size fails: a region's size is
+    /// fixed. On device DAX the size must be a multiple of the device's
+    /// alignment (usually 2 MiB) for the mapping to succeed.
     pub size_bytes: u64,
     /// Create the file if it is missing and format a new region where the
-    /// file or device holds none yet (its first 8 bytes are zero). When
-    /// `false`, the path must hold a region already. Default `true`.
+    /// file or device holds none yet (its first 128 bytes are zero, as in a
+    /// new file; anything else that is not a region is refused, never
+    /// overwritten). When `false`, the path must hold a region already.
+    /// Default `true`.
     pub create: bool,
     /// When a walk of the region meets an invalid block header (a region
     /// damaged from outside, or a power loss between flushes without
@@ -377,6 +381,12 @@ impl MmapTier {
     pub fn open(path: impl AsRef<Path>, options: MmapOptions) -> Result<MmapTier> {
         let path_ref = path.as_ref();
         let path = path_ref.display().to_string();
+        if options.create && options.size_bytes == 0 && !path_ref.exists() {
+            return Err(config_err(
+                &path,
+                "does not exist and size_bytes is 0; give the region size".into(),
+            ));
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -407,12 +417,21 @@ impl MmapTier {
             fmeta.len()
         };
 
+        // The region header and the commit slot; a short file's bytes too,
+        // so that they are never formatted over unless all zero.
+        let mut first = [0u8; DATA_START as usize];
+        let readable = if is_device {
+            first.len()
+        } else {
+            first
+                .len()
+                .min(usize::try_from(present).unwrap_or(usize::MAX))
+        };
+        file.read_exact_at(&mut first[..readable], 0)
+            .map_err(|e| io_err("reading the region header of", &path, e))?;
         let mut head = [0u8; 64];
-        if present >= 64 || is_device {
-            file.read_exact_at(&mut head, 0)
-                .map_err(|e| io_err("reading the region header of", &path, e))?;
-        }
-        let fresh = head[0..8] == [0u8; 8];
+        head.copy_from_slice(&first[..64]);
+        let fresh = first.iter().all(|&b| b == 0);
         let region_len = if fresh {
             if !options.create {
                 return Err(config_err(
@@ -429,7 +448,8 @@ impl MmapTier {
             if want == 0 {
                 return Err(config_err(
                     &path,
-                    "size_bytes is 0 and the file is empty; give the region size".into(),
+                    "size_bytes is 0 and the file or device has no size (or none that can be read); give the region size"
+                        .into(),
                 ));
             }
             if is_device && present != 0 && want > present {
@@ -649,7 +669,8 @@ impl Inner {
     }
 
     /// Lays out an empty region: one free block, then the region header
-    /// (last, so that a region is never recognised half-formatted).
+    /// (last: until it is written the first 128 bytes are zero, so a
+    /// format cut short is formatted again on the next open).
     fn format(&mut self) -> std::io::Result<()> {
         let len = self.region_len;
         self.write(DATA_START, &free_header(len - DATA_START));

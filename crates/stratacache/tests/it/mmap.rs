@@ -174,6 +174,22 @@ fn a_file_that_is_not_a_region_is_left_alone() {
     let err = MmapTier::open(&path, region(4)).unwrap_err().to_string();
     assert!(err.contains("not a stratacache mmap region"), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), vec![7u8; 100_000]);
+    // Shorter than a region header, still not ours.
+    std::fs::write(&path, b"hello").unwrap();
+    let err = MmapTier::open(&path, region(4)).unwrap_err().to_string();
+    assert!(err.contains("not a stratacache mmap region"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"hello");
+    // A new file needs a size.
+    let new = dir.path().join("new");
+    let err = MmapTier::open(&new, MmapOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("size_bytes") && err.contains("new"), "{err}");
+    assert!(!new.exists());
+    // An all-zero file is formatted at its own size.
+    std::fs::write(&new, vec![0u8; 128 + 4 * 4096 + 10]).unwrap();
+    let tier = open(&new, MmapOptions::default());
+    assert_eq!(tier.region_len(), 128 + 4 * 4096);
 }
 
 #[test]
