@@ -7,7 +7,14 @@
 //! copies: no system call per object, and on a DAX device no page cache in
 //! between. An allocator hands out space inside the region, frees it on
 //! delete and reuses it; when no free extent is large enough, the least
-//! recently used objects are evicted one at a time until one is.
+//! recently used objects are evicted one at a time until one is, pinned
+//! objects never. Before evicting anything, `put` checks that evicting every
+//! unpinned object would leave a large enough contiguous extent; when it
+//! would not (pinned objects in the way, or an object larger than the
+//! region) it fails with [`Error::Full`] having evicted nothing. A `get`
+//! returns a copy of the payload, checked against its checksum: the
+//! block's space is reused once the object goes, so unlike the memory tier
+//! there is no borrowed object to spare from eviction.
 //!
 //! The region describes itself: there is no index file. It is a small
 //! header, then a sequence of blocks that tile the rest of the region, each
@@ -176,6 +183,23 @@ impl Default for MmapOptions {
 }
 
 /// The mmap / DAX tier. See the module documentation.
+///
+/// ```
+/// use stratacache::{ArtifactKey, CustomKey, Meta, MmapOptions, MmapTier, Tier};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("region");
+/// let options = MmapOptions { size_bytes: 1 << 20, ..MmapOptions::default() };
+/// let key = ArtifactKey::Custom(CustomKey { namespace: "doc".into(), name: "a".into() });
+/// {
+///     let tier = MmapTier::open(&path, options.clone()).unwrap();
+///     tier.put(&key, Meta::default(), b"hello").unwrap();
+///     tier.flush().unwrap();
+/// }
+/// // The region is its own index: a new process finds the object again.
+/// let tier = MmapTier::open(&path, options).unwrap();
+/// assert_eq!(&*tier.get(&key).unwrap().unwrap().bytes, b"hello");
+/// ```
 #[derive(Debug)]
 pub struct MmapTier {
     path: String,
