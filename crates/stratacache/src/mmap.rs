@@ -18,7 +18,7 @@
 //!
 //! The region describes itself: there is no index file. It is a small
 //! header, then a sequence of blocks that tile the rest of the region, each
-//! beginning with a [`record`](crate::record) header. Opening a region walks
+//! beginning with a [`record`] header. Opening a region walks
 //! the blocks from the start and rebuilds the in-memory index (key to block,
 //! metadata, pins, recency) and the free-extent map from what it finds.
 //!
