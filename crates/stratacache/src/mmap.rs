@@ -7,11 +7,18 @@
 //! copies: no system call per object, and on a DAX device no page cache in
 //! between. An allocator hands out space inside the region, frees it on
 //! delete and reuses it; when no free extent is large enough, the least
-//! recently used objects are evicted one at a time until one is.
+//! recently used objects are evicted one at a time until one is, pinned
+//! objects never. Before evicting anything, `put` checks that evicting every
+//! unpinned object would leave a large enough contiguous extent; when it
+//! would not (pinned objects in the way, or an object larger than the
+//! region) it fails with [`Error::Full`] having evicted nothing. A `get`
+//! returns a copy of the payload, checked against its checksum: the
+//! block's space is reused once the object goes, so unlike the memory tier
+//! there is no borrowed object to spare from eviction.
 //!
 //! The region describes itself: there is no index file. It is a small
 //! header, then a sequence of blocks that tile the rest of the region, each
-//! beginning with a [`record`](crate::record) header. Opening a region walks
+//! beginning with a [`record`] header. Opening a region walks
 //! the blocks from the start and rebuilds the in-memory index (key to block,
 //! metadata, pins, recency) and the free-extent map from what it finds.
 //!
@@ -84,6 +91,9 @@
 //! [`MmapOptions::repair`] opens it anyway. With `sync_writes` on, every
 //! commit is ordered by msync (data, then slot, then header), so the region
 //! survives a power loss at any point, at the cost of three msyncs a put.
+//! On a device DAX mapping msync may not write back CPU caches; there,
+//! power-loss durability needs a platform whose caches are persistent
+//! (eADR): this tier issues no cache-line flushes of its own.
 //!
 //! A payload damaged in place (a flipped bit, a write from outside) is
 //! caught by its checksum on `get`: the call fails with
@@ -109,7 +119,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering, compiler_fence};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use memmap2::MmapMut;
@@ -138,12 +148,16 @@ const HEADER_LEN_U64: u64 = HEADER_LEN as u64;
 pub struct MmapOptions {
     /// Region size in bytes, rounded down to a multiple of 64. A regular
     /// file is created or extended to it. 0 means the size of the existing
-    /// region, file or device. Opening an existing region with another
-    /// non-zero size fails: a region's size is fixed.
+    /// region, file or device (read from sysfs for a device). Opening an
+    /// existing region with another non-zero size fails: a region's size is
+    /// fixed. On device DAX the size must be a multiple of the device's
+    /// alignment (usually 2 MiB) for the mapping to succeed.
     pub size_bytes: u64,
     /// Create the file if it is missing and format a new region where the
-    /// file or device holds none yet (its first 8 bytes are zero). When
-    /// `false`, the path must hold a region already. Default `true`.
+    /// file or device holds none yet (its first 128 bytes are zero, as in a
+    /// new file; anything else that is not a region is refused, never
+    /// overwritten). When `false`, the path must hold a region already.
+    /// Default `true`.
     pub create: bool,
     /// When a walk of the region meets an invalid block header (a region
     /// damaged from outside, or a power loss between flushes without
@@ -169,6 +183,23 @@ impl Default for MmapOptions {
 }
 
 /// The mmap / DAX tier. See the module documentation.
+///
+/// ```
+/// use stratacache::{ArtifactKey, CustomKey, Meta, MmapOptions, MmapTier, Tier};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("region");
+/// let options = MmapOptions { size_bytes: 1 << 20, ..MmapOptions::default() };
+/// let key = ArtifactKey::Custom(CustomKey { namespace: "doc".into(), name: "a".into() });
+/// {
+///     let tier = MmapTier::open(&path, options.clone()).unwrap();
+///     tier.put(&key, Meta::default(), b"hello").unwrap();
+///     tier.flush().unwrap();
+/// }
+/// // The region is its own index: a new process finds the object again.
+/// let tier = MmapTier::open(&path, options).unwrap();
+/// assert_eq!(&*tier.get(&key).unwrap().unwrap().bytes, b"hello");
+/// ```
 #[derive(Debug)]
 pub struct MmapTier {
     path: String,
@@ -374,6 +405,12 @@ impl MmapTier {
     pub fn open(path: impl AsRef<Path>, options: MmapOptions) -> Result<MmapTier> {
         let path_ref = path.as_ref();
         let path = path_ref.display().to_string();
+        if options.create && options.size_bytes == 0 && !path_ref.exists() {
+            return Err(config_err(
+                &path,
+                "does not exist and size_bytes is 0; give the region size".into(),
+            ));
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -404,12 +441,21 @@ impl MmapTier {
             fmeta.len()
         };
 
+        // The region header and the commit slot; a short file's bytes too,
+        // so that they are never formatted over unless all zero.
+        let mut first = [0u8; DATA_START as usize];
+        let readable = if is_device {
+            first.len()
+        } else {
+            first
+                .len()
+                .min(usize::try_from(present).unwrap_or(usize::MAX))
+        };
+        file.read_exact_at(&mut first[..readable], 0)
+            .map_err(|e| io_err("reading the region header of", &path, e))?;
         let mut head = [0u8; 64];
-        if present >= 64 || is_device {
-            file.read_exact_at(&mut head, 0)
-                .map_err(|e| io_err("reading the region header of", &path, e))?;
-        }
-        let fresh = head[0..8] == [0u8; 8];
+        head.copy_from_slice(&first[..64]);
+        let fresh = first.iter().all(|&b| b == 0);
         let region_len = if fresh {
             if !options.create {
                 return Err(config_err(
@@ -426,7 +472,8 @@ impl MmapTier {
             if want == 0 {
                 return Err(config_err(
                     &path,
-                    "size_bytes is 0 and the file is empty; give the region size".into(),
+                    "size_bytes is 0 and the file or device has no size (or none that can be read); give the region size"
+                        .into(),
                 ));
             }
             if is_device && present != 0 && want > present {
@@ -603,10 +650,18 @@ impl Inner {
         slot[8..48].copy_from_slice(&header);
         let sum = checksum(&slot[0..48]);
         slot[48..56].copy_from_slice(&sum.to_le_bytes());
+        // The order of these writes is the crash story: a killed process
+        // has done exactly the stores before some instruction, so the
+        // compiler must not move one across another (the CPU may reorder
+        // their arrival in memory, but a store executed is never lost to a
+        // kill).
+        compiler_fence(Ordering::SeqCst);
         self.write(SLOT_OFF, &slot);
         self.sync_range(SLOT_OFF, SLOT_LEN as u64);
+        compiler_fence(Ordering::SeqCst);
         self.write(off, &header);
         self.sync_range(off, HEADER_LEN_U64);
+        compiler_fence(Ordering::SeqCst);
         // A slot left valid would only rewrite the same header (every
         // header write goes through the slot), so clearing it needs no sync.
         self.write(SLOT_OFF, &[0u8; SLOT_LEN]);
@@ -623,7 +678,9 @@ impl Inner {
         let valid = checksum(&slot[0..48]) == u64_at(&slot, 48)
             && off >= DATA_START
             && off % ALIGN == 0
-            && off + HEADER_LEN_U64 <= self.region_len
+            && off
+                .checked_add(HEADER_LEN_U64)
+                .is_some_and(|end| end <= self.region_len)
             && Header::parse(&slot[8..48]).is_some();
         if valid {
             let mut header = [0u8; HEADER_LEN];
@@ -636,7 +693,8 @@ impl Inner {
     }
 
     /// Lays out an empty region: one free block, then the region header
-    /// (last, so that a region is never recognised half-formatted).
+    /// (last: until it is written the first 128 bytes are zero, so a
+    /// format cut short is formatted again on the next open).
     fn format(&mut self) -> std::io::Result<()> {
         let len = self.region_len;
         self.write(DATA_START, &free_header(len - DATA_START));
@@ -1151,6 +1209,97 @@ impl Drop for MmapTier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::CustomKey;
+
+    fn key(name: &str) -> ArtifactKey {
+        ArtifactKey::Custom(CustomKey {
+            namespace: "t".into(),
+            name: name.into(),
+        })
+    }
+
+    /// A region with `k` in its first block, then free space.
+    fn region_with_one_object(dir: &Path) -> (std::path::PathBuf, u64) {
+        let path = dir.join("region");
+        let tier = MmapTier::open(
+            &path,
+            MmapOptions {
+                size_bytes: DATA_START + 4 * 4096,
+                ..MmapOptions::default()
+            },
+        )
+        .unwrap();
+        tier.put(&key("k"), Meta::default(), &[5u8; 3000]).unwrap();
+        let len = tier.lock().index.values().next().unwrap().len;
+        (path, len)
+    }
+
+    /// Writes the slot for `header` at `off` and then only `upto` bytes of
+    /// the header, as a process killed inside `commit_header` leaves them.
+    fn torn_commit(path: &Path, off: u64, header: [u8; HEADER_LEN], upto: usize) {
+        let tier = MmapTier::open(path, MmapOptions::default()).unwrap();
+        let mut inner = tier.lock();
+        let mut slot = [0u8; SLOT_LEN];
+        slot[0..8].copy_from_slice(&off.to_le_bytes());
+        slot[8..48].copy_from_slice(&header);
+        let sum = checksum(&slot[0..48]);
+        slot[48..56].copy_from_slice(&sum.to_le_bytes());
+        inner.write(SLOT_OFF, &slot);
+        inner.write(off, &header[..upto]);
+    }
+
+    #[test]
+    fn a_torn_header_is_finished_from_the_commit_slot() {
+        for upto in [0, 1, 5, 8, 16, 20, 31, 32, 39, 40] {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, len) = region_with_one_object(dir.path());
+            // Freeing the object merges it with the free tail.
+            let total = DATA_START + 4 * 4096 - DATA_START;
+            assert!(len < total);
+            torn_commit(&path, DATA_START, free_header(total), upto);
+            let tier = MmapTier::open(&path, MmapOptions::default())
+                .unwrap_or_else(|e| panic!("torn at {upto}: {e}"));
+            assert!(!tier.contains(&key("k")).unwrap(), "torn at {upto}");
+            assert_eq!(tier.free_bytes(), (total, total), "torn at {upto}");
+            assert_eq!(
+                tier.lock().map[SLOT_OFF as usize..][..SLOT_LEN],
+                [0u8; SLOT_LEN],
+                "the slot is cleared"
+            );
+        }
+    }
+
+    #[test]
+    fn a_torn_slot_is_ignored_and_the_header_was_not_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = region_with_one_object(dir.path());
+        {
+            let tier = MmapTier::open(&path, MmapOptions::default()).unwrap();
+            let mut inner = tier.lock();
+            let mut slot = [0u8; SLOT_LEN];
+            slot[0..8].copy_from_slice(&DATA_START.to_le_bytes());
+            slot[8..48].copy_from_slice(&free_header(4 * 4096));
+            // The checksum never made it.
+            inner.write(SLOT_OFF, &slot[..40]);
+        }
+        let tier = MmapTier::open(&path, MmapOptions::default()).unwrap();
+        assert_eq!(
+            &*tier.get(&key("k")).unwrap().unwrap().bytes,
+            &[5u8; 3000][..]
+        );
+    }
+
+    #[test]
+    fn without_the_slot_a_torn_header_fails_the_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = region_with_one_object(dir.path());
+        {
+            let tier = MmapTier::open(&path, MmapOptions::default()).unwrap();
+            tier.lock().write(DATA_START, &free_header(4 * 4096)[..20]);
+        }
+        let err = MmapTier::open(&path, MmapOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("offset 128"), "{err}");
+    }
 
     #[test]
     fn region_headers_round_trip_and_catch_damage() {
