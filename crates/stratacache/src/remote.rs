@@ -120,7 +120,10 @@
 //! the idle ones (a server restart breaks them all). Calls whose repetition
 //! is harmless (GET, PUT, CONTAINS, STATS, LIST, FLUSH, GET_MANY, PUT_MANY,
 //! NAME) are retried once on a fresh connection; DELETE, PIN and UNPIN are
-//! not, since a lost reply would hide whether they took effect.
+//! not, since a lost reply would hide whether they took effect. Instead,
+//! before one of those is sent on an idle connection, the connection is
+//! checked (a non-blocking peek): one the server has closed is dropped
+//! and a new one opened.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -306,15 +309,19 @@ impl Stream {
         };
     }
 
-    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+    pub(crate) fn set_timeouts(
+        &self,
+        read: Option<Duration>,
+        write: Option<Duration>,
+    ) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => {
-                s.set_read_timeout(t)?;
-                s.set_write_timeout(t)
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
             }
             Stream::Unix(s) => {
-                s.set_read_timeout(t)?;
-                s.set_write_timeout(t)
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
             }
         }
     }
@@ -572,14 +579,11 @@ impl<'r, R: Read> FrameIn<'r, R> {
 
     fn vec(&mut self, n: u64, what: &str) -> std::result::Result<Vec<u8>, WireError> {
         let n = self.claim(n, what)?;
-        // Sized by a checked length; filled by reading, never zeroed first.
-        let mut v = Vec::with_capacity(n);
-        (&mut *self.r).take(n as u64).read_to_end(&mut v)?;
-        if v.len() != n {
-            return Err(WireError::Malformed(format!(
-                "the connection closed inside {what}"
-            )));
-        }
+        // Sized by a checked length. A large zeroed allocation comes from
+        // fresh zero pages (no memset), and `read_exact` then reads past
+        // the buffer straight into it.
+        let mut v = vec![0u8; n];
+        self.r.read_exact(&mut v)?;
         Ok(v)
     }
 
@@ -754,7 +758,7 @@ impl Conn {
             }
             Endpoint::Unix(path) => Stream::Unix(UnixStream::connect(path)?),
         };
-        stream.set_timeouts(Some(options.timeout))?;
+        stream.set_timeouts(Some(options.timeout), Some(options.timeout))?;
         let mut writer = stream.try_clone()?;
         let mut hello = [0u8; 16];
         hello[..4].copy_from_slice(&MAGIC);
@@ -787,6 +791,29 @@ impl Conn {
         }
         conn.server_max = server_max;
         Ok(conn)
+    }
+
+    /// Whether an idle connection is unusable: closed by the server, or
+    /// holding bytes nobody asked for.
+    fn is_stale(&self) -> bool {
+        if !self.reader.buffer().is_empty() {
+            return true;
+        }
+        let mut b = [0u8; 1];
+        // The flag is the socket's, shared by the reader and writer
+        // handles; it is set back before the connection is used.
+        let peeked = match &self.writer {
+            Stream::Tcp(s) => s.set_nonblocking(true).and_then(|()| s.peek(&mut b)),
+            // No stable `peek` for Unix streams; an idle connection that
+            // reads anything is closed or out of step either way.
+            Stream::Unix(s) => s.set_nonblocking(true).and_then(|()| (&*s).read(&mut b)),
+        };
+        let alive = matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        let restored = match &self.writer {
+            Stream::Tcp(s) => s.set_nonblocking(false),
+            Stream::Unix(s) => s.set_nonblocking(false),
+        };
+        !alive || restored.is_err()
     }
 
     fn send(&mut self, frame: FrameOut<'_>) -> std::result::Result<(), Fail> {
@@ -890,7 +917,13 @@ impl RemoteTier {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let pooled = self.pool().pop();
+            let mut pooled = self.pool().pop();
+            // A call that cannot be retried must not be spent on a
+            // connection the server already closed (a restart): check.
+            if !retry && pooled.as_ref().is_some_and(Conn::is_stale) {
+                pooled = None;
+                self.pool().clear();
+            }
             let mut conn = match pooled {
                 Some(c) => c,
                 None => match Conn::open(&self.endpoint, &self.options) {
@@ -1058,6 +1091,51 @@ fn ok_reply_or<'c>(
         status::OK => Ok(r),
         status::NOT_FOUND => Err(Fail::Broken("NOT_FOUND where none is possible".into())),
         other => Err(tier.refused(other, r)),
+    }
+}
+
+/// Another error equal to `e`, for every item of a failed batch
+/// ([`Error`] is not `Clone`: an I/O error cannot be).
+fn same_error(e: &Error) -> Error {
+    match e {
+        Error::Key { field, message } => Error::Key {
+            field,
+            message: message.clone(),
+        },
+        Error::Full { tier, key, message } => Error::Full {
+            tier: tier.clone(),
+            key: key.clone(),
+            message: message.clone(),
+        },
+        Error::Corrupt { tier, key, reason } => Error::Corrupt {
+            tier: tier.clone(),
+            key: key.clone(),
+            reason: reason.clone(),
+        },
+        Error::Remote { tier, message } => Error::Remote {
+            tier: tier.clone(),
+            message: message.clone(),
+        },
+        Error::Io {
+            tier,
+            op,
+            path,
+            source,
+        } => Error::Io {
+            tier: tier.clone(),
+            op,
+            path: path.clone(),
+            source: io::Error::new(source.kind(), source.to_string()),
+        },
+        Error::Config { field, message } => Error::Config {
+            field: field.clone(),
+            message: message.clone(),
+        },
+        Error::Closed { what } => Error::Closed { what: what.clone() },
+        Error::Decode { offset, message } => Error::Decode {
+            offset: *offset,
+            message: message.clone(),
+        },
     }
 }
 
@@ -1246,9 +1324,8 @@ impl Tier for RemoteTier {
                     }
                 }
                 Err(e) => {
-                    let message = e.to_string();
                     for (i, _) in &sent {
-                        out[*i] = Some(Err(self.err(message.clone())));
+                        out[*i] = Some(Err(same_error(&e)));
                     }
                 }
             }
@@ -1316,9 +1393,8 @@ impl Tier for RemoteTier {
                     }
                 }
                 Err(e) => {
-                    let message = e.to_string();
                     for (i, ..) in &sent {
-                        out[*i] = Some(Err(self.err(message.clone())));
+                        out[*i] = Some(Err(same_error(&e)));
                     }
                 }
             }
