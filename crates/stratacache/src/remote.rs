@@ -24,7 +24,9 @@
 //!   them back into the same [`Error`] variants a local tier returns
 //!   ([`Error::Full`], [`Error::Corrupt`] with key and reason, and
 //!   [`Error::Remote`] for everything else), so a caller cannot tell a
-//!   remote tier's errors from a local one's.
+//!   remote tier's errors from a local one's. Every error names the
+//!   server's address, and the served tier when it failed:
+//!   `remote tcp://10.0.0.5:7070 memory tier: cannot store kv/...: ...`.
 //! - Like every tier that keeps bytes outside process memory, the client
 //!   computes the payload checksum on `put` and verifies it on `get`; a
 //!   mismatch is [`Error::Corrupt`], the object is deleted from the server
@@ -75,7 +77,7 @@
 //! | key     | u32 length, the canonical key encoding ([`ArtifactKey::encode`]) |
 //! | meta    | u32 length, [`crate::record::encode_meta`]                  |
 //! | payload | u64 length, the raw bytes                                   |
-//! | error   | str tier, str key (empty when none), str message            |
+//! | error   | str tier (the served tier's name; empty when the message names it), str key (empty when none), str message |
 //!
 //! ## Requests
 //!
@@ -645,16 +647,14 @@ pub(crate) fn error_status(e: &Error) -> (u8, String, String, String) {
         Error::Corrupt { tier, key, reason } => {
             (status::CORRUPT, tier.clone(), key.clone(), reason.clone())
         }
-        Error::Io { tier, .. } | Error::Remote { tier, .. } => {
-            (status::ERROR, tier.clone(), String::new(), e.to_string())
-        }
         Error::Key { .. } | Error::Decode { .. } => (
             status::BAD_REQUEST,
             String::new(),
             String::new(),
             e.to_string(),
         ),
-        Error::Config { .. } | Error::Closed { .. } => {
+        // The message names its tier (and file) already.
+        Error::Io { .. } | Error::Remote { .. } | Error::Config { .. } | Error::Closed { .. } => {
             (status::ERROR, String::new(), String::new(), e.to_string())
         }
     }

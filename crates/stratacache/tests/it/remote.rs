@@ -300,7 +300,7 @@ fn full_and_corrupt_keep_their_variants() {
     }
     match tier.put(&key("k"), Meta::default(), b"x") {
         Err(Error::Remote { tier: t, message }) => {
-            assert!(t.contains(server.local_addr()), "{t}");
+            assert_eq!(t, format!("remote {}", server.local_addr()));
             assert!(
                 message.contains("/data/seg-7") && message.contains("no space left"),
                 "{message}"
