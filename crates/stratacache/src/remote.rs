@@ -868,7 +868,7 @@ impl RemoteTier {
             served_name: String::new(),
             can_pin: false,
         };
-        let (name, can_pin) = tier.call(op::NAME, "", true, |conn, max| {
+        let (name, can_pin) = tier.call(op::NAME, &"", true, |conn, max| {
             conn.send(FrameOut::new(op::NAME))?;
             let mut r = ok_reply_or(&tier, conn, max)?;
             let name = r.str("the name")?;
@@ -906,11 +906,12 @@ impl RemoteTier {
     }
 
     /// Runs one exchange on a pooled or new connection, retrying once on a
-    /// fresh one when the connection breaks and `retry` allows it.
+    /// fresh one when the connection breaks and `retry` allows it. `what`
+    /// (the key, or "" for none) is formatted only for an error.
     fn call<T>(
         &self,
         code: u8,
-        what: &str,
+        what: &dyn std::fmt::Display,
         retry: bool,
         f: impl Fn(&mut Conn, u64) -> std::result::Result<T, Fail>,
     ) -> Result<T> {
@@ -963,7 +964,8 @@ impl RemoteTier {
         }
     }
 
-    fn failure(&self, code: u8, what: &str, fail: Fail, context: &str) -> Error {
+    fn failure(&self, code: u8, what: &dyn std::fmt::Display, fail: Fail, context: &str) -> Error {
+        let what = what.to_string();
         let call = if what.is_empty() {
             op::name(code).to_string()
         } else {
@@ -1068,7 +1070,7 @@ impl RemoteTier {
     /// A key-only request answered with a bool.
     fn key_bool(&self, code: u8, key: &ArtifactKey, retry: bool) -> Result<bool> {
         let enc = key.encode()?;
-        self.call(code, &key.to_string(), retry, |conn, max| {
+        self.call(code, key, retry, |conn, max| {
             let mut f = FrameOut::new(code);
             f.bytes(&enc);
             conn.send(f)?;
@@ -1174,7 +1176,7 @@ impl Tier for RemoteTier {
 
     fn get(&self, key: &ArtifactKey) -> Result<Option<Object>> {
         let enc = key.encode()?;
-        let got = self.call(op::GET, &key.to_string(), true, |conn, max| {
+        let got = self.call(op::GET, key, true, |conn, max| {
             let mut f = FrameOut::new(op::GET);
             f.bytes(&enc);
             conn.send(f)?;
@@ -1203,7 +1205,7 @@ impl Tier for RemoteTier {
             checksum: checksum(bytes),
             ..meta
         });
-        self.call(op::PUT, &key.to_string(), true, |conn, max| {
+        self.call(op::PUT, key, true, |conn, max| {
             let mut f = FrameOut::new(op::PUT);
             f.bytes(&enc);
             f.bytes(&meta);
@@ -1225,7 +1227,7 @@ impl Tier for RemoteTier {
     /// The served tier's counters; all zero when the server cannot be
     /// reached (the trait's `stats` cannot fail).
     fn stats(&self) -> TierStats {
-        let got = self.call(op::STATS, "", true, |conn, max| {
+        let got = self.call(op::STATS, &"", true, |conn, max| {
             conn.send(FrameOut::new(op::STATS))?;
             let mut r = ok_reply_or(self, conn, max)?;
             let s = TierStats {
@@ -1243,7 +1245,7 @@ impl Tier for RemoteTier {
     }
 
     fn list(&self) -> Result<Vec<(ArtifactKey, Meta)>> {
-        self.call(op::LIST, "", true, |conn, max| {
+        self.call(op::LIST, &"", true, |conn, max| {
             conn.send(FrameOut::new(op::LIST))?;
             let mut r = ok_reply_or(self, conn, max)?;
             let n = r.u64("the count")?;
@@ -1261,7 +1263,7 @@ impl Tier for RemoteTier {
     }
 
     fn flush(&self) -> Result<()> {
-        self.call(op::FLUSH, "", true, |conn, max| {
+        self.call(op::FLUSH, &"", true, |conn, max| {
             conn.send(FrameOut::new(op::FLUSH))?;
             ok_reply_or(self, conn, max)?.finish()?;
             Ok(())

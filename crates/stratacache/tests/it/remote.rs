@@ -903,7 +903,15 @@ impl Drop for Children {
 }
 
 fn child(test: &str, env: &[(&str, String)]) -> Child {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    // This very binary: on Linux through /proc, which still names it when
+    // a rebuild has replaced the file since the test started.
+    let exe = Path::new("/proc/self/exe");
+    let exe = if exe.exists() {
+        exe.to_path_buf()
+    } else {
+        std::env::current_exe().unwrap()
+    };
+    let mut cmd = Command::new(exe);
     cmd.args([
         test,
         "--exact",
