@@ -24,7 +24,9 @@
 //!   them back into the same [`Error`] variants a local tier returns
 //!   ([`Error::Full`], [`Error::Corrupt`] with key and reason, and
 //!   [`Error::Remote`] for everything else), so a caller cannot tell a
-//!   remote tier's errors from a local one's.
+//!   remote tier's errors from a local one's. Every error names the
+//!   server's address, and the served tier when it failed:
+//!   `remote tcp://10.0.0.5:7070 memory tier: cannot store kv/...: ...`.
 //! - Like every tier that keeps bytes outside process memory, the client
 //!   computes the payload checksum on `put` and verifies it on `get`; a
 //!   mismatch is [`Error::Corrupt`], the object is deleted from the server
@@ -75,7 +77,7 @@
 //! | key     | u32 length, the canonical key encoding ([`ArtifactKey::encode`]) |
 //! | meta    | u32 length, [`crate::record::encode_meta`]                  |
 //! | payload | u64 length, the raw bytes                                   |
-//! | error   | str tier, str key (empty when none), str message            |
+//! | error   | str tier (the served tier's name; empty when the message names it), str key (empty when none), str message |
 //!
 //! ## Requests
 //!
@@ -120,7 +122,10 @@
 //! the idle ones (a server restart breaks them all). Calls whose repetition
 //! is harmless (GET, PUT, CONTAINS, STATS, LIST, FLUSH, GET_MANY, PUT_MANY,
 //! NAME) are retried once on a fresh connection; DELETE, PIN and UNPIN are
-//! not, since a lost reply would hide whether they took effect.
+//! not, since a lost reply would hide whether they took effect. Instead,
+//! before one of those is sent on an idle connection, the connection is
+//! checked (a non-blocking peek): one the server has closed is dropped
+//! and a new one opened.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -306,15 +311,19 @@ impl Stream {
         };
     }
 
-    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+    pub(crate) fn set_timeouts(
+        &self,
+        read: Option<Duration>,
+        write: Option<Duration>,
+    ) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => {
-                s.set_read_timeout(t)?;
-                s.set_write_timeout(t)
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
             }
             Stream::Unix(s) => {
-                s.set_read_timeout(t)?;
-                s.set_write_timeout(t)
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
             }
         }
     }
@@ -572,14 +581,11 @@ impl<'r, R: Read> FrameIn<'r, R> {
 
     fn vec(&mut self, n: u64, what: &str) -> std::result::Result<Vec<u8>, WireError> {
         let n = self.claim(n, what)?;
-        // Sized by a checked length; filled by reading, never zeroed first.
-        let mut v = Vec::with_capacity(n);
-        (&mut *self.r).take(n as u64).read_to_end(&mut v)?;
-        if v.len() != n {
-            return Err(WireError::Malformed(format!(
-                "the connection closed inside {what}"
-            )));
-        }
+        // Sized by a checked length. A large zeroed allocation comes from
+        // fresh zero pages (no memset), and `read_exact` then reads past
+        // the buffer straight into it.
+        let mut v = vec![0u8; n];
+        self.r.read_exact(&mut v)?;
         Ok(v)
     }
 
@@ -641,25 +647,19 @@ pub(crate) fn error_status(e: &Error) -> (u8, String, String, String) {
         Error::Corrupt { tier, key, reason } => {
             (status::CORRUPT, tier.clone(), key.clone(), reason.clone())
         }
-        Error::Io { tier, .. } | Error::Remote { tier, .. } => {
-            (status::ERROR, tier.clone(), String::new(), e.to_string())
-        }
-        Error::Key { .. } | Error::Decode { .. } => (
-            status::BAD_REQUEST,
-            String::new(),
-            String::new(),
-            e.to_string(),
-        ),
-        Error::Plan { .. } => (
+        Error::Key { .. } | Error::Decode { .. } | Error::Plan { .. } => (
             status::BAD_REQUEST,
             String::new(),
             String::new(),
             e.to_string(),
         ),
         Error::NotFound { key, .. } => (status::ERROR, String::new(), key.clone(), e.to_string()),
-        Error::Config { .. } | Error::Closed { .. } | Error::Flush { .. } => {
-            (status::ERROR, String::new(), String::new(), e.to_string())
-        }
+        // The message names its tier (and file) already.
+        Error::Io { .. }
+        | Error::Remote { .. }
+        | Error::Config { .. }
+        | Error::Closed { .. }
+        | Error::Flush { .. } => (status::ERROR, String::new(), String::new(), e.to_string()),
     }
 }
 
@@ -761,7 +761,7 @@ impl Conn {
             }
             Endpoint::Unix(path) => Stream::Unix(UnixStream::connect(path)?),
         };
-        stream.set_timeouts(Some(options.timeout))?;
+        stream.set_timeouts(Some(options.timeout), Some(options.timeout))?;
         let mut writer = stream.try_clone()?;
         let mut hello = [0u8; 16];
         hello[..4].copy_from_slice(&MAGIC);
@@ -794,6 +794,29 @@ impl Conn {
         }
         conn.server_max = server_max;
         Ok(conn)
+    }
+
+    /// Whether an idle connection is unusable: closed by the server, or
+    /// holding bytes nobody asked for.
+    fn is_stale(&self) -> bool {
+        if !self.reader.buffer().is_empty() {
+            return true;
+        }
+        let mut b = [0u8; 1];
+        // The flag is the socket's, shared by the reader and writer
+        // handles; it is set back before the connection is used.
+        let peeked = match &self.writer {
+            Stream::Tcp(s) => s.set_nonblocking(true).and_then(|()| s.peek(&mut b)),
+            // No stable `peek` for Unix streams; an idle connection that
+            // reads anything is closed or out of step either way.
+            Stream::Unix(s) => s.set_nonblocking(true).and_then(|()| (&*s).read(&mut b)),
+        };
+        let alive = matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        let restored = match &self.writer {
+            Stream::Tcp(s) => s.set_nonblocking(false),
+            Stream::Unix(s) => s.set_nonblocking(false),
+        };
+        !alive || restored.is_err()
     }
 
     fn send(&mut self, frame: FrameOut<'_>) -> std::result::Result<(), Fail> {
@@ -848,7 +871,7 @@ impl RemoteTier {
             served_name: String::new(),
             can_pin: false,
         };
-        let (name, can_pin) = tier.call(op::NAME, "", true, |conn, max| {
+        let (name, can_pin) = tier.call(op::NAME, &"", true, |conn, max| {
             conn.send(FrameOut::new(op::NAME))?;
             let mut r = ok_reply_or(&tier, conn, max)?;
             let name = r.str("the name")?;
@@ -886,18 +909,25 @@ impl RemoteTier {
     }
 
     /// Runs one exchange on a pooled or new connection, retrying once on a
-    /// fresh one when the connection breaks and `retry` allows it.
+    /// fresh one when the connection breaks and `retry` allows it. `what`
+    /// (the key, or "" for none) is formatted only for an error.
     fn call<T>(
         &self,
         code: u8,
-        what: &str,
+        what: &dyn std::fmt::Display,
         retry: bool,
         f: impl Fn(&mut Conn, u64) -> std::result::Result<T, Fail>,
     ) -> Result<T> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let pooled = self.pool().pop();
+            let mut pooled = self.pool().pop();
+            // A call that cannot be retried must not be spent on a
+            // connection the server already closed (a restart): check.
+            if !retry && pooled.as_ref().is_some_and(Conn::is_stale) {
+                pooled = None;
+                self.pool().clear();
+            }
             let mut conn = match pooled {
                 Some(c) => c,
                 None => match Conn::open(&self.endpoint, &self.options) {
@@ -937,7 +967,8 @@ impl RemoteTier {
         }
     }
 
-    fn failure(&self, code: u8, what: &str, fail: Fail, context: &str) -> Error {
+    fn failure(&self, code: u8, what: &dyn std::fmt::Display, fail: Fail, context: &str) -> Error {
+        let what = what.to_string();
         let call = if what.is_empty() {
             op::name(code).to_string()
         } else {
@@ -1042,7 +1073,7 @@ impl RemoteTier {
     /// A key-only request answered with a bool.
     fn key_bool(&self, code: u8, key: &ArtifactKey, retry: bool) -> Result<bool> {
         let enc = key.encode()?;
-        self.call(code, &key.to_string(), retry, |conn, max| {
+        self.call(code, key, retry, |conn, max| {
             let mut f = FrameOut::new(code);
             f.bytes(&enc);
             conn.send(f)?;
@@ -1065,6 +1096,51 @@ fn ok_reply_or<'c>(
         status::OK => Ok(r),
         status::NOT_FOUND => Err(Fail::Broken("NOT_FOUND where none is possible".into())),
         other => Err(tier.refused(other, r)),
+    }
+}
+
+/// Another error equal to `e`, for every item of a failed batch
+/// ([`Error`] is not `Clone`: an I/O error cannot be).
+fn same_error(e: &Error) -> Error {
+    match e {
+        Error::Key { field, message } => Error::Key {
+            field,
+            message: message.clone(),
+        },
+        Error::Full { tier, key, message } => Error::Full {
+            tier: tier.clone(),
+            key: key.clone(),
+            message: message.clone(),
+        },
+        Error::Corrupt { tier, key, reason } => Error::Corrupt {
+            tier: tier.clone(),
+            key: key.clone(),
+            reason: reason.clone(),
+        },
+        Error::Remote { tier, message } => Error::Remote {
+            tier: tier.clone(),
+            message: message.clone(),
+        },
+        Error::Io {
+            tier,
+            op,
+            path,
+            source,
+        } => Error::Io {
+            tier: tier.clone(),
+            op,
+            path: path.clone(),
+            source: io::Error::new(source.kind(), source.to_string()),
+        },
+        Error::Config { field, message } => Error::Config {
+            field: field.clone(),
+            message: message.clone(),
+        },
+        Error::Closed { what } => Error::Closed { what: what.clone() },
+        Error::Decode { offset, message } => Error::Decode {
+            offset: *offset,
+            message: message.clone(),
+        },
     }
 }
 
@@ -1103,7 +1179,7 @@ impl Tier for RemoteTier {
 
     fn get(&self, key: &ArtifactKey) -> Result<Option<Object>> {
         let enc = key.encode()?;
-        let got = self.call(op::GET, &key.to_string(), true, |conn, max| {
+        let got = self.call(op::GET, key, true, |conn, max| {
             let mut f = FrameOut::new(op::GET);
             f.bytes(&enc);
             conn.send(f)?;
@@ -1132,7 +1208,7 @@ impl Tier for RemoteTier {
             checksum: checksum(bytes),
             ..meta
         });
-        self.call(op::PUT, &key.to_string(), true, |conn, max| {
+        self.call(op::PUT, key, true, |conn, max| {
             let mut f = FrameOut::new(op::PUT);
             f.bytes(&enc);
             f.bytes(&meta);
@@ -1154,7 +1230,7 @@ impl Tier for RemoteTier {
     /// The served tier's counters; all zero when the server cannot be
     /// reached (the trait's `stats` cannot fail).
     fn stats(&self) -> TierStats {
-        let got = self.call(op::STATS, "", true, |conn, max| {
+        let got = self.call(op::STATS, &"", true, |conn, max| {
             conn.send(FrameOut::new(op::STATS))?;
             let mut r = ok_reply_or(self, conn, max)?;
             let s = TierStats {
@@ -1172,7 +1248,7 @@ impl Tier for RemoteTier {
     }
 
     fn list(&self) -> Result<Vec<(ArtifactKey, Meta)>> {
-        self.call(op::LIST, "", true, |conn, max| {
+        self.call(op::LIST, &"", true, |conn, max| {
             conn.send(FrameOut::new(op::LIST))?;
             let mut r = ok_reply_or(self, conn, max)?;
             let n = r.u64("the count")?;
@@ -1190,7 +1266,7 @@ impl Tier for RemoteTier {
     }
 
     fn flush(&self) -> Result<()> {
-        self.call(op::FLUSH, "", true, |conn, max| {
+        self.call(op::FLUSH, &"", true, |conn, max| {
             conn.send(FrameOut::new(op::FLUSH))?;
             ok_reply_or(self, conn, max)?.finish()?;
             Ok(())
@@ -1253,9 +1329,8 @@ impl Tier for RemoteTier {
                     }
                 }
                 Err(e) => {
-                    let message = e.to_string();
                     for (i, _) in &sent {
-                        out[*i] = Some(Err(self.err(message.clone())));
+                        out[*i] = Some(Err(same_error(&e)));
                     }
                 }
             }
@@ -1323,9 +1398,8 @@ impl Tier for RemoteTier {
                     }
                 }
                 Err(e) => {
-                    let message = e.to_string();
                     for (i, ..) in &sent {
-                        out[*i] = Some(Err(self.err(message.clone())));
+                        out[*i] = Some(Err(same_error(&e)));
                     }
                 }
             }

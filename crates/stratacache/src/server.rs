@@ -159,6 +159,11 @@ pub struct ServeOptions {
     /// Connections served at once; one more is answered with an error and
     /// closed. Default 1024.
     pub max_connections: usize,
+    /// How long a new connection may take to send its handshake, and a
+    /// reply may wait for the client to read it; a client slower than this
+    /// is dropped, so it cannot hold a thread forever. Idle connections
+    /// between requests are kept however long. Default 30 s.
+    pub timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -166,6 +171,7 @@ impl Default for ServeOptions {
         ServeOptions {
             max_frame: DEFAULT_MAX_FRAME,
             max_connections: 1024,
+            timeout: Duration::from_secs(30),
         }
     }
 }
@@ -177,7 +183,8 @@ pub struct ServerStats {
     pub connections_accepted: u64,
     /// Connections open now.
     pub connections_open: u64,
-    /// Requests received (each is answered, possibly with an error status).
+    /// Requests received (including those answered with an error status
+    /// and malformed ones).
     pub requests: u64,
     /// Bytes received: handshakes and whole frames.
     pub bytes_in: u64,
@@ -186,7 +193,7 @@ pub struct ServerStats {
     /// Requests answered with an error status (full, corrupt, ...).
     pub error_replies: u64,
     /// Connections closed for breaking the protocol or failing I/O (a
-    /// clean close by the client is not counted).
+    /// clean close by the client is not counted), and failed accepts.
     pub errors: u64,
 }
 
@@ -473,6 +480,8 @@ fn run(
     sh: &Shared,
     over: bool,
 ) -> std::result::Result<(), WireError> {
+    let timeout = Some(options.timeout).filter(|t| !t.is_zero());
+    writer.set_timeouts(timeout, timeout)?;
     let mut hello = [0u8; 8];
     reader.read_exact(&mut hello)?;
     sh.bytes_in.fetch_add(8, Ordering::Relaxed);
@@ -509,6 +518,8 @@ fn run(
     ok.u32(PROTOCOL_VERSION);
     ok.u64(options.max_frame);
     send(ok, writer, sh)?;
+    // Pooled client connections sit idle between requests.
+    writer.set_timeouts(None, timeout)?;
 
     loop {
         let (code, len) = match read_header(reader, options.max_frame) {
@@ -525,8 +536,8 @@ fn run(
             crate::remote::FRAME_HEADER_LEN as u64 + len,
             Ordering::Relaxed,
         );
-        // Counted before the reply goes out, so that a client that has its
-        // answer sees the count include its request.
+        // Counted before the reply goes out, so that a client holding its
+        // reply sees its request counted.
         sh.requests.fetch_add(1, Ordering::Relaxed);
         let body = FrameIn::new(reader, len);
         let out = Out {

@@ -10,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use proptest::prelude::*;
+
 use stratacache::remote::{MAGIC, PROTOCOL_VERSION, op, status};
 use stratacache::{
     ArtifactKey, CustomKey, Error, KvChunkKey, Layers, Listener, MemoryTier, Meta, Object,
@@ -167,10 +169,20 @@ fn a_restarted_server_is_reconnected_and_a_stale_socket_replaced() {
         &addr,
         ServeOptions::default(),
     );
-    // The pooled connection is dead: the read retries on a fresh one.
-    assert!(tier.get(&key("x")).unwrap().is_none());
+    // The pooled connection is dead. A delete is not retried, so the
+    // connection is checked before use and a fresh one opened.
+    assert!(!tier.delete(&key("x")).unwrap());
     tier.put(&key("x"), Meta::default(), b"two").unwrap();
-    assert_eq!(&*tier.get(&key("x")).unwrap().unwrap().bytes, b"two");
+    server.shutdown().unwrap();
+    let server = serve(
+        Arc::new(MemoryTier::new(1 << 20, 1)),
+        &addr,
+        ServeOptions::default(),
+    );
+    // A read fails on the dead connection and is retried on a fresh one.
+    assert!(tier.get(&key("x")).unwrap().is_none());
+    tier.put(&key("x"), Meta::default(), b"three").unwrap();
+    assert_eq!(&*tier.get(&key("x")).unwrap().unwrap().bytes, b"three");
     drop(server);
 }
 
@@ -288,7 +300,7 @@ fn full_and_corrupt_keep_their_variants() {
     }
     match tier.put(&key("k"), Meta::default(), b"x") {
         Err(Error::Remote { tier: t, message }) => {
-            assert!(t.contains(server.local_addr()), "{t}");
+            assert_eq!(t, format!("remote {}", server.local_addr()));
             assert!(
                 message.contains("/data/seg-7") && message.contains("no space left"),
                 "{message}"
@@ -580,6 +592,40 @@ fn a_bad_frame_closes_only_its_connection() {
 }
 
 #[test]
+fn slow_and_surplus_clients_are_turned_away() {
+    let server = serve(
+        Arc::new(MemoryTier::new(1 << 20, 1)),
+        "127.0.0.1:0",
+        ServeOptions {
+            max_connections: 1,
+            timeout: Duration::from_millis(200),
+            ..ServeOptions::default()
+        },
+    );
+    // A connection that never says hello is dropped after the timeout.
+    let mut silent = raw(&server);
+    let t = Instant::now();
+    assert_closed(&mut silent);
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    drop(silent);
+    // Give the server a moment to forget the silent one.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.stats().connections_open > 0 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let first = client(&server);
+    let err = RemoteTier::connect(server.local_addr(), RemoteOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("at its limit of 1 connections"), "{err}");
+    // Idle is not slow: the first client's connection outlives the timeout.
+    std::thread::sleep(Duration::from_millis(300));
+    first.put(&key("a"), Meta::default(), b"a").unwrap();
+    assert_eq!(server.stats().connections_accepted, 3);
+}
+
+#[test]
 fn threads_share_a_few_connections() {
     let server = serve(
         Arc::new(MemoryTier::new(64 << 20, 8)),
@@ -616,6 +662,121 @@ fn threads_share_a_few_connections() {
     let stats = server.stats();
     assert!(stats.connections_open <= 6, "{stats:?}");
     assert_eq!(stats.errors, 0);
+}
+
+/// One call of the model test.
+#[derive(Debug, Clone)]
+enum Call {
+    Put(u8, Vec<u8>),
+    Get(u8),
+    Contains(u8),
+    Delete(u8),
+    PutMany(Vec<(u8, Vec<u8>)>),
+    GetMany(Vec<u8>),
+}
+
+fn call() -> impl Strategy<Value = Call> {
+    let bytes = proptest::collection::vec(any::<u8>(), 0..300);
+    prop_oneof![
+        (0..6u8, bytes.clone()).prop_map(|(k, b)| Call::Put(k, b)),
+        (0..6u8).prop_map(Call::Get),
+        (0..6u8).prop_map(Call::Contains),
+        (0..6u8).prop_map(Call::Delete),
+        proptest::collection::vec((0..6u8, bytes), 0..4).prop_map(Call::PutMany),
+        proptest::collection::vec(0..6u8, 0..5).prop_map(Call::GetMany),
+    ]
+}
+
+fn k(i: u8) -> ArtifactKey {
+    key(&format!("m{i}"))
+}
+
+fn bytes_of(r: stratacache::Result<Option<Object>>) -> Option<Vec<u8>> {
+    r.unwrap().map(|o| o.bytes.to_vec())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// A remote tier answers every call as the tier it serves would.
+    #[test]
+    fn a_remote_tier_behaves_as_the_tier_it_serves(calls in proptest::collection::vec(call(), 1..40)) {
+        let server = serve(
+            Arc::new(MemoryTier::new(1 << 20, 2)),
+            "127.0.0.1:0",
+            ServeOptions::default(),
+        );
+        let remote = client(&server);
+        let local = MemoryTier::new(1 << 20, 2);
+        for c in calls {
+            match c {
+                Call::Put(i, b) => {
+                    remote.put(&k(i), Meta::default(), &b).unwrap();
+                    local.put(&k(i), Meta::default(), &b).unwrap();
+                }
+                Call::Get(i) => prop_assert_eq!(bytes_of(remote.get(&k(i))), bytes_of(local.get(&k(i)))),
+                Call::Contains(i) => prop_assert_eq!(remote.contains(&k(i)).unwrap(), local.contains(&k(i)).unwrap()),
+                Call::Delete(i) => prop_assert_eq!(remote.delete(&k(i)).unwrap(), local.delete(&k(i)).unwrap()),
+                Call::PutMany(items) => {
+                    let items: Vec<(ArtifactKey, Meta, &[u8])> =
+                        items.iter().map(|(i, b)| (k(*i), Meta::default(), b.as_slice())).collect();
+                    for (r, l) in remote.put_many(&items).into_iter().zip(local.put_many(&items)) {
+                        prop_assert_eq!(r.is_ok(), l.is_ok());
+                    }
+                }
+                Call::GetMany(keys) => {
+                    let keys: Vec<ArtifactKey> = keys.into_iter().map(k).collect();
+                    let r: Vec<_> = remote.get_many(&keys).into_iter().map(bytes_of).collect();
+                    let l: Vec<_> = local.get_many(&keys).into_iter().map(bytes_of).collect();
+                    prop_assert_eq!(r, l);
+                }
+            }
+        }
+        let (rs, ls) = (remote.stats(), local.stats());
+        prop_assert_eq!((rs.objects, rs.bytes), (ls.objects, ls.bytes));
+        let mut listed: Vec<ArtifactKey> = remote.list().unwrap().into_iter().map(|e| e.0).collect();
+        let mut want: Vec<ArtifactKey> = local.list().unwrap().into_iter().map(|e| e.0).collect();
+        listed.sort();
+        want.sort();
+        prop_assert_eq!(listed, want);
+    }
+
+    /// Whatever bytes follow a handshake, the server answers with
+    /// well-formed frames or closes, and goes on serving others.
+    #[test]
+    fn any_bytes_after_the_handshake_harm_only_their_connection(
+        code in 0..16u8,
+        declared in prop_oneof![0..64u64, any::<u64>()],
+        body in proptest::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let server = serve(
+            Arc::new(MemoryTier::new(1 << 20, 1)),
+            "127.0.0.1:0",
+            ServeOptions { max_frame: 1 << 16, ..ServeOptions::default() },
+        );
+        let tier = client(&server);
+        tier.put(&key("kept"), Meta::default(), b"kept").unwrap();
+        let mut s = raw(&server);
+        s.write_all(&hello(PROTOCOL_VERSION)).unwrap();
+        let mut frame = vec![code];
+        frame.extend(declared.to_le_bytes());
+        frame.extend(&body);
+        // The server may close before reading it all.
+        let _ = s.write_all(&frame);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut back = Vec::new();
+        let _ = s.read_to_end(&mut back);
+        // Every frame that came back is whole and has a known status.
+        let mut at = 0;
+        while at < back.len() {
+            prop_assert!(back.len() - at >= 9, "a torn frame header");
+            prop_assert!(back[at] <= status::TOO_LARGE, "status {}", back[at]);
+            let len = u64::from_le_bytes(back[at + 1..at + 9].try_into().unwrap());
+            prop_assert!(len <= (back.len() - at - 9) as u64, "a torn frame");
+            at += 9 + len as usize;
+        }
+        prop_assert_eq!(&*tier.get(&key("kept")).unwrap().unwrap().bytes, b"kept");
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -742,7 +903,15 @@ impl Drop for Children {
 }
 
 fn child(test: &str, env: &[(&str, String)]) -> Child {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    // This very binary: on Linux through /proc, which still names it when
+    // a rebuild has replaced the file since the test started.
+    let exe = Path::new("/proc/self/exe");
+    let exe = if exe.exists() {
+        exe.to_path_buf()
+    } else {
+        std::env::current_exe().unwrap()
+    };
+    let mut cmd = Command::new(exe);
     cmd.args([
         test,
         "--exact",
