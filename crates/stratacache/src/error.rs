@@ -113,6 +113,64 @@ impl Error {
         matches!(self, Error::Full { .. })
     }
 
+    /// Another error equal to this one, for reporting one failure against
+    /// every item of a batch. (`Error` is not `Clone`: an I/O error is not;
+    /// the copy keeps its kind and message.)
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::Key { field, message } => Error::Key {
+                field,
+                message: message.clone(),
+            },
+            Error::Full { tier, key, message } => Error::Full {
+                tier: tier.clone(),
+                key: key.clone(),
+                message: message.clone(),
+            },
+            Error::Io {
+                tier,
+                op,
+                path,
+                source,
+            } => Error::Io {
+                tier: tier.clone(),
+                op,
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::Corrupt { tier, key, reason } => Error::Corrupt {
+                tier: tier.clone(),
+                key: key.clone(),
+                reason: reason.clone(),
+            },
+            Error::Remote { tier, message } => Error::Remote {
+                tier: tier.clone(),
+                message: message.clone(),
+            },
+            Error::Config { field, message } => Error::Config {
+                field: field.clone(),
+                message: message.clone(),
+            },
+            Error::Closed { what } => Error::Closed { what: what.clone() },
+            Error::Flush { failed, first } => Error::Flush {
+                failed: *failed,
+                first: first.clone(),
+            },
+            Error::NotFound { key, reasons } => Error::NotFound {
+                key: key.clone(),
+                reasons: reasons.clone(),
+            },
+            Error::Plan { plan, message } => Error::Plan {
+                plan: plan.clone(),
+                message: message.clone(),
+            },
+            Error::Decode { offset, message } => Error::Decode {
+                offset: *offset,
+                message: message.clone(),
+            },
+        }
+    }
+
     /// Whether the error is a plain miss (no tier held the key, and none
     /// failed), as opposed to a failure the caller should report.
     pub fn is_miss(&self) -> bool {

@@ -1099,51 +1099,6 @@ fn ok_reply_or<'c>(
     }
 }
 
-/// Another error equal to `e`, for every item of a failed batch
-/// ([`Error`] is not `Clone`: an I/O error cannot be).
-fn same_error(e: &Error) -> Error {
-    match e {
-        Error::Key { field, message } => Error::Key {
-            field,
-            message: message.clone(),
-        },
-        Error::Full { tier, key, message } => Error::Full {
-            tier: tier.clone(),
-            key: key.clone(),
-            message: message.clone(),
-        },
-        Error::Corrupt { tier, key, reason } => Error::Corrupt {
-            tier: tier.clone(),
-            key: key.clone(),
-            reason: reason.clone(),
-        },
-        Error::Remote { tier, message } => Error::Remote {
-            tier: tier.clone(),
-            message: message.clone(),
-        },
-        Error::Io {
-            tier,
-            op,
-            path,
-            source,
-        } => Error::Io {
-            tier: tier.clone(),
-            op,
-            path: path.clone(),
-            source: io::Error::new(source.kind(), source.to_string()),
-        },
-        Error::Config { field, message } => Error::Config {
-            field: field.clone(),
-            message: message.clone(),
-        },
-        Error::Closed { what } => Error::Closed { what: what.clone() },
-        Error::Decode { offset, message } => Error::Decode {
-            offset: *offset,
-            message: message.clone(),
-        },
-    }
-}
-
 fn meta_of(bytes: &[u8]) -> std::result::Result<Meta, WireError> {
     decode_meta(bytes).ok_or_else(|| WireError::Malformed("metadata does not decode".into()))
 }
@@ -1330,7 +1285,7 @@ impl Tier for RemoteTier {
                 }
                 Err(e) => {
                     for (i, _) in &sent {
-                        out[*i] = Some(Err(same_error(&e)));
+                        out[*i] = Some(Err(e.duplicate()));
                     }
                 }
             }
@@ -1399,7 +1354,7 @@ impl Tier for RemoteTier {
                 }
                 Err(e) => {
                     for (i, ..) in &sent {
-                        out[*i] = Some(Err(same_error(&e)));
+                        out[*i] = Some(Err(e.duplicate()));
                     }
                 }
             }
