@@ -381,7 +381,7 @@ impl TierChain {
             return Ok(None);
         };
         let len = object.bytes.len() as u64;
-        dst.tier.put(key, object.meta, &object.bytes)?;
+        dst.tier.put_shared(key, object.meta, object.bytes)?;
         Ok(Some(len))
     }
 

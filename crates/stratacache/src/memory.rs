@@ -12,6 +12,14 @@
 //! copied, and must stay valid). Eviction walks past them. When nothing can
 //! be evicted, `put` fails with [`Error::Full`] and changes nothing; it
 //! never aborts and never drops what it cannot drop.
+//!
+//! Buffers are recycled. KV-cache chunks of one model all have one size, so
+//! the buffer of an evicted, deleted or replaced object (when no one else
+//! holds it) is kept in a small per-shard pool (at most an eighth of the
+//! shard's capacity) and the next `put` of the same size copies into it:
+//! a put then costs one `memcpy`, without an allocation whose fresh pages
+//! the kernel would have to fault in and zero first. [`Tier::put_shared`]
+//! adopts the caller's buffer and copies nothing.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -54,6 +62,9 @@ struct Shard {
     tail: u32,
     bytes: u64,
     capacity: u64,
+    /// Recycled buffers by length, owned by no one else.
+    spare: HashMap<usize, Vec<Arc<[u8]>>>,
+    spare_bytes: u64,
 }
 
 impl MemoryTier {
@@ -92,6 +103,70 @@ impl MemoryTier {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Stores `bytes` (already this tier's own buffer) under `encoded`.
+    fn insert(
+        &self,
+        key: &ArtifactKey,
+        encoded: Vec<u8>,
+        meta: Meta,
+        bytes: Arc<[u8]>,
+    ) -> Result<()> {
+        let len = bytes.len() as u64;
+        let object = Object {
+            meta: Meta {
+                length: len,
+                ..meta
+            },
+            bytes,
+        };
+        let mut shard = self.shard(&encoded);
+        if len > shard.capacity {
+            return Err(Error::Full {
+                tier: "memory".into(),
+                key: key.to_string(),
+                message: format!(
+                    "{len} bytes exceed a shard's share of the capacity ({} bytes)",
+                    shard.capacity
+                ),
+            });
+        }
+        let old = shard.index.get(encoded.as_slice()).copied();
+        let old_len = old
+            .and_then(|s| shard.entry(s))
+            .map_or(0, |e| e.object.bytes.len() as u64);
+        let need = (shard.bytes - old_len + len).saturating_sub(shard.capacity);
+        let Some(victims) = shard.victims(need, old) else {
+            return Err(Error::Full {
+                tier: "memory".into(),
+                key: key.to_string(),
+                message: format!(
+                    "{need} more bytes needed and every other object is pinned or borrowed"
+                ),
+            });
+        };
+        for v in victims {
+            if let Some(e) = shard.remove(v) {
+                shard.recycle(e.object.bytes);
+            }
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        let pins = match old.and_then(|s| shard.remove(s)) {
+            Some(e) => {
+                shard.recycle(e.object.bytes);
+                e.pins
+            }
+            None => 0,
+        };
+        shard.insert(Entry {
+            key: encoded.into(),
+            object,
+            pins,
+            prev: NONE,
+            next: NONE,
+        });
+        Ok(())
+    }
+
     fn pin_by(&self, key: &ArtifactKey, delta: i32) -> Result<bool> {
         let encoded = key.encode()?;
         let mut shard = self.shard(&encoded);
@@ -106,6 +181,30 @@ impl MemoryTier {
 }
 
 impl Shard {
+    /// Keeps `bytes` for a later put of the same size, if no one else
+    /// holds it and the pool has room (an eighth of the shard's capacity).
+    fn recycle(&mut self, mut bytes: Arc<[u8]>) {
+        let len = bytes.len() as u64;
+        if len == 0
+            || Arc::get_mut(&mut bytes).is_none()
+            || self.spare_bytes + len > self.capacity / 8
+        {
+            return;
+        }
+        self.spare_bytes += len;
+        self.spare.entry(bytes.len()).or_default().push(bytes);
+    }
+
+    fn take_spare(&mut self, len: usize) -> Option<Arc<[u8]>> {
+        let buffers = self.spare.get_mut(&len)?;
+        let b = buffers.pop()?;
+        if buffers.is_empty() {
+            self.spare.remove(&len);
+        }
+        self.spare_bytes -= len as u64;
+        Some(b)
+    }
+
     fn entry(&self, slot: u32) -> Option<&Entry> {
         self.slab.get(slot as usize)?.as_ref()
     }
@@ -208,53 +307,24 @@ impl Tier for MemoryTier {
 
     fn put(&self, key: &ArtifactKey, meta: Meta, bytes: &[u8]) -> Result<()> {
         let encoded = key.encode()?;
-        let len = bytes.len() as u64;
+        let spare = self.shard(&encoded).take_spare(bytes.len());
         // Copy before locking: the copy is the slow part.
-        let object = Object {
-            meta: Meta {
-                length: len,
-                ..meta
+        let buffer = match spare {
+            Some(mut b) => match Arc::get_mut(&mut b) {
+                Some(slot) => {
+                    slot.copy_from_slice(bytes);
+                    b
+                }
+                None => Arc::from(bytes),
             },
-            bytes: Arc::from(bytes),
+            None => Arc::from(bytes),
         };
-        let mut shard = self.shard(&encoded);
-        if len > shard.capacity {
-            return Err(Error::Full {
-                tier: "memory".into(),
-                key: key.to_string(),
-                message: format!(
-                    "{len} bytes exceed a shard's share of the capacity ({} bytes)",
-                    shard.capacity
-                ),
-            });
-        }
-        let old = shard.index.get(encoded.as_slice()).copied();
-        let old_len = old
-            .and_then(|s| shard.entry(s))
-            .map_or(0, |e| e.object.bytes.len() as u64);
-        let need = (shard.bytes - old_len + len).saturating_sub(shard.capacity);
-        let Some(victims) = shard.victims(need, old) else {
-            return Err(Error::Full {
-                tier: "memory".into(),
-                key: key.to_string(),
-                message: format!(
-                    "{need} more bytes needed and every other object is pinned or borrowed"
-                ),
-            });
-        };
-        for v in victims {
-            shard.remove(v);
-            self.evictions.fetch_add(1, Ordering::Relaxed);
-        }
-        let pins = old.and_then(|s| shard.remove(s)).map_or(0, |e| e.pins);
-        shard.insert(Entry {
-            key: encoded.into(),
-            object,
-            pins,
-            prev: NONE,
-            next: NONE,
-        });
-        Ok(())
+        self.insert(key, encoded, meta, buffer)
+    }
+
+    fn put_shared(&self, key: &ArtifactKey, meta: Meta, bytes: Arc<[u8]>) -> Result<()> {
+        let encoded = key.encode()?;
+        self.insert(key, encoded, meta, bytes)
     }
 
     fn contains(&self, key: &ArtifactKey) -> Result<bool> {
@@ -268,7 +338,13 @@ impl Tier for MemoryTier {
         let Some(&slot) = shard.index.get(encoded.as_slice()) else {
             return Ok(false);
         };
-        Ok(shard.remove(slot).is_some())
+        match shard.remove(slot) {
+            Some(e) => {
+                shard.recycle(e.object.bytes);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     fn stats(&self) -> TierStats {

@@ -74,6 +74,15 @@ pub trait Tier: Send + Sync {
     /// objects to make room; fails (storing nothing) when it cannot.
     fn put(&self, key: &ArtifactKey, meta: Meta, bytes: &[u8]) -> Result<()>;
 
+    /// Stores a shared buffer under `key`. A tier that keeps objects in
+    /// process memory adopts the buffer instead of copying it (the memory
+    /// tier does); the others store it as [`Tier::put`] does. Moving an
+    /// object between tiers goes through here, so an object read from one
+    /// tier lands in memory without a second copy.
+    fn put_shared(&self, key: &ArtifactKey, meta: Meta, bytes: Arc<[u8]>) -> Result<()> {
+        self.put(key, meta, &bytes)
+    }
+
     /// Whether `key` is stored.
     fn contains(&self, key: &ArtifactKey) -> Result<bool>;
 
