@@ -73,16 +73,16 @@ fn data(len: usize, seed: u8) -> Vec<u8> {
 
 /// Every strata figure.
 pub fn measure(runs: usize, scale: f64, out: &Output) -> Result<()> {
-    memory(runs, out)?;
+    memory(runs, scale, out)?;
     mmap(runs, out)?;
     disk(runs, scale, out)?;
     remote(runs, out)?;
     redis(runs, out)?;
-    exec(runs, out)?;
+    exec(runs, scale, out)?;
     Ok(())
 }
 
-fn memory(runs: usize, out: &Output) -> Result<()> {
+fn memory(runs: usize, scale: f64, out: &Output) -> Result<()> {
     // Four objects in turn, and a baseline copying into four buffers in
     // turn: 80 MiB in play on both sides, more than any cache, so both
     // measure memory bandwidth rather than one side fitting in L3.
@@ -113,15 +113,15 @@ fn memory(runs: usize, out: &Output) -> Result<()> {
     )?;
 
     // 4 KiB objects: 65,536 of them (256 MiB), read by two threads.
-    let tier = Arc::new(MemoryTier::new(512 << 20, 64));
-    let n = 65_536;
+    let n = ((65_536.0 * scale) as usize).clamp(1024, 1 << 20);
+    let tier = Arc::new(MemoryTier::new((n as u64) * 4096 * 2, 64));
     let small = data(4096, 2);
     let keys: Vec<ArtifactKey> = (0..n).map(key).collect();
     for k in &keys {
         tier.put(k, Meta::default(), &small)?;
     }
     let keys = Arc::new(keys);
-    let per_thread = 500_000;
+    let per_thread = ((500_000.0 * scale) as usize).max(10_000);
     let mut times = Vec::new();
     for _ in 0..runs.max(1) {
         let start = Instant::now();
@@ -394,7 +394,7 @@ fn redis(runs: usize, out: &Output) -> Result<()> {
     Ok(())
 }
 
-fn exec(runs: usize, out: &Output) -> Result<()> {
+fn exec(runs: usize, scale: f64, out: &Output) -> Result<()> {
     use bstack_plan::{CachePlan, KvPageRef, PlanWindow, TransferKind, TransferOp};
     use stratacache::config::{ByteSize, Config, TierConfig, TierKind};
     let dir = tempfile::tempdir()?;
@@ -409,7 +409,8 @@ fn exec(runs: usize, out: &Output) -> Result<()> {
         ..Config::default()
     };
     let engine = config.open()?;
-    let (ops, pages, page_bytes) = (64u64, 4u64, 1u64 << 20);
+    let ops = ((64.0 * scale) as u64).max(4);
+    let (pages, page_bytes) = (4u64, 1u64 << 20);
     let plan = CachePlan {
         schema_version: bstack_plan::SCHEMA_VERSION,
         plan_id: "bench".into(),

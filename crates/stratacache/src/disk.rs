@@ -130,7 +130,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::record::{self, HEADER_LEN, Header, Kind};
-use crate::tier::{Meta, Object, Tier, TierStats, checksum, shared_bytes};
+use crate::tier::{Meta, Object, Tier, TierStats, checksum, pread_shared};
 use crate::{ArtifactKey, Error, Result};
 
 const TIER: &str = "disk";
@@ -1177,15 +1177,7 @@ impl Tier for DiskTier {
         // the CPU's cache: checking a large object then costs little more
         // than reading it.
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        let read = shared_bytes(len, |buf| {
-            let mut done = 0;
-            for piece in buf.chunks_mut(READ_PIECE) {
-                file.read_exact_at(piece, at + done)?;
-                hasher.update(piece);
-                done += piece.len() as u64;
-            }
-            Ok::<(), io::Error>(())
-        });
+        let read = pread_shared(&file, at, len, READ_PIECE, |piece| hasher.update(piece));
         let bytes = match read {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {

@@ -2,27 +2,59 @@
 //!
 //! KV-cache chunks and weight chunks outgrow GPU memory and live in CPU
 //! memory, CXL/DAX memory, local SSD or a remote store. This crate puts them
-//! behind one API. It is being built in steps; what exists today:
+//! behind one API, and executes the bcache planner's `CachePlan`s on them.
+//!
+//! Read it bottom up:
 //!
 //! - [`key`]: [`ArtifactKey`], the typed key of every stored object, with a
 //!   canonical binary encoding under which two different keys (two kinds,
 //!   two tensor-parallel ranks, two adapters) can never collide.
-//!
 //! - [`tier`]: the [`Tier`] trait every tier implements, with [`Meta`] and
-//!   [`Object`] (metadata and shared, reference-counted bytes).
-//! - [`memory`]: [`MemoryTier`], a sharded byte-bounded LRU that never evicts
-//!   a pinned or borrowed object.
-//! - [`disk`]: [`DiskTier`], append-only segment files with an index
-//!   snapshot, recovered after a crash by a checked scan.
-//! - [`mmap`]: [`MmapTier`], objects in a mapped region of a file or a DAX
-//!   device, with an allocator, eviction and an index rebuilt from the
-//!   region itself after a restart or a crash.
-//! - [`remote`] and [`server`]: one store shared by many processes (ranks,
-//!   a scheduler and its workers): [`Server`] serves any tier over TCP or a
-//!   Unix socket, and [`RemoteTier`] is a tier that talks to it.
-//! - [`redis`]: [`RedisTier`], the remote tier on a Redis server: one
-//!   self-checking record per object, pipelined batches, pooled
-//!   connections.
+//!   [`Object`] (metadata and shared, reference-counted bytes);
+//!   [`record`]: the self-checking record format of the tiers that keep
+//!   bytes outside the process.
+//! - The tiers: [`memory`] ([`MemoryTier`], a sharded byte-bounded LRU that
+//!   never evicts a pinned or borrowed object), [`mmap`] ([`MmapTier`], a
+//!   mapped region of a file or DAX device whose index is the region
+//!   itself), [`disk`] ([`DiskTier`], segment files with an index snapshot,
+//!   recovered after a crash by a checked scan), [`redis`] ([`RedisTier`],
+//!   one self-checking record per object on a Redis server) and [`remote`]
+//!   ([`RemoteTier`], a store served by [`server`] to many processes).
+//! - [`chain`]: [`TierChain`], tiers in order with write-through and
+//!   write-back links, where a dirty object is never dropped;
+//!   [`engine`]: [`StorageEngine`], named tiers with `chain`, `exact` and
+//!   `prefer` access and loads that say which keys failed and why.
+//! - [`exec`]: [`execute`], the `CachePlan` executor.
+//! - [`config`]: one YAML file describing a whole store.
+//!
+//! A store from its configuration, one object through it, and back:
+//!
+//! ```
+//! use stratacache::config::Config;
+//! use stratacache::{Access, ArtifactKey, CustomKey, Meta};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let yaml = format!(
+//!     "tiers:\n  - {{ name: cpu, kind: memory, capacity: 64MiB, mode: write_back }}\n  \
+//!      - {{ name: ssd, kind: disk, path: {} }}\n",
+//!     dir.path().display()
+//! );
+//! let config = Config::from_yaml(&yaml, "example")?;
+//! let engine = config.open()?;
+//! let key = ArtifactKey::Custom(CustomKey { namespace: "docs".into(), name: "a".into() });
+//! engine.store(&key, Meta::default(), b"hello", Access::Chain)?;
+//! engine.close()?; // flushes the dirty copy down to the disk tier
+//! drop(engine);
+//!
+//! // A new process: the memory tier starts empty, the disk tier has it.
+//! let engine = config.open()?;
+//! let loaded = engine.load(&key, Access::Chain)?;
+//! assert_eq!(engine.tier_names()[loaded.tier], "ssd");
+//! assert_eq!(&*loaded.object.bytes, b"hello");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Keys of two tensor-parallel ranks never meet:
 //!
 //! ```
 //! use stratacache::{ArtifactKey, KvChunkKey, Layers};

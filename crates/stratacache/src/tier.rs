@@ -172,3 +172,42 @@ pub fn shared_bytes<E>(
     // SAFETY: every element was initialised above.
     Ok(unsafe { buf.assume_init() })
 }
+
+/// Reads `len` bytes of `file` at `offset` into a new shared buffer, in
+/// pieces of `piece` bytes, handing each piece to `each` as soon as it has
+/// landed (to hash it while it is still in cache).
+///
+/// Unlike [`shared_bytes`], the buffer is not zeroed first: the reads
+/// write every byte, and a `get` of a large object then costs the read
+/// and nothing more. A file shorter than asked fails with
+/// [`std::io::ErrorKind::UnexpectedEof`].
+pub fn pread_shared(
+    file: &std::fs::File,
+    offset: u64,
+    len: usize,
+    piece: usize,
+    mut each: impl FnMut(&[u8]),
+) -> std::io::Result<Arc<[u8]>> {
+    let mut buf = Arc::<[u8]>::new_uninit_slice(len);
+    let Some(slots) = Arc::get_mut(&mut buf) else {
+        // A fresh Arc has no other owner; never write through a shared one.
+        return Err(std::io::Error::other("a fresh buffer was shared"));
+    };
+    let mut at = offset;
+    for chunk in slots.chunks_mut(piece.max(1)) {
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            let (filled, unfilled) = rustix::io::pread(file, rest, at)?;
+            if filled.is_empty() {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            each(filled);
+            at += filled.len() as u64;
+            rest = unfilled;
+        }
+    }
+    #[allow(unsafe_code)]
+    // SAFETY: the loop above ends only once `pread` has reported every
+    // byte of every chunk as written (initialised).
+    Ok(unsafe { buf.assume_init() })
+}

@@ -74,7 +74,7 @@ fn unknown_component_is_exit_2() {
     run.code(2).quiet_stdout();
     assert_eq!(
         run.error_line(),
-        "no benchmarks for \"nosuch\"; available: plan, hotweights, bcache",
+        "no benchmarks for \"nosuch\"; available: plan, hotweights, bcache, strata",
         "{run}"
     );
 }
@@ -164,4 +164,34 @@ fn hotweights_figures_come_with_their_limits() {
         sparse["delta_bytes"].as_u64().unwrap(),
     );
     assert!(delta > 0 && delta < full, "{sparse}{run}");
+}
+
+#[test]
+fn strata_figures_come_with_their_limits() {
+    let sandbox = Sandbox::empty();
+    let run = sandbox.run(&["bench", "strata", "--runs", "1", "--scale", "0.02"]);
+    run.code(0);
+    let figures = run.json_lines();
+    let names: Vec<&str> = figures
+        .iter()
+        .map(|f| f["bench"].as_str().unwrap_or_default())
+        .collect();
+    for expected in [
+        "strata.memory.put_get_16mib",
+        "strata.memory.get_4kib_2threads",
+        "strata.mmap.put_get_1mib",
+        "strata.disk.put_seq",
+        "strata.disk.get_seq",
+        "strata.disk.reopen",
+        "strata.remote.put_get_16mib",
+        "strata.exec",
+    ] {
+        assert!(names.contains(&expected), "no {expected} in {names:?}{run}");
+    }
+    for f in &figures {
+        let name = f["bench"].as_str().unwrap_or_default();
+        assert!(f["median_ms"].as_f64().is_some_and(|v| v > 0.0), "{f}");
+        let limitless = name.ends_with("reopen") || name.ends_with("get_4kib_2threads");
+        assert_eq!(f["baseline"].is_null(), limitless, "{name}: {f}");
+    }
 }
