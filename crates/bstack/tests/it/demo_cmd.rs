@@ -164,3 +164,27 @@ fn output_path_that_is_a_file_is_one_error_line() {
     run.code(2).quiet_stdout();
     assert!(run.error_line().starts_with("creating afile: "), "{run}");
 }
+
+#[test]
+fn strata_stage_executes_the_plan_on_real_bytes() {
+    let sandbox = Sandbox::empty();
+    let run = sandbox.run(&["--json", "demo", "--out", DEMO]);
+    run.code(0);
+    let strata = &run.json()["strata"];
+    let ops = strata["ops"].as_u64().unwrap_or_default();
+    assert!(ops > 4, "the plan should keep four streams busy{run}");
+    assert_eq!(strata["failed_ops"], 0, "{run}");
+    // Every byte the planner issued was moved, and every moved page was
+    // checked against the bytes stored at its source.
+    assert_eq!(strata["done_bytes"], strata["planned_bytes"], "{run}");
+    let pages = strata["verified_pages"].as_u64().unwrap_or_default();
+    assert!(pages > 0, "{run}");
+    assert_eq!(strata["hits_fed_back"], pages, "{run}");
+    // The plan went through a file that validates.
+    let check = sandbox.run(&[
+        "plan",
+        "validate",
+        &format!("{DEMO}/strata/cache_plan.json"),
+    ]);
+    check.code(0);
+}
