@@ -338,7 +338,7 @@ fn same_files(a: &Path, b: &Path) -> Result<bool> {
 /// `lru` and `bcache`.
 fn bcache_stage(dir: &Path) -> Result<(String, serde_json::Value)> {
     use bcache::config::Config;
-    use bcache::model::{Node, Request, Tier, TierState, WindowInput};
+    use bcache::model::{Tier, TierState, WindowInput};
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let (trace, source) = demo_trace()?;
 
@@ -346,40 +346,17 @@ fn bcache_stage(dir: &Path) -> Result<(String, serde_json::Value)> {
     let mut config = Config::default();
     let bb = config.sim.block_bytes();
     let tier = |tier, capacity: u64, bw: u64| TierState::new(tier, capacity, capacity / 2, bw);
-    let window = WindowInput {
-        window_index: 0,
-        now_ns: 0,
-        window_ns: 0,
-        nodes: vec![Node {
-            name: "node0".into(),
-            tiers: vec![
-                tier(Tier::Gpu, 32 << 30, 25_000_000_000),
-                tier(Tier::Cpu, 128 << 30, 25_000_000_000),
-            ],
-        }],
-        tenants: Vec::new(),
-        layer_latency_ns: Vec::new(),
-        requests: trace
-            .requests
-            .iter()
-            .take(16)
-            .enumerate()
-            .map(|(i, r)| Request {
-                id: format!("req{i}"),
-                node: "node0".into(),
-                tenant: "default".into(),
-                pages: r.blocks.clone(),
-                layers: [0, 1],
-                src: Tier::Cpu,
-                dst: Tier::Gpu,
-                deadline_ns: 20_000_000 + i as u64 * 50_000_000,
-                page_bytes: bb,
-                est_fill_ns: 0,
-                tensor: "kv".into(),
-                tokens: Vec::new(),
-            })
-            .collect(),
-    };
+    let window = demo_window(
+        &trace,
+        16,
+        vec![
+            tier(Tier::Gpu, 32 << 30, 25_000_000_000),
+            tier(Tier::Cpu, 128 << 30, 25_000_000_000),
+        ],
+        (Tier::Cpu, Tier::Gpu),
+        bb,
+        |i| 20_000_000 + i * 50_000_000,
+    );
     let window_path = dir.join("window.json");
     bstack_plan::write_atomic(&window_path, &serde_json::to_vec_pretty(&window)?)?;
     let window = WindowInput::read(&window_path)?;
@@ -440,6 +417,51 @@ fn demo_trace() -> Result<(bcache::trace::Trace, String)> {
     Ok((trace, source))
 }
 
+/// One planning window on `node0` with `tiers`: the first `requests`
+/// requests of the trace, their blocks moving from `moves.0` to `moves.1`
+/// in pages of `page_bytes`, request `i` due at `deadline(i)`.
+fn demo_window(
+    trace: &bcache::trace::Trace,
+    requests: usize,
+    tiers: Vec<bcache::model::TierState>,
+    moves: (bcache::model::Tier, bcache::model::Tier),
+    page_bytes: u64,
+    deadline: impl Fn(u64) -> u64,
+) -> bcache::model::WindowInput {
+    use bcache::model::{Node, Request, WindowInput};
+    WindowInput {
+        window_index: 0,
+        now_ns: 0,
+        window_ns: 0,
+        nodes: vec![Node {
+            name: "node0".into(),
+            tiers,
+        }],
+        tenants: Vec::new(),
+        layer_latency_ns: Vec::new(),
+        requests: trace
+            .requests
+            .iter()
+            .take(requests)
+            .enumerate()
+            .map(|(i, r)| Request {
+                id: format!("req{i}"),
+                node: "node0".into(),
+                tenant: "default".into(),
+                pages: r.blocks.clone(),
+                layers: [0, 1],
+                src: moves.0,
+                dst: moves.1,
+                deadline_ns: deadline(i as u64),
+                page_bytes,
+                est_fill_ns: 0,
+                tensor: "kv".into(),
+                tokens: Vec::new(),
+            })
+            .collect(),
+    }
+}
+
 /// Bytes of one KV page in the stratacache stage: small enough that the
 /// demo moves a few hundred MiB at most, large enough to measure bandwidth.
 const STRATA_PAGE_BYTES: u64 = 256 << 10;
@@ -450,7 +472,7 @@ const STRATA_PAGE_BYTES: u64 = 256 << 10;
 /// disk tier into a memory tier on four streams, every copied page is
 /// checked byte for byte, and the page hits go back to the planner.
 fn strata_stage(dir: &Path) -> Result<(String, serde_json::Value)> {
-    use bcache::model::{Node, Request, Tier, TierState, WindowInput};
+    use bcache::model::{Tier, TierState};
     use stratacache::config::{ByteSize, Config, TierConfig, TierKind};
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
@@ -462,40 +484,17 @@ fn strata_stage(dir: &Path) -> Result<(String, serde_json::Value)> {
     // Operations of at most 4 MiB: enough of them to keep four streams busy.
     planner_config.max_io_bytes = 4 << 20;
     let tier = |tier, capacity: u64, bw: u64| TierState::new(tier, capacity, capacity, bw);
-    let window = WindowInput {
-        window_index: 0,
-        now_ns: 0,
-        window_ns: 0,
-        nodes: vec![Node {
-            name: "node0".into(),
-            tiers: vec![
-                tier(Tier::Cpu, 4 << 30, 20_000_000_000),
-                tier(Tier::Ssd, 64 << 30, 4_000_000_000),
-            ],
-        }],
-        tenants: Vec::new(),
-        layer_latency_ns: Vec::new(),
-        requests: trace
-            .requests
-            .iter()
-            .take(24)
-            .enumerate()
-            .map(|(i, r)| Request {
-                id: format!("req{i}"),
-                node: "node0".into(),
-                tenant: "default".into(),
-                pages: r.blocks.clone(),
-                layers: [0, 1],
-                src: Tier::Ssd,
-                dst: Tier::Cpu,
-                deadline_ns: 5_000_000 + i as u64 * 2_000_000,
-                page_bytes: STRATA_PAGE_BYTES,
-                est_fill_ns: 0,
-                tensor: "kv".into(),
-                tokens: Vec::new(),
-            })
-            .collect(),
-    };
+    let window = demo_window(
+        &trace,
+        24,
+        vec![
+            tier(Tier::Cpu, 4 << 30, 20_000_000_000),
+            tier(Tier::Ssd, 64 << 30, 4_000_000_000),
+        ],
+        (Tier::Ssd, Tier::Cpu),
+        STRATA_PAGE_BYTES,
+        |i| 5_000_000 + i * 2_000_000,
+    );
     let mut planner = bcache::Planner::new(planner_config);
     let (plan, plan_report) = planner.plan(&window)?;
     let plan_path = dir.join("cache_plan.json");

@@ -129,7 +129,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use crate::record::{self, HEADER_LEN, Header, Kind};
+use crate::record::{self, Cursor, HEADER_LEN, Header, Kind};
 use crate::tier::{Meta, Object, Tier, TierStats, checksum, pread_shared};
 use crate::{ArtifactKey, Error, Result};
 
@@ -437,34 +437,13 @@ struct Snapshot {
     entries: Vec<(Box<[u8]>, Entry)>,
 }
 
-struct Cursor<'a> {
-    b: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let s = self.b.get(self.at..self.at.checked_add(n)?)?;
-        self.at += n;
-        Some(s)
-    }
-
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-}
-
 fn decode_snapshot(b: &[u8]) -> Option<Snapshot> {
     let body_len = b.len().checked_sub(8)?;
     let (body, sum) = b.split_at(body_len);
     if checksum(body).to_le_bytes() != sum || body.get(..8)? != SNAP_MAGIC {
         return None;
     }
-    let mut c = Cursor { b: body, at: 8 };
+    let mut c = Cursor::new(body, 8);
     let next_seq = c.u64()?;
     let next_segment = c.u64()?;
     let mut covered = BTreeMap::new();
@@ -505,7 +484,7 @@ fn decode_snapshot(b: &[u8]) -> Option<Snapshot> {
             },
         ));
     }
-    (c.at == body.len()).then_some(Snapshot {
+    (c.position() == body.len()).then_some(Snapshot {
         next_seq,
         next_segment,
         covered,

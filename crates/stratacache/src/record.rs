@@ -256,7 +256,7 @@ pub fn encode_meta(meta: &Meta) -> Vec<u8> {
 
 /// Decodes [`encode_meta`]'s output; `None` when it is not one.
 pub fn decode_meta(b: &[u8]) -> Option<Meta> {
-    let mut c = Cursor { b, at: 0 };
+    let mut c = Cursor::new(b, 0);
     let dtype = c.string()?;
     let n = u32::from_le_bytes(c.array()?) as usize;
     // A crafted count must not allocate: each dimension needs 8 bytes.
@@ -271,7 +271,7 @@ pub fn decode_meta(b: &[u8]) -> Option<Meta> {
     let length = u64::from_le_bytes(c.array()?);
     let created_ns = u64::from_le_bytes(c.array()?);
     let checksum = u64::from_le_bytes(c.array()?);
-    if c.at != b.len() {
+    if c.position() != b.len() {
         return None;
     }
     Some(Meta {
@@ -284,20 +284,40 @@ pub fn decode_meta(b: &[u8]) -> Option<Meta> {
     })
 }
 
-struct Cursor<'a> {
+/// Reads little-endian fields off a byte slice; every read is `None`
+/// past the end, so crafted lengths cannot overrun.
+pub(crate) struct Cursor<'a> {
     b: &'a [u8],
     at: usize,
 }
 
 impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+    /// A cursor at byte `at` of `b`.
+    pub(crate) fn new(b: &'a [u8], at: usize) -> Cursor<'a> {
+        Cursor { b, at }
+    }
+
+    /// Where the next read starts.
+    pub(crate) fn position(&self) -> usize {
+        self.at
+    }
+
+    pub(crate) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         let s = self.b.get(self.at..self.at.checked_add(n)?)?;
         self.at += n;
         Some(s)
     }
 
-    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+    pub(crate) fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
         self.take(N)?.try_into().ok()
+    }
+
+    pub(crate) fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.array()?))
+    }
+
+    pub(crate) fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.array()?))
     }
 
     fn string(&mut self) -> Option<String> {

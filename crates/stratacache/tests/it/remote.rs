@@ -1052,7 +1052,10 @@ fn processes_share_one_store() {
     // shared keys, each listed once however many tiers hold it.
     let listed = tier.list().unwrap().len();
     let base = (TP * CHUNKS) as usize + 80;
-    assert!((base..=base + 6).contains(&listed), "{listed} objects listed");
+    assert!(
+        (base..=base + 6).contains(&listed),
+        "{listed} objects listed"
+    );
     // The server is killed, not asked: the client says so by address.
     let mut server = children.0.remove(0);
     server.kill().unwrap();
