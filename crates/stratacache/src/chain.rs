@@ -17,9 +17,10 @@
 //! - *Evicted before its flush.* A dirty object is pinned in its tier (a
 //!   write-back tier must support [`Tier::pin`]; the chain refuses one that
 //!   does not), so the tier's eviction walks past it. When the tier is full
-//!   of dirty objects, `put` flushes the oldest ones itself (evicting a dirty
-//!   object means flushing it first), and if that cannot make room, it
-//!   stores the object in the next tier directly rather than fail or drop.
+//!   of dirty objects, `put` flushes one of the oldest itself (evicting a
+//!   dirty object means flushing it first; it tries up to four whose retry
+//!   time has come), and if that cannot make room, it stores the object in
+//!   the next tier directly rather than fail or drop.
 //! - *One failed flush stops the flusher.* A failed flush is counted, its
 //!   error kept for [`ChainStats::last_flush_error`], and the object retried
 //!   with exponential backoff (capped); the flusher itself never exits on an
@@ -32,12 +33,19 @@
 //!
 //! # Locking
 //!
-//! No lock is held across another key's I/O. The per-key stripe is held
-//! across that key's own tier calls (that is what orders them); the dirty
-//! table's shards are held only for table updates and for pin / unpin, which
-//! are index operations in every tier, never I/O. A flush started by a `put`
-//! to make room only *tries* other keys' stripes, so two puts can never wait
-//! for each other.
+//! The per-key stripe is held across that key's own tier calls (that is
+//! what orders them). The one time another key's I/O happens under it: a
+//! put that finds its write-back tier full flushes a few other keys
+//! itself; it only *tries* their stripes, so two puts never wait for each
+//! other. The dirty table's shards are held for table updates and for
+//! pin / unpin: an index operation in every local tier, a round trip when
+//! the write-back tier is a remote one (a served store), during which that
+//! sixteenth of the dirty table waits.
+//!
+//! A write moves its stripe's *epoch* when it is done, still under the
+//! stripe; a read that finds the key below copies it up only if the epoch
+//! has not moved since the read began, and never when a tier above failed
+//! (it may hold a newer copy).
 //!
 //! # Reads
 //!
@@ -64,6 +72,10 @@ use crate::{ArtifactKey, Error, Result};
 pub const STRIPES: usize = 1024;
 
 const DIRTY_SHARDS: usize = 16;
+
+/// Dirty objects a put into a full write-back tier tries to flush itself
+/// before it stores below instead.
+const RELIEVE_TRIES: usize = 4;
 
 /// How a write reaches the tier below a link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,6 +230,15 @@ struct Dirty {
     next_try: Instant,
 }
 
+/// Moves a stripe's epoch when dropped; see [`Inner::writing`].
+struct EpochBump<'a>(&'a AtomicU64);
+
+impl Drop for EpochBump<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
 /// What flushing one dirty entry did.
 enum Flushed {
     Done,
@@ -279,26 +300,31 @@ impl TierChain {
             counters: Counters::default(),
             policy,
         });
-        let mut flushers = Vec::new();
+        let chain = TierChain {
+            inner,
+            flushers: Mutex::new(Vec::new()),
+        };
         if write_back {
-            for n in 0..inner.policy.threads.max(1) {
-                let inner = inner.clone();
-                let handle = std::thread::Builder::new()
+            for n in 0..chain.inner.policy.threads.max(1) {
+                let inner = chain.inner.clone();
+                let spawned = std::thread::Builder::new()
                     .name(format!("strata-flush-{n}"))
-                    .spawn(move || inner.flusher_loop())
-                    .map_err(|e| Error::Io {
-                        tier: "chain".into(),
-                        op: "starting the flusher thread",
-                        path: String::new(),
-                        source: e,
-                    })?;
-                flushers.push(handle);
+                    .spawn(move || inner.flusher_loop());
+                match spawned {
+                    Ok(handle) => lock(&chain.flushers).push(handle),
+                    // Dropping `chain` stops the flushers already started.
+                    Err(e) => {
+                        return Err(Error::Io {
+                            tier: "chain".into(),
+                            op: "starting the flusher thread",
+                            path: String::new(),
+                            source: e,
+                        });
+                    }
+                }
             }
         }
-        Ok(TierChain {
-            inner,
-            flushers: Mutex::new(flushers),
-        })
+        Ok(chain)
     }
 
     /// The links, in order.
@@ -311,12 +337,14 @@ impl TierChain {
     pub fn put(&self, key: &ArtifactKey, meta: Meta, bytes: &[u8]) -> Result<()> {
         let encoded = key.encode()?;
         let _stripe = self.inner.lock_stripe(&encoded);
-        self.inner.bump_epoch(&encoded);
+        let _write = self.inner.writing(&encoded);
         self.inner.put_from(0, key, &encoded, meta, bytes)
     }
 
-    /// Stores an object in tier `tier` only, and removes older copies of the
-    /// key from the tiers above it (so that chain reads never see them).
+    /// Stores an object in tier `tier` only, and removes every other copy
+    /// of the key (older ones, which a chain read must never return). In a
+    /// write-back tier the object is dirty, and reaches the tiers below
+    /// through the flusher like any other.
     pub fn put_exact(
         &self,
         tier: usize,
@@ -327,10 +355,22 @@ impl TierChain {
         let link = self.inner.link(tier)?;
         let encoded = key.encode()?;
         let _stripe = self.inner.lock_stripe(&encoded);
-        self.inner.bump_epoch(&encoded);
-        link.tier.put(key, meta, bytes)?;
-        for above in 0..tier {
-            self.inner.drop_copy(above, key, &encoded)?;
+        let _write = self.inner.writing(&encoded);
+        link.tier.put(key, meta.clone(), bytes)?;
+        let below = tier + 1 < self.inner.links.len();
+        if link.mode == LinkMode::WriteBack && below {
+            if !self.inner.mark_dirty(tier, key, &encoded)? {
+                // Evicted already by another put: store it below instead.
+                self.inner.put_from(tier + 1, key, &encoded, meta, bytes)?;
+                return Ok(());
+            }
+            for above in 0..tier {
+                self.inner.drop_copy(above, key, &encoded)?;
+            }
+            return Ok(());
+        }
+        for other in (0..self.inner.links.len()).filter(|&t| t != tier) {
+            self.inner.drop_copy(other, key, &encoded)?;
         }
         Ok(())
     }
@@ -343,7 +383,9 @@ impl TierChain {
         for (i, link) in self.inner.links.iter().enumerate() {
             match link.tier.get(key) {
                 Ok(Some(object)) => {
-                    if i > 0 {
+                    // A tier above that failed may hold a newer copy:
+                    // never promote over it.
+                    if i > 0 && reasons.is_empty() {
                         self.inner.promote(i, key, &encoded, &object, epoch);
                     }
                     return Ok(Lookup::Found { object, tier: i });
@@ -370,14 +412,39 @@ impl TierChain {
         Ok(false)
     }
 
-    /// Copies `key` from tier `from` into tier `to` (the same bytes, so no
-    /// copy elsewhere goes stale); returns the bytes copied, or `None` when
-    /// `from` does not hold the key. Plans move pages this way.
+    /// Copies `key` from tier `from` into tier `to`; returns the bytes
+    /// `to` holds after, or `None` when `from` does not hold the key. Plans
+    /// move pages this way.
+    ///
+    /// The copy never puts an older version over a newer one: copying up
+    /// (`to` above `from`), it takes the key from the highest tier between
+    /// them that holds it (a tier nearer the top holds the newer version);
+    /// when `to` holds the key dirty, `to` already has the newest version
+    /// and nothing is copied.
     pub fn copy(&self, key: &ArtifactKey, from: usize, to: usize) -> Result<Option<u64>> {
-        let (src, dst) = (self.inner.link(from)?, self.inner.link(to)?);
+        self.inner.link(from)?;
+        let dst = self.inner.link(to)?;
         let encoded = key.encode()?;
         let _stripe = self.inner.lock_stripe(&encoded);
-        let Some(object) = src.tier.get(key)? else {
+        let _write = self.inner.writing(&encoded);
+        if self.inner.is_dirty(to, &encoded) {
+            return Ok(dst.tier.get(key)?.map(|o| o.bytes.len() as u64));
+        }
+        let mut src = from;
+        if to < from {
+            let mut nearest = None;
+            for t in to + 1..=from {
+                if self.inner.links[t].tier.contains(key)? {
+                    nearest = Some(t);
+                    break;
+                }
+            }
+            match nearest {
+                Some(t) => src = t,
+                None => return Ok(None),
+            }
+        }
+        let Some(object) = self.inner.links[src].tier.get(key)? else {
             return Ok(None);
         };
         let len = object.bytes.len() as u64;
@@ -393,12 +460,10 @@ impl TierChain {
         let encoded = key.encode()?;
         let held = self.inner.stripe_of(&encoded);
         let _stripe = self.inner.lock_stripe(&encoded);
-        let dirty = self
-            .inner
-            .dirty_shard(&encoded)
-            .entries
-            .contains_key(&(tier, encoded.clone()));
-        if dirty && let Flushed::Failed(e) = self.inner.flush_one(tier, key, Some(held)) {
+        let _write = self.inner.writing(&encoded);
+        if self.inner.is_dirty(tier, &encoded)
+            && let Flushed::Failed(e) = self.inner.flush_one(tier, key, Some(held))
+        {
             return Err(e);
         }
         link.tier.delete(key)
@@ -408,7 +473,7 @@ impl TierChain {
     pub fn delete(&self, key: &ArtifactKey) -> Result<bool> {
         let encoded = key.encode()?;
         let _stripe = self.inner.lock_stripe(&encoded);
-        self.inner.bump_epoch(&encoded);
+        let _write = self.inner.writing(&encoded);
         let mut found = false;
         for i in 0..self.inner.links.len() {
             found |= self.inner.drop_copy(i, key, &encoded)?;
@@ -423,7 +488,7 @@ impl TierChain {
         // Dirty objects can cascade (write-back below write-back): repeat
         // until a pass finds nothing, bounded by the chain's depth.
         for _ in 0..self.inner.links.len() {
-            let pending = self.inner.collect_dirty(false, usize::MAX);
+            let pending = self.inner.collect_dirty(None, false, usize::MAX);
             if pending.is_empty() {
                 break;
             }
@@ -519,8 +584,19 @@ impl Inner {
         self.epochs[self.stripe_of(encoded)].load(Ordering::Acquire)
     }
 
-    fn bump_epoch(&self, encoded: &[u8]) {
-        self.epochs[self.stripe_of(encoded)].fetch_add(1, Ordering::AcqRel);
+    /// Marks a write of the key's stripe: the epoch moves when the guard
+    /// drops, after the write (on every path out of it) and while the
+    /// caller still holds the stripe. Moving it before the write would let
+    /// a reader that started during the write see the new epoch with the
+    /// old data, and promote the old data over the new.
+    fn writing(&self, encoded: &[u8]) -> EpochBump<'_> {
+        EpochBump(&self.epochs[self.stripe_of(encoded)])
+    }
+
+    fn is_dirty(&self, link: usize, encoded: &[u8]) -> bool {
+        self.dirty_shard(encoded)
+            .entries
+            .contains_key(&(link, encoded.to_vec()))
     }
 
     fn dirty_shard(&self, encoded: &[u8]) -> MutexGuard<'_, DirtyShard> {
@@ -623,38 +699,37 @@ impl Inner {
     fn drop_copy(&self, link: usize, key: &ArtifactKey, encoded: &[u8]) -> Result<bool> {
         {
             let mut shard = self.dirty_shard(encoded);
-            if shard.entries.remove(&(link, encoded.to_vec())).is_some() {
+            let id = (link, encoded.to_vec());
+            if shard.entries.contains_key(&id) {
+                // Unpinned first: if that fails, the entry (and the pin
+                // it accounts for) stays as it was.
                 self.links[link].tier.unpin(key)?;
+                shard.entries.remove(&id);
             }
         }
         self.links[link].tier.delete(key)
     }
 
-    /// Flushes up to a few of tier `link`'s oldest dirty objects to make
-    /// room; says whether any was flushed. Other keys' stripes are only
-    /// tried, so two puts never wait for each other; `held` is the stripe
-    /// the caller holds.
+    /// Flushes one of tier `link`'s oldest dirty objects to make room,
+    /// trying at most [`RELIEVE_TRIES`] of those whose retry time has come;
+    /// says whether one was flushed. Other keys' stripes are only tried, so
+    /// two puts never wait for each other; `held_key` is the key whose
+    /// stripe the caller holds.
     fn relieve(&self, link: usize, held_key: &[u8]) -> bool {
         let held = self.stripe_of(held_key);
-        let mut any = false;
-        for (l, key) in self.collect_dirty(false, usize::MAX) {
-            if l != link {
-                continue;
-            }
-            match self.flush_one(l, &key, Some(held)) {
-                Flushed::Done => any = true,
-                Flushed::Superseded | Flushed::Busy | Flushed::Failed(_) => {}
-            }
-            if any {
-                break;
-            }
-        }
-        any
+        self.collect_dirty(Some(link), true, RELIEVE_TRIES)
+            .into_iter()
+            .any(|(l, key)| matches!(self.flush_one(l, &key, Some(held)), Flushed::Done))
     }
 
-    /// Dirty entries, oldest first per shard; with `ready_only`, only
-    /// those whose retry time has come.
-    fn collect_dirty(&self, ready_only: bool, max: usize) -> Vec<(usize, ArtifactKey)> {
+    /// Dirty entries (of link `only`, or of every link), oldest first per
+    /// shard; with `ready_only`, only those whose retry time has come.
+    fn collect_dirty(
+        &self,
+        only: Option<usize>,
+        ready_only: bool,
+        max: usize,
+    ) -> Vec<(usize, ArtifactKey)> {
         let now = Instant::now();
         let mut out = Vec::new();
         for shard in self.dirty.iter() {
@@ -667,6 +742,7 @@ impl Inner {
                     return out;
                 }
                 if let Some(d) = entries.get(id)
+                    && only.is_none_or(|l| l == id.0)
                     && (!ready_only || d.next_try <= now)
                 {
                     out.push((id.0, d.key.clone()));
@@ -717,18 +793,19 @@ impl Inner {
             Err(e) => Err(e),
         };
         let mut shard = self.dirty_shard(&encoded);
+        let result = match result {
+            Ok(()) => match shard.entries.get(&id) {
+                // The object is clean: it may be evicted again. Unpinned
+                // before the entry goes, so a failed unpin leaves the
+                // entry to account for the pin (and the flush is retried).
+                Some(d) if d.generation == generation => tier.unpin(key).map(|_| ()),
+                _ => return Flushed::Superseded,
+            },
+            Err(e) => Err(e),
+        };
         match result {
             Ok(()) => {
-                match shard.entries.get(&id) {
-                    Some(d) if d.generation == generation => {
-                        shard.entries.remove(&id);
-                        // The object is clean: it may be evicted again.
-                        if let Err(e) = tier.unpin(key) {
-                            return Flushed::Failed(e);
-                        }
-                    }
-                    _ => return Flushed::Superseded,
-                }
+                shard.entries.remove(&id);
                 self.counters.flushed.fetch_add(1, Ordering::Relaxed);
                 Flushed::Done
             }
@@ -781,7 +858,7 @@ impl Inner {
 
     fn flusher_loop(self: Arc<Inner>) {
         while !self.stop.load(Ordering::SeqCst) {
-            let ready = self.collect_dirty(true, 256);
+            let ready = self.collect_dirty(None, true, 256);
             if ready.is_empty() {
                 let guard = lock(&self.wake_lock);
                 if self.stop.load(Ordering::SeqCst) {

@@ -618,6 +618,35 @@ impl Config {
                     ));
                 }
             }
+            if t.mode == LinkMode::WriteBack {
+                if i + 1 == self.tiers.len() {
+                    return Err(fail(
+                        format!("tiers[{i}].mode"),
+                        "the last tier has no tier below to write back to; use write_through"
+                            .into(),
+                    ));
+                }
+                if t.kind == TierKind::Redis {
+                    return Err(fail(
+                        format!("tiers[{i}].mode"),
+                        "a redis tier cannot pin objects, so a dirty object could be evicted \
+                         before its flush; use write_through"
+                            .into(),
+                    ));
+                }
+            }
+            if let Some(shards) = t.shards {
+                let capacity = t.capacity.map_or(1 << 30, |c| c.0);
+                if shards == 0 || shards > 65_536 || shards as u64 > capacity {
+                    return Err(fail(
+                        format!("tiers[{i}].shards"),
+                        format!(
+                            "{shards} shards: must be 1 to 65536 and at most the capacity in \
+                             bytes (each shard holds an equal share)"
+                        ),
+                    ));
+                }
+            }
             if self.tiers[..i].iter().any(|o| o.name() == t.name()) {
                 return Err(fail(
                     format!("tiers[{i}].name"),
@@ -625,8 +654,18 @@ impl Config {
                 ));
             }
         }
-        if self.exec.streams == 0 {
-            return Err(fail("exec.streams".into(), "must be at least 1".into()));
+        if !(1..=1024).contains(&self.exec.streams) {
+            return Err(fail("exec.streams".into(), "must be 1 to 1024".into()));
+        }
+        let keys = &self.exec.keys;
+        if keys.tp_size == 0 || keys.rank >= keys.tp_size {
+            return Err(fail(
+                "exec.keys.rank".into(),
+                format!(
+                    "rank {} must be below tp_size {} (and tp_size at least 1)",
+                    keys.rank, keys.tp_size
+                ),
+            ));
         }
         for (plan_tier, name) in &self.exec.tier_map {
             if !self.tiers.iter().any(|t| t.name() == name) {

@@ -23,7 +23,8 @@
 //! The engine is itself a [`Tier`] (chain access), so anything that serves a
 //! tier, such as [`crate::server`], serves a whole engine.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -86,7 +87,14 @@ pub struct EngineStats {
 pub struct StorageEngine {
     chain: TierChain,
     names: Vec<String>,
-    closed: AtomicBool,
+    /// `true` once closed. Every call holds it for reading while it runs,
+    /// and `close` takes it for writing: a store cannot slip in between
+    /// `close`'s flush and the flusher's stop.
+    closed: RwLock<bool>,
+    /// Pins taken through [`Tier::pin`] on the engine, per key: an unpin
+    /// without its pin is refused, so a client can never undo the pin
+    /// that keeps a dirty object in its tier.
+    user_pins: Mutex<HashMap<Vec<u8>, u32>>,
 }
 
 impl StorageEngine {
@@ -110,7 +118,8 @@ impl StorageEngine {
         Ok(StorageEngine {
             chain,
             names,
-            closed: AtomicBool::new(false),
+            closed: RwLock::new(false),
+            user_pins: Mutex::new(HashMap::new()),
         })
     }
 
@@ -135,7 +144,7 @@ impl StorageEngine {
 
     /// The tier at `index`.
     pub fn tier(&self, index: usize) -> Result<&dyn Tier> {
-        self.check_open()?;
+        let _open = self.check_open()?;
         self.chain
             .links()
             .get(index)
@@ -158,13 +167,18 @@ impl StorageEngine {
         }
     }
 
-    fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
+    /// Holds the engine open for the duration of a call.
+    fn check_open(&self) -> Result<RwLockReadGuard<'_, bool>> {
+        let closed = self
+            .closed
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *closed {
             return Err(Error::Closed {
                 what: "the storage engine".into(),
             });
         }
-        Ok(())
+        Ok(closed)
     }
 
     fn check_tier(&self, index: usize) -> Result<()> {
@@ -177,7 +191,7 @@ impl StorageEngine {
 
     /// Stores an object.
     pub fn store(&self, key: &ArtifactKey, meta: Meta, bytes: &[u8], access: Access) -> Result<()> {
-        self.check_open()?;
+        let _open = self.check_open()?;
         match access {
             Access::Chain => self.chain.put(key, meta, bytes),
             Access::Exact(t) => {
@@ -209,7 +223,7 @@ impl StorageEngine {
     /// Loads an object. A miss is [`Error::NotFound`], listing any tier
     /// that failed on the way.
     pub fn load(&self, key: &ArtifactKey, access: Access) -> Result<Loaded> {
-        self.check_open()?;
+        let _open = self.check_open()?;
         let not_found = |reasons: Vec<(String, Error)>| Error::NotFound {
             key: key.to_string(),
             reasons: reasons
@@ -269,24 +283,48 @@ impl StorageEngine {
 
     /// Whether the key is stored (in any tier, or in the given one).
     pub fn contains(&self, key: &ArtifactKey, access: Access) -> Result<bool> {
-        self.check_open()?;
+        let _open = self.check_open()?;
+        // Tiers by index, not through `tier()`: the read guard is not
+        // taken twice in one call.
+        let tier = |t: usize| {
+            self.chain
+                .links()
+                .get(t)
+                .map(|l| &*l.tier)
+                .ok_or_else(|| self.out_of_range(t))
+        };
         match access {
             Access::Chain => self.chain.contains(key),
-            Access::Exact(t) => self.tier(t)?.contains(key),
-            Access::Prefer(t) => Ok(self.tier(t)?.contains(key)? || self.chain.contains(key)?),
+            Access::Exact(t) => tier(t)?.contains(key),
+            Access::Prefer(t) => Ok(tier(t)?.contains(key)? || self.chain.contains(key)?),
         }
     }
 
     /// Removes the key from every tier; says whether any held it.
     pub fn delete(&self, key: &ArtifactKey) -> Result<bool> {
-        self.check_open()?;
+        let _open = self.check_open()?;
         self.chain.delete(key)
     }
 
     /// Flushes dirty objects below and makes every tier durable.
     pub fn flush(&self) -> Result<()> {
-        self.check_open()?;
+        let _open = self.check_open()?;
         self.chain.flush()
+    }
+
+    /// Copies `key` from tier `from` into tier `to`, never over a newer
+    /// version ([`TierChain::copy`]); the bytes `to` holds after, or `None`
+    /// when there was nothing to copy.
+    pub fn copy(&self, key: &ArtifactKey, from: usize, to: usize) -> Result<Option<u64>> {
+        let _open = self.check_open()?;
+        self.chain.copy(key, from, to)
+    }
+
+    /// Removes `key` from tier `tier` only, flushing it below first when
+    /// it is dirty there ([`TierChain::evict`]).
+    pub fn evict(&self, tier: usize, key: &ArtifactKey) -> Result<bool> {
+        let _open = self.check_open()?;
+        self.chain.evict(tier, key)
     }
 
     /// Counters of every tier and of the chain.
@@ -306,19 +344,27 @@ impl StorageEngine {
     /// error the engine stays open (nothing is lost: dirty objects stay
     /// pinned in their tier), so the caller can retry.
     pub fn close(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
+        let mut closed = self
+            .closed
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *closed {
             return Ok(());
         }
         self.chain.flush()?;
         self.chain.stop();
-        self.closed.store(true, Ordering::Release);
+        *closed = true;
         Ok(())
     }
 }
 
 impl Drop for StorageEngine {
     fn drop(&mut self) {
-        if !self.closed.load(Ordering::Acquire) {
+        let closed = *self
+            .closed
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !closed {
             // Best effort: a drop cannot report; `close` can.
             let _ = self.chain.flush();
         }
@@ -368,7 +414,7 @@ impl Tier for StorageEngine {
 
     /// Every key in any tier, once, with the metadata of its highest copy.
     fn list(&self) -> Result<Vec<(ArtifactKey, Meta)>> {
-        self.check_open()?;
+        let _open = self.check_open()?;
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
         for l in self.chain.links() {
@@ -389,12 +435,37 @@ impl Tier for StorageEngine {
         self.chain.links().first().is_some_and(|l| l.tier.can_pin())
     }
 
-    /// Pins the key in the first tier.
+    /// Pins the key in the first tier. The engine counts these pins apart
+    /// from the ones that keep dirty objects in place.
     fn pin(&self, key: &ArtifactKey) -> Result<bool> {
-        self.tier(0)?.pin(key)
+        let encoded = key.encode()?;
+        let mut pins = self
+            .user_pins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !self.tier(0)?.pin(key)? {
+            return Ok(false);
+        }
+        *pins.entry(encoded).or_default() += 1;
+        Ok(true)
     }
 
+    /// Undoes one [`Tier::pin`] made through the engine; `false` (and
+    /// nothing changed) when the key has none.
     fn unpin(&self, key: &ArtifactKey) -> Result<bool> {
-        self.tier(0)?.unpin(key)
+        let encoded = key.encode()?;
+        let mut pins = self
+            .user_pins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(count) = pins.get_mut(&encoded) else {
+            return Ok(false);
+        };
+        self.tier(0)?.unpin(key)?;
+        *count -= 1;
+        if *count == 0 {
+            pins.remove(&encoded);
+        }
+        Ok(true)
     }
 }

@@ -43,7 +43,7 @@ use std::time::Instant;
 use bstack_plan::{Address, CachePlan, KvPageRef, TransferOp, Validate};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::StorageEngine;
+use crate::engine::{Access, StorageEngine};
 use crate::key::{ArtifactKey, KvChunkKey, Layers};
 use crate::{Error, Result};
 
@@ -246,7 +246,12 @@ pub fn execute_with(
             message: problems.to_string(),
         });
     }
-    let streams = options.streams.max(1);
+    // More streams than operations (or than any machine runs threads)
+    // would only idle.
+    let streams = options
+        .streams
+        .clamp(1, MAX_STREAMS)
+        .min(plan.ops.len().max(1));
     let origin = plan.window.as_ref().map_or(0, |w| w.start_ns);
     let resolver = Resolver { engine, options };
 
@@ -288,26 +293,35 @@ pub fn execute_with(
                     let started = start.elapsed().as_nanos() as u64;
                     let outcome = resolver.run(op);
                     let finished = start.elapsed().as_nanos() as u64;
-                    let (bytes, hits, status) = match outcome {
-                        Ok((bytes, hits)) => {
-                            let due = op.deadline_ns.saturating_sub(origin);
-                            let status = if op.deadline_ns != 0 && finished > due {
+                    let Moved {
+                        bytes,
+                        hits,
+                        failure,
+                    } = outcome;
+                    let status = match failure {
+                        Some(reason) => OpStatus::Failed { reason },
+                        None => {
+                            // On the plan's clock, which reads `origin` when
+                            // execution starts. A deadline before the window
+                            // (a request already late when planned) counts
+                            // from where it was, not from the window.
+                            let now_on_plan = u128::from(origin) + u128::from(finished);
+                            let late = now_on_plan.saturating_sub(u128::from(op.deadline_ns));
+                            if op.deadline_ns != 0 && late > 0 {
                                 OpStatus::Late {
-                                    by_ns: finished - due,
+                                    by_ns: u64::try_from(late).unwrap_or(u64::MAX),
                                 }
                             } else {
                                 OpStatus::Done
-                            };
-                            (bytes, hits, status)
+                            }
                         }
-                        Err(reason) => (0, Vec::new(), OpStatus::Failed { reason }),
                     };
                     let took = finished.saturating_sub(started).max(1);
                     let report = OpReport {
                         index: i,
                         src: op.src.clone(),
                         dst: op.dst.clone(),
-                        pages: op.kv_refs.iter().map(|r| r.count.max(1)).sum(),
+                        pages: page_count(op).unwrap_or(u64::MAX),
                         planned_bytes: op.length,
                         bytes,
                         stream,
@@ -345,7 +359,7 @@ pub fn execute_with(
             }
             OpStatus::Failed { .. } => {
                 report.failed_ops += 1;
-                report.failed_bytes += op_report.planned_bytes;
+                report.failed_bytes += op_report.planned_bytes.saturating_sub(op_report.bytes);
             }
         }
         for (layer, page) in op_hits {
@@ -380,6 +394,27 @@ pub fn execute_with(
 
 /// An operation's report and the `(layer, page)`s it served.
 type Ran = (OpReport, Vec<(u32, u64)>);
+
+/// Streams at most: more would only idle on any machine this runs on.
+const MAX_STREAMS: usize = 1024;
+
+/// Pages one operation may carry (a 64 MiB read of 4 KiB pages is 16,384).
+const MAX_PAGES_PER_OP: u64 = 1 << 20;
+
+/// What one operation moved, and why it stopped if it did.
+#[derive(Debug, Default)]
+struct Moved {
+    bytes: u64,
+    hits: Vec<(u32, u64)>,
+    failure: Option<String>,
+}
+
+/// Pages an operation carries; `None` when the counts overflow.
+fn page_count(op: &TransferOp) -> Option<u64> {
+    op.kv_refs
+        .iter()
+        .try_fold(0u64, |sum, r| sum.checked_add(r.count.max(1)))
+}
 
 fn describe(r: &KvPageRef) -> String {
     let count = r.count.max(1);
@@ -458,14 +493,25 @@ impl Resolver<'_> {
         })
     }
 
-    /// Copies an operation's pages; returns the bytes and the pages hit.
-    fn run(&self, op: &TransferOp) -> std::result::Result<(u64, Vec<(u32, u64)>), String> {
+    /// Copies an operation's pages. Pages copied before a failure still
+    /// count (their bytes moved, their hits happened).
+    fn run(&self, op: &TransferOp) -> Moved {
+        let mut moved = Moved::default();
+        if let Err(reason) = self.copy_pages(op, &mut moved) {
+            moved.failure = Some(reason);
+        }
+        moved
+    }
+
+    fn copy_pages(&self, op: &TransferOp, moved: &mut Moved) -> std::result::Result<(), String> {
         let src = self.tier(&op.src)?;
         let dst = self.tier(&op.dst)?;
         if op.kv_refs.is_empty() {
             return Err("the operation carries no KV pages (kv_refs is empty)".into());
         }
-        let pages: u64 = op.kv_refs.iter().map(|r| r.count.max(1)).sum();
+        let pages = page_count(op)
+            .filter(|&n| n <= MAX_PAGES_PER_OP)
+            .ok_or_else(|| format!("more than {MAX_PAGES_PER_OP} pages in one operation"))?;
         if op.length % pages != 0 {
             return Err(format!(
                 "length {} is not a whole number of bytes per page over {pages} pages",
@@ -473,16 +519,13 @@ impl Resolver<'_> {
             ));
         }
         let page_bytes = op.length / pages;
-        let chain = self.engine.chain();
-        let mut bytes = 0;
-        let mut hits = Vec::with_capacity(pages as usize);
         let mut missing = Vec::new();
         for r in &op.kv_refs {
             for (layer, page, key) in self.options.keys.ref_keys(r) {
-                match chain.copy(&key, src, dst) {
+                match self.engine.copy(&key, src, dst) {
                     Ok(Some(n)) if n == page_bytes => {
-                        bytes += n;
-                        hits.push((layer, page));
+                        moved.bytes += n;
+                        moved.hits.push((layer, page));
                     }
                     Ok(Some(n)) => {
                         return Err(format!(
@@ -505,24 +548,41 @@ impl Resolver<'_> {
                 if missing.len() > 8 { ", ..." } else { "" }
             ));
         }
-        Ok((bytes, hits))
+        Ok(())
     }
 
     fn admit(&self, r: &KvPageRef) -> std::result::Result<u64, String> {
         let to = self.tier(&r.location)?;
-        let chain = self.engine.chain();
+        let fail = |layer: u32, page: u64, e: Error| format!("page {page} of layer {layer}: {e}");
         let mut n = 0;
         for (layer, page, key) in self.options.keys.ref_keys(r) {
-            let from = (0..self.engine.tier_names().len())
-                .filter(|&t| t != to)
-                .find(|&t| chain.get_exact(t, &key).is_ok_and(|o| o.is_some()));
+            if self
+                .engine
+                .contains(&key, Access::Exact(to))
+                .map_err(|e| fail(layer, page, e))?
+            {
+                n += 1;
+                continue;
+            }
+            // From the highest other tier that holds it: the newest copy.
+            let mut from = None;
+            for t in (0..self.engine.tier_names().len()).filter(|&t| t != to) {
+                if self
+                    .engine
+                    .contains(&key, Access::Exact(t))
+                    .map_err(|e| fail(layer, page, e))?
+                {
+                    from = Some(t);
+                    break;
+                }
+            }
             let Some(from) = from else {
                 return Err(format!("page {page} of layer {layer} is in no other tier"));
             };
-            match chain.copy(&key, from, to) {
+            match self.engine.copy(&key, from, to) {
                 Ok(Some(_)) => n += 1,
                 Ok(None) => return Err(format!("page {page} of layer {layer} vanished")),
-                Err(e) => return Err(format!("page {page} of layer {layer}: {e}")),
+                Err(e) => return Err(fail(layer, page, e)),
             }
         }
         Ok(n)
@@ -532,7 +592,7 @@ impl Resolver<'_> {
         let tier = self.tier(&r.location)?;
         let mut n = 0;
         for (layer, page, key) in self.options.keys.ref_keys(r) {
-            match self.engine.chain().evict(tier, &key) {
+            match self.engine.evict(tier, &key) {
                 Ok(true) => n += 1,
                 Ok(false) => {}
                 Err(e) => return Err(format!("page {page} of layer {layer}: {e}")),

@@ -19,7 +19,8 @@
 //! shard's capacity) and the next `put` of the same size copies into it:
 //! a put then costs one `memcpy`, without an allocation whose fresh pages
 //! the kernel would have to fault in and zero first. [`Tier::put_shared`]
-//! adopts the caller's buffer and copies nothing.
+//! adopts a buffer that no one else holds (a page just read from another
+//! tier) and copies nothing.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -322,7 +323,13 @@ impl Tier for MemoryTier {
         self.insert(key, encoded, meta, buffer)
     }
 
-    fn put_shared(&self, key: &ArtifactKey, meta: Meta, bytes: Arc<[u8]>) -> Result<()> {
+    /// Adopts `bytes` when no one else holds them; otherwise copies, as
+    /// `put` does: a buffer shared with another tier would count as
+    /// borrowed in both, and neither could ever evict it.
+    fn put_shared(&self, key: &ArtifactKey, meta: Meta, mut bytes: Arc<[u8]>) -> Result<()> {
+        if Arc::get_mut(&mut bytes).is_none() {
+            return self.put(key, meta, &bytes);
+        }
         let encoded = key.encode()?;
         self.insert(key, encoded, meta, bytes)
     }

@@ -75,8 +75,9 @@ pub trait Tier: Send + Sync {
     fn put(&self, key: &ArtifactKey, meta: Meta, bytes: &[u8]) -> Result<()>;
 
     /// Stores a shared buffer under `key`. A tier that keeps objects in
-    /// process memory adopts the buffer instead of copying it (the memory
-    /// tier does); the others store it as [`Tier::put`] does. Moving an
+    /// process memory adopts a buffer that no one else holds instead of
+    /// copying it (the memory tier does); the others store it as
+    /// [`Tier::put`] does. Moving an
     /// object between tiers goes through here, so an object read from one
     /// tier lands in memory without a second copy.
     fn put_shared(&self, key: &ArtifactKey, meta: Meta, bytes: Arc<[u8]>) -> Result<()> {

@@ -481,3 +481,76 @@ proptest! {
         prop_assert_eq!(chain.stats().lost, 0);
     }
 }
+
+#[test]
+fn exact_stores_into_write_back_tiers_are_flushed_and_stray_unpins_refused() {
+    let top = Arc::new(MemoryTier::new(4 * 1200, 1));
+    let bottom = Flaky::new(1 << 20);
+    let chain = TierChain::new(
+        vec![
+            link(top.clone(), LinkMode::WriteBack, false),
+            link(bottom.clone(), LinkMode::WriteThrough, false),
+        ],
+        FlushPolicy {
+            retry_initial: Duration::from_secs(60),
+            retry_max: Duration::from_secs(60),
+            ..fast_policy()
+        },
+    )
+    .unwrap();
+    let engine = StorageEngine::new(chain, vec!["cpu".into(), "ssd".into()]).unwrap();
+    // An older copy below must never be read again once a newer one is
+    // stored exactly on top.
+    bottom
+        .put(&key(1), Meta::default(), &payload(1, 0, 1000))
+        .unwrap();
+    bottom.fail.store(true, Ordering::SeqCst);
+    engine
+        .store(
+            &key(1),
+            Meta::default(),
+            &payload(1, 1, 1000),
+            Access::Exact(0),
+        )
+        .unwrap();
+    engine
+        .store(
+            &key(2),
+            Meta::default(),
+            &payload(2, 1, 1000),
+            Access::Prefer(0),
+        )
+        .unwrap();
+    assert_eq!(
+        engine.chain().stats().dirty,
+        2,
+        "exact stores are dirty too"
+    );
+    // A client's unpin without a pin cannot undo the dirty pin.
+    assert!(!Tier::unpin(&engine, &key(1)).unwrap());
+    assert!(Tier::pin(&engine, &key(2)).unwrap());
+    assert!(Tier::unpin(&engine, &key(2)).unwrap());
+    assert!(!Tier::unpin(&engine, &key(2)).unwrap());
+    // Pressure on top: the dirty objects stay (nothing below works yet).
+    for i in 10..20 {
+        let _ = engine.store(
+            &key(i),
+            Meta::default(),
+            &payload(i, 0, 1000),
+            Access::Chain,
+        );
+    }
+    for k in [1, 2] {
+        let got = top
+            .get(&key(k))
+            .unwrap()
+            .expect("a dirty object stays on top");
+        assert_eq!(&*got.bytes, payload(k, 1, 1000).as_slice());
+    }
+    bottom.fail.store(false, Ordering::SeqCst);
+    engine.close().unwrap();
+    for k in [1, 2] {
+        let got = bottom.get(&key(k)).unwrap().unwrap();
+        assert_eq!(&*got.bytes, payload(k, 1, 1000).as_slice(), "key {k} below");
+    }
+}

@@ -159,11 +159,13 @@ fn failures_and_lateness_are_reported_per_operation() {
     to_gpu.dst = "tier://node0/gpu".into();
     let mut to_file = op(0, 0, 1, 0, 0);
     to_file.dst = "file:///tmp/x".into();
+    seed(&engine, &options.keys, "ssd", 2, 0..1);
     let ops = vec![
         op(0, 0, 4, 0, 1_001), // due 1 ns after the start: late
         op(1, 2, 4, 0, 0),     // pages 4 and 5 were never stored
         to_gpu,
         to_file,
+        op(2, 0, 1, 0, 400), // due 600 ns before the window began
     ];
     let report = execute(&engine, &plan(ops), &options).unwrap();
     assert!(
@@ -171,7 +173,12 @@ fn failures_and_lateness_are_reported_per_operation() {
         "{:?}",
         report.ops[0]
     );
-    assert_eq!(report.late_ops, 1);
+    assert!(
+        matches!(report.ops[4].status, OpStatus::Late { by_ns } if by_ns >= 600),
+        "lateness counts from the deadline, not the window: {:?}",
+        report.ops[4]
+    );
+    assert_eq!(report.late_ops, 2);
     let reason = |i: usize| match &report.ops[i].status {
         OpStatus::Failed { reason } => reason.clone(),
         other => panic!("op {i} should fail, got {other:?}"),
@@ -188,7 +195,12 @@ fn failures_and_lateness_are_reported_per_operation() {
     );
     assert!(reason(3).contains("not one of its tiers"), "{}", reason(3));
     assert_eq!(report.failed_ops, 3);
-    assert_eq!(report.done_bytes, 4 * PAGE);
+    // The two pages of op 1 that were there moved, and count.
+    assert_eq!(report.ops[1].bytes, 2 * PAGE);
+    assert_eq!(report.done_bytes, 7 * PAGE);
+    assert_eq!(report.failed_bytes, 2 * PAGE + 2 * PAGE);
+    assert!(report.hits.iter().any(|h| (h.layer, h.page) == (1, 3)));
+    assert!(!report.hits.iter().any(|h| (h.layer, h.page) == (1, 4)));
 }
 
 #[test]

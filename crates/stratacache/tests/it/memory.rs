@@ -192,9 +192,16 @@ fn buffers_are_recycled_and_shared_puts_copy_nothing() {
         .unwrap();
     assert_eq!(&*held.bytes, payload(3, 4096).as_slice());
 
-    let shared: Arc<[u8]> = Arc::from(payload(5, 100));
-    tier.put_shared(&key(5), Meta::default(), shared.clone())
+    // A buffer no one else holds is adopted; a shared one is copied (or
+    // both holders would count it borrowed and never evict it).
+    let unique: Arc<[u8]> = Arc::from(payload(5, 100));
+    let at = unique.as_ptr();
+    tier.put_shared(&key(5), Meta::default(), unique).unwrap();
+    assert_eq!(tier.get(&key(5)).unwrap().unwrap().bytes.as_ptr(), at);
+    let shared: Arc<[u8]> = Arc::from(payload(6, 100));
+    tier.put_shared(&key(6), Meta::default(), shared.clone())
         .unwrap();
-    let got = tier.get(&key(5)).unwrap().unwrap();
-    assert!(Arc::ptr_eq(&got.bytes, &shared));
+    let got = tier.get(&key(6)).unwrap().unwrap();
+    assert!(!Arc::ptr_eq(&got.bytes, &shared));
+    assert_eq!(got.bytes, shared);
 }
