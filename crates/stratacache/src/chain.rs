@@ -228,6 +228,8 @@ struct Dirty {
     generation: u64,
     failures: u32,
     next_try: Instant,
+    /// Taken by a flusher thread, so that the others pass it by.
+    claimed: bool,
 }
 
 /// Moves a stripe's epoch when dropped; see [`Inner::writing`].
@@ -488,7 +490,7 @@ impl TierChain {
         // Dirty objects can cascade (write-back below write-back): repeat
         // until a pass finds nothing, bounded by the chain's depth.
         for _ in 0..self.inner.links.len() {
-            let pending = self.inner.collect_dirty(None, false, usize::MAX);
+            let pending = self.inner.collect_dirty(None, false, usize::MAX, false);
             if pending.is_empty() {
                 break;
             }
@@ -685,6 +687,7 @@ impl Inner {
                 generation,
                 failures: 0,
                 next_try: Instant::now(),
+                claimed: false,
             },
         );
         shard.order.push_back(id);
@@ -717,18 +720,22 @@ impl Inner {
     /// stripe the caller holds.
     fn relieve(&self, link: usize, held_key: &[u8]) -> bool {
         let held = self.stripe_of(held_key);
-        self.collect_dirty(Some(link), true, RELIEVE_TRIES)
+        self.collect_dirty(Some(link), true, RELIEVE_TRIES, false)
             .into_iter()
             .any(|(l, key)| matches!(self.flush_one(l, &key, Some(held)), Flushed::Done))
     }
 
     /// Dirty entries (of link `only`, or of every link), oldest first per
-    /// shard; with `ready_only`, only those whose retry time has come.
+    /// shard; with `ready_only`, only those whose retry time has come. With
+    /// `claim` (the flusher threads), entries another flusher has claimed
+    /// are passed by and the ones returned are claimed, until
+    /// [`Inner::unclaim`].
     fn collect_dirty(
         &self,
         only: Option<usize>,
         ready_only: bool,
         max: usize,
+        claim: bool,
     ) -> Vec<(usize, ArtifactKey)> {
         let now = Instant::now();
         let mut out = Vec::new();
@@ -741,15 +748,29 @@ impl Inner {
                 if out.len() >= max {
                     return out;
                 }
-                if let Some(d) = entries.get(id)
+                if let Some(d) = entries.get_mut(id)
                     && only.is_none_or(|l| l == id.0)
                     && (!ready_only || d.next_try <= now)
+                    && !(claim && d.claimed)
                 {
+                    d.claimed |= claim;
                     out.push((id.0, d.key.clone()));
                 }
             }
         }
         out
+    }
+
+    /// Releases a flusher's claim on an entry, if it is still dirty.
+    fn unclaim(&self, link: usize, key: &ArtifactKey) {
+        if let Ok(encoded) = key.encode()
+            && let Some(d) = self
+                .dirty_shard(&encoded)
+                .entries
+                .get_mut(&(link, encoded.clone()))
+        {
+            d.claimed = false;
+        }
     }
 
     /// Flushes one dirty object to the tier below its link. `held` is the
@@ -858,7 +879,7 @@ impl Inner {
 
     fn flusher_loop(self: Arc<Inner>) {
         while !self.stop.load(Ordering::SeqCst) {
-            let ready = self.collect_dirty(None, true, 256);
+            let ready = self.collect_dirty(None, true, 256, true);
             if ready.is_empty() {
                 let guard = lock(&self.wake_lock);
                 if self.stop.load(Ordering::SeqCst) {
@@ -872,12 +893,12 @@ impl Inner {
                 continue;
             }
             for (link, key) in ready {
-                if self.stop.load(Ordering::SeqCst) {
-                    break;
-                }
                 // Failures are counted and rescheduled inside; the loop
                 // goes on whatever happens to one object.
-                let _ = self.flush_one(link, &key, None);
+                if !self.stop.load(Ordering::SeqCst) {
+                    let _ = self.flush_one(link, &key, None);
+                }
+                self.unclaim(link, &key);
             }
         }
     }

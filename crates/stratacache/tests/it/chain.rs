@@ -321,7 +321,11 @@ fn concurrent_readers_never_put_a_stale_copy_above_a_newer_one() {
                 link(top.clone(), LinkMode::WriteBack, true),
                 link(bottom.clone(), LinkMode::WriteThrough, false),
             ],
-            fast_policy(),
+            // Three flusher threads, each passing by what another took.
+            FlushPolicy {
+                threads: 3,
+                ..fast_policy()
+            },
         )
         .unwrap(),
     );
