@@ -100,6 +100,25 @@ fn link(tier: Arc<dyn Tier>, mode: LinkMode, promote: bool) -> Link {
     }
 }
 
+/// A chain of two tiers: `top` linked by `mode` (promoting or not) over
+/// `bottom`.
+fn two_tiers(
+    top: Arc<dyn Tier>,
+    mode: LinkMode,
+    promote: bool,
+    bottom: Arc<dyn Tier>,
+    policy: FlushPolicy,
+) -> TierChain {
+    TierChain::new(
+        vec![
+            link(top, mode, promote),
+            link(bottom, LinkMode::WriteThrough, false),
+        ],
+        policy,
+    )
+    .unwrap()
+}
+
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
@@ -115,14 +134,13 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 fn write_through_stores_in_every_tier_and_promotion_copies_up() {
     let top = Arc::new(MemoryTier::new(1 << 20, 1));
     let bottom = Arc::new(MemoryTier::new(1 << 20, 1));
-    let chain = TierChain::new(
-        vec![
-            link(top.clone(), LinkMode::WriteThrough, true),
-            link(bottom.clone(), LinkMode::WriteThrough, false),
-        ],
+    let chain = two_tiers(
+        top.clone(),
+        LinkMode::WriteThrough,
+        true,
+        bottom.clone(),
         FlushPolicy::default(),
-    )
-    .unwrap();
+    );
     chain
         .put(&key(1), Meta::default(), &payload(1, 0, 10))
         .unwrap();
@@ -147,14 +165,13 @@ fn write_back_is_dirty_until_flushed_and_pinned_meanwhile() {
     let top = Arc::new(MemoryTier::new(1 << 20, 1));
     let bottom = Flaky::new(1 << 20);
     bottom.fail.store(true, Ordering::SeqCst);
-    let chain = TierChain::new(
-        vec![
-            link(top.clone(), LinkMode::WriteBack, false),
-            link(bottom.clone(), LinkMode::WriteThrough, false),
-        ],
+    let chain = two_tiers(
+        top.clone(),
+        LinkMode::WriteBack,
+        false,
+        bottom.clone(),
         fast_policy(),
-    )
-    .unwrap();
+    );
     for i in 0..10 {
         chain
             .put(&key(i), Meta::default(), &payload(i, 0, 100))
@@ -194,18 +211,17 @@ fn a_full_write_back_tier_flushes_or_bypasses_rather_than_drop() {
     let top = Arc::new(MemoryTier::new(4 * 1100, 1));
     let bottom = Flaky::new(1 << 20);
     bottom.fail.store(true, Ordering::SeqCst);
-    let chain = TierChain::new(
-        vec![
-            link(top.clone(), LinkMode::WriteBack, false),
-            link(bottom.clone(), LinkMode::WriteThrough, false),
-        ],
+    let chain = two_tiers(
+        top.clone(),
+        LinkMode::WriteBack,
+        false,
+        bottom.clone(),
         FlushPolicy {
             retry_initial: Duration::from_secs(60),
             retry_max: Duration::from_secs(60),
             ..fast_policy()
         },
-    )
-    .unwrap();
+    );
     let mut ok = Vec::new();
     for i in 0..8 {
         if chain
@@ -270,14 +286,13 @@ fn chains_refuse_write_back_where_it_could_lose_data() {
 fn the_engine_addresses_tiers_and_reports_failed_loads() {
     let top = Arc::new(MemoryTier::new(1 << 20, 1));
     let bottom = Arc::new(MemoryTier::new(1 << 20, 1));
-    let chain = TierChain::new(
-        vec![
-            link(top.clone(), LinkMode::WriteThrough, false),
-            link(bottom.clone(), LinkMode::WriteThrough, false),
-        ],
+    let chain = two_tiers(
+        top.clone(),
+        LinkMode::WriteThrough,
+        false,
+        bottom.clone(),
         FlushPolicy::default(),
-    )
-    .unwrap();
+    );
     let engine = StorageEngine::new(chain, vec!["mem".into(), "cold".into()]).unwrap();
     let cold = engine.tier_index("cold").unwrap();
     engine
@@ -315,20 +330,16 @@ fn concurrent_readers_never_put_a_stale_copy_above_a_newer_one() {
     let top = Arc::new(MemoryTier::new(1000, 1));
     let bottom = Flaky::new(1 << 20);
     bottom.delay_us.store(50, Ordering::Relaxed);
-    let chain = Arc::new(
-        TierChain::new(
-            vec![
-                link(top.clone(), LinkMode::WriteBack, true),
-                link(bottom.clone(), LinkMode::WriteThrough, false),
-            ],
-            // Three flusher threads, each passing by what another took.
-            FlushPolicy {
-                threads: 3,
-                ..fast_policy()
-            },
-        )
-        .unwrap(),
-    );
+    let chain = Arc::new(two_tiers(
+        top.clone(),
+        LinkMode::WriteBack,
+        true,
+        bottom.clone(), // Three flusher threads, each passing by what another took.
+        FlushPolicy {
+            threads: 3,
+            ..fast_policy()
+        },
+    ));
     // Writers of one key take turns (so the last write is known); readers
     // take no turn, and promote whatever they find below.
     let last: Arc<Vec<std::sync::Mutex<Option<u64>>>> =
@@ -428,14 +439,7 @@ proptest! {
     ) {
         let top = Arc::new(MemoryTier::new(3000, 1));
         let bottom = Flaky::new(1 << 22);
-        let chain = TierChain::new(
-            vec![
-                link(top.clone(), LinkMode::WriteBack, true),
-                link(bottom.clone(), LinkMode::WriteThrough, false),
-            ],
-            fast_policy(),
-        )
-        .unwrap();
+        let chain = two_tiers(top.clone(), LinkMode::WriteBack, true, bottom.clone(), fast_policy());
         // key -> the values it may hold (more than one after a failed put,
         // whose outcome is "old or new").
         let mut model: HashMap<u64, Vec<Option<Vec<u8>>>> = HashMap::new();
@@ -490,18 +494,17 @@ proptest! {
 fn exact_stores_into_write_back_tiers_are_flushed_and_stray_unpins_refused() {
     let top = Arc::new(MemoryTier::new(4 * 1200, 1));
     let bottom = Flaky::new(1 << 20);
-    let chain = TierChain::new(
-        vec![
-            link(top.clone(), LinkMode::WriteBack, false),
-            link(bottom.clone(), LinkMode::WriteThrough, false),
-        ],
+    let chain = two_tiers(
+        top.clone(),
+        LinkMode::WriteBack,
+        false,
+        bottom.clone(),
         FlushPolicy {
             retry_initial: Duration::from_secs(60),
             retry_max: Duration::from_secs(60),
             ..fast_policy()
         },
-    )
-    .unwrap();
+    );
     let engine = StorageEngine::new(chain, vec!["cpu".into(), "ssd".into()]).unwrap();
     // An older copy below must never be read again once a newer one is
     // stored exactly on top.
