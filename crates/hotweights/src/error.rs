@@ -67,6 +67,10 @@ pub enum HotweightsError {
     /// An option out of range.
     #[error("{0}")]
     Option(String),
+    /// A rollout call that cannot apply in the rollout's state (nothing
+    /// changed): names the rollout, its phase and what is missing.
+    #[error("rollout {0}")]
+    Rollout(String),
 }
 
 impl HotweightsError {

@@ -51,6 +51,8 @@
 //! - [`plan`](mod@plan): the sealed swap plan, consumer ranks, wire sizes.
 //! - [`verify`](mod@verify): every check of a plan before it runs.
 //! - [`store`]: the versioned content-addressed store.
+//! - [`rollout`]: the state machine of a cluster rollout (submitted,
+//!   transferring, precommitted, committed or aborted), idempotent calls.
 //! - [`source`]: verified chunk bytes from a directory or a store.
 //! - [`sparse`]: sparse deltas, `zstd(old XOR new)`, for changed chunks whose
 //!   old bytes the receiver holds.
@@ -66,6 +68,7 @@ pub mod hash;
 pub mod pack;
 pub mod plan;
 pub mod publish;
+pub mod rollout;
 pub mod source;
 pub mod sparse;
 pub mod store;

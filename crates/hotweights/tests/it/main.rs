@@ -8,5 +8,6 @@ mod fixtures;
 mod pack;
 mod plan;
 mod publish;
+mod rollout;
 mod sparse;
 mod store;
