@@ -51,6 +51,8 @@
 //! - [`plan`](mod@plan): the sealed swap plan, consumer ranks, wire sizes.
 //! - [`verify`](mod@verify): every check of a plan before it runs.
 //! - [`store`]: the versioned content-addressed store.
+//! - [`coordinator`]: the rollout coordinator's decisions without the
+//!   network: plans, worker leases, persisted-before-acknowledged changes.
 //! - [`coordstate`]: where a rollout coordinator keeps its state: an
 //!   embedded redb file, or Redis with a leader lease for standbys.
 //! - [`rollout`]: the state machine of a cluster rollout (submitted,
@@ -63,6 +65,7 @@
 //! - [`failpoint`]: crash injection for the store's tests.
 
 pub mod checkpoint;
+pub mod coordinator;
 pub mod coordstate;
 pub mod delta;
 mod error;
