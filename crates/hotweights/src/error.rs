@@ -67,6 +67,15 @@ pub enum HotweightsError {
     /// An option out of range.
     #[error("{0}")]
     Option(String),
+    /// A data-plane transfer step that failed at a peer: a connection, a
+    /// handshake, a piece (the message names it).
+    #[error("{peer}: {message}")]
+    Transfer {
+        /// The peer's address (or the local receiver's).
+        peer: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl HotweightsError {

@@ -4,6 +4,7 @@
 // covers only #[test] functions, not these helpers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod dataplane;
 mod fixtures;
 mod pack;
 mod plan;
