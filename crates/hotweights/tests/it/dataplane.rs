@@ -320,3 +320,114 @@ fn bad_handshake_names_the_peer() {
     );
     assert!(rr.rejected[0].contains("version 99"), "{:?}", rr.rejected);
 }
+
+/// Child-process side of [`killed_process_is_skipped`]: a receiver that
+/// prints its address, a line per delivered piece, and a summary after
+/// checking every byte. Does nothing outside that test.
+#[test]
+#[ignore = "run as a child process by killed_process_is_skipped"]
+fn child_receiver() {
+    let Ok(pieces) = std::env::var("HOTWEIGHTS_DP_CHILD") else {
+        return;
+    };
+    let data = buckets(pieces.parse().unwrap());
+    let receiver = Receiver::bind("127.0.0.1:0".parse().unwrap())
+        .unwrap()
+        .with_options(test_options());
+    println!("ADDR {}", receiver.local_addr().unwrap());
+    let mut got = Vec::new();
+    let report = receiver
+        .run(|p| {
+            thread::sleep(Duration::from_millis(1));
+            println!("SEQ {}", p.seq);
+            got.push(p.clone());
+            Ok(())
+        })
+        .unwrap();
+    assert_exact(&got, &data);
+    println!(
+        "REPORT {} {} {}",
+        report.pieces, report.bytes_received, report.resumes
+    );
+}
+
+/// Receivers in child processes; the first is SIGKILLed mid-transfer, the
+/// source re-forms the chain around it and the others finish from where
+/// they were.
+#[test]
+fn killed_process_is_skipped() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let pieces = 48;
+    let data = buckets(pieces);
+    let payload = total_bytes(&data);
+    let exe = std::fs::read_link("/proc/self/exe").unwrap();
+    let mut children = Vec::new();
+    for _ in 0..3 {
+        let mut child = Command::new(&exe)
+            .args([
+                "--exact",
+                "dataplane::child_receiver",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("HOTWEIGHTS_DP_CHILD", pieces.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr: SocketAddr = loop {
+            let line = lines.next().expect("child printed its address").unwrap();
+            // The harness prints the test name on the same line.
+            if let Some(at) = line.find("ADDR ") {
+                break line[at + 5..].trim().parse().unwrap();
+            }
+        };
+        children.push((child, addr, lines));
+    }
+    let chain: Vec<SocketAddr> = children.iter().map(|c| c.1).collect();
+    let window = 4;
+    let source = {
+        let chain = chain.clone();
+        let options = BroadcastOptions {
+            window,
+            ..BroadcastOptions::default()
+        };
+        thread::spawn(move || broadcast(payloads(&buckets(pieces)), &chain, &options))
+    };
+    // Kill the first receiver once it has delivered a dozen pieces.
+    let (mut victim, _, mut lines) = children.remove(0);
+    for line in lines.by_ref() {
+        if line.unwrap() == "SEQ 12" {
+            break;
+        }
+    }
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let report = source.join().unwrap().unwrap();
+    assert_eq!(report.completed, chain[1..].to_vec());
+    assert_eq!(report.excluded.len(), 1, "{:?}", report.excluded);
+    assert_eq!(report.excluded[0].addr, chain[0]);
+    assert!(report.bytes_sent <= payload + 2 * (window * PIECE) as u64);
+    for (mut child, addr, lines) in children {
+        // Read to the end: a closed pipe would fail the child's last prints.
+        let out: Vec<String> = lines.map_while(|l| l.ok()).collect();
+        let summary = out
+            .iter()
+            .find_map(|l| l.strip_prefix("REPORT "))
+            .unwrap_or_else(|| panic!("receiver {addr} printed no summary"));
+        assert!(child.wait().unwrap().success(), "receiver {addr} failed");
+        let fields: Vec<u64> = summary.split(' ').map(|f| f.parse().unwrap()).collect();
+        assert_eq!(fields[0], report.pieces);
+        assert!(
+            fields[1] <= payload + 2 * (8 * PIECE) as u64,
+            "receiver {addr} read {} bytes for a {payload}-byte payload",
+            fields[1]
+        );
+        if addr == chain[1] {
+            assert_eq!(fields[2], 1, "the second receiver resumed once");
+        }
+    }
+}
