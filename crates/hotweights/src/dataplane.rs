@@ -71,8 +71,9 @@
 //!
 //! # Testing hooks
 //!
-//! [`BroadcastOptions::corrupt_seq`] flips a byte in the first transmission
-//! of one piece, and [`AbortHandle::abort`] kills a receiver mid-transfer (it
+//! [`BroadcastOptions::corrupt_seq`] flips a byte in the first transmissions
+//! of one piece (a link that fails one piece's hash more than
+//! [`MAX_HASH_FAILURES`] times in a row counts as broken), and [`AbortHandle::abort`] kills a receiver mid-transfer (it
 //! closes its sockets), so tests can show rejection and resume.
 
 use std::collections::VecDeque;
@@ -104,6 +105,9 @@ const T_NACK: u8 = 0x12;
 const T_FINAL: u8 = 0x13;
 const MAX_ADDRS: u16 = 4096;
 const MAX_REASON: usize = 1024;
+/// NACKs of one piece after which a link counts as broken and its receiver
+/// is excluded.
+pub const MAX_HASH_FAILURES: u32 = 4;
 const TICK: Duration = Duration::from_millis(20);
 
 /// Bytes to send: a run of one bucket, before the data plane numbers and
@@ -197,8 +201,11 @@ pub struct BroadcastOptions {
     pub connect_timeout: Duration,
     /// Limit on one read or write; a peer silent for longer is dropped.
     pub io_timeout: Duration,
-    /// Test hook: flip one byte of this piece's first transmission.
+    /// Test hook: flip one byte of this piece's first `corrupt_times`
+    /// transmissions.
     pub corrupt_seq: Option<u64>,
+    /// How many transmissions of `corrupt_seq` to corrupt (default 1).
+    pub corrupt_times: u32,
 }
 
 impl Default for BroadcastOptions {
@@ -209,6 +216,7 @@ impl Default for BroadcastOptions {
             connect_timeout: Duration::from_secs(3),
             io_timeout: Duration::from_secs(30),
             corrupt_seq: None,
+            corrupt_times: 1,
         }
     }
 }
@@ -627,6 +635,7 @@ struct LinkConfig {
     connect_timeout: Duration,
     io_timeout: Duration,
     corrupt_seq: Option<u64>,
+    corrupt_times: u32,
 }
 
 #[derive(Default)]
@@ -678,6 +687,9 @@ struct Link {
     stream: TcpStream,
     addr: SocketAddr,
     done_sent: bool,
+    /// The piece the downstream last NACKed, and how many times in a row.
+    failing: Option<u64>,
+    failures: u32,
 }
 
 impl Drop for Link {
@@ -715,6 +727,7 @@ fn forward(
     let mut link: Option<Link> = None;
     let mut excluded = Vec::new();
     let mut corrupt = cfg.corrupt_seq;
+    let mut corrupt_left = cfg.corrupt_times;
     let mut idle = false;
     let mut opened = 0u64;
     loop {
@@ -753,8 +766,29 @@ fn forward(
                     stats.nacks += 1;
                     if let Some(l) = link.as_mut() {
                         l.done_sent = false;
+                        if l.failing == Some(s) {
+                            l.failures += 1;
+                        } else {
+                            l.failing = Some(s);
+                            l.failures = 1;
+                        }
                     }
-                    if s >= base && s < next_send {
+                    if let Some(l) = link.take_if(|l| l.failures > MAX_HASH_FAILURES) {
+                        let what = retained
+                            .get(s.saturating_sub(base) as usize)
+                            .map_or_else(|| format!("piece {s}"), Piece::describe);
+                        excluded.push(Excluded {
+                            addr: l.addr,
+                            reason: err(
+                                l.addr,
+                                format!(
+                                    "{what} failed its hash check {} times on this link",
+                                    l.failures
+                                ),
+                            )
+                            .to_string(),
+                        });
+                    } else if s >= base && s < next_send {
                         stats.retries += next_send - s;
                         next_send = s;
                     }
@@ -881,6 +915,8 @@ fn forward(
                         stream,
                         addr,
                         done_sent: false,
+                        failing: None,
+                        failures: 0,
                     });
                 }
                 Err(e) => excluded.push(Excluded {
@@ -896,9 +932,12 @@ fn forward(
         if let Some(l) = link.as_mut() {
             if next_send < fed_end {
                 let p = &retained[(next_send - base) as usize];
-                let bad = corrupt == Some(p.seq);
+                let bad = corrupt == Some(p.seq) && corrupt_left > 0;
                 if bad {
-                    corrupt = None;
+                    corrupt_left -= 1;
+                    if corrupt_left == 0 {
+                        corrupt = None;
+                    }
                 }
                 let mut w = &l.stream;
                 match write_piece(&mut w, p, bad) {
@@ -983,6 +1022,7 @@ pub fn broadcast(
         connect_timeout: options.connect_timeout,
         io_timeout: options.io_timeout,
         corrupt_seq: options.corrupt_seq,
+        corrupt_times: options.corrupt_times,
     };
     let (tx, rx) = mpsc::channel();
     let mut iter = payloads.into_iter();
@@ -1095,6 +1135,7 @@ impl Receiver {
             connect_timeout: o.connect_timeout,
             io_timeout: o.io_timeout,
             corrupt_seq: None,
+            corrupt_times: 0,
         };
         let credit = Arc::new(Credit {
             used: Mutex::new((0, 0)),
@@ -1109,6 +1150,8 @@ impl Receiver {
         }));
         let (tx, rx) = mpsc::channel::<Event>();
         let mut rx_slot = Some(rx);
+        let failure: Arc<Mutex<Option<HotweightsError>>> = Arc::default();
+        let aborted = || lock(&failure).take().unwrap_or_else(|| err(me, "aborted"));
         let mut report = ReceiveReport::default();
         let abort = self.abort.clone();
         let result = thread::scope(|scope| -> Result<()> {
@@ -1167,6 +1210,7 @@ impl Receiver {
                             transfer_id: hello.transfer_id,
                             ..cfg
                         };
+                        let failure2 = failure.clone();
                         let (rest, up2, credit2, tx2, abort2) = (
                             hello.rest.clone(),
                             up.clone(),
@@ -1198,6 +1242,16 @@ impl Receiver {
                                 &mut on_ack,
                                 &mut stats,
                             );
+                            // A forwarding failure of its own (not an abort)
+                            // stops the receiver too, and is what it reports.
+                            let r = match r {
+                                Err(e) if !abort2.is_aborted() => {
+                                    *lock(&failure2) = Some(e);
+                                    abort2.abort();
+                                    Err(err("local receiver", "forwarding failed"))
+                                }
+                                r => r,
+                            };
                             (r, stats)
                         }));
                     }
@@ -1211,9 +1265,7 @@ impl Receiver {
                 let mut reader = BufReader::with_capacity(1 << 18, &stream);
                 loop {
                     match read_down(&mut reader) {
-                        Err(_) if abort.is_aborted() => {
-                            return Err(err(me, "aborted"));
-                        }
+                        Err(_) if abort.is_aborted() => return Err(aborted()),
                         Err(_) => continue 'accept, // lost upstream: wait for another
                         Ok(Down::Done(t)) => {
                             if t == next {
@@ -1236,7 +1288,7 @@ impl Receiver {
                             }
                             if forwarder.is_some() {
                                 if !credit.acquire(&abort) {
-                                    return Err(err(me, "aborted"));
+                                    return Err(aborted());
                                 }
                                 let _ = tx.send(Event::Piece(p.clone()));
                             }
@@ -1263,7 +1315,10 @@ impl Receiver {
                     report.pieces_forwarded = stats.pieces_sent;
                     report.retries = stats.retries;
                     report.peak_in_flight = stats.peak_in_flight;
-                    r?
+                    match r {
+                        Ok(info) => info,
+                        Err(e) => return Err(lock(&failure).take().unwrap_or(e)),
+                    }
                 }
                 None => FinalInfo::default(),
             };

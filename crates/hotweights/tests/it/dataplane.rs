@@ -431,3 +431,42 @@ fn killed_process_is_skipped() {
         }
     }
 }
+
+#[test]
+fn link_that_keeps_corrupting_a_piece_is_dropped() {
+    let data = buckets(8);
+    let options = ReceiverOptions {
+        idle_timeout: Duration::from_millis(300),
+        ..test_options()
+    };
+    let (a, _, ra) = spawn_receiver(options.clone(), |_, _| Ok(()));
+    let (b, _, rb) = spawn_receiver(options, |_, _| Ok(()));
+    let broadcast_options = BroadcastOptions {
+        corrupt_seq: Some(3),
+        corrupt_times: 100,
+        io_timeout: Duration::from_secs(5),
+        ..BroadcastOptions::default()
+    };
+    let report = broadcast(payloads(&data), &[a, b], &broadcast_options).unwrap();
+    assert!(report.completed.is_empty(), "{:?}", report.completed);
+    let excluded: Vec<SocketAddr> = report.excluded.iter().map(|e| e.addr).collect();
+    assert_eq!(excluded, vec![a, b]);
+    for e in &report.excluded {
+        assert!(
+            e.reason.contains("piece 3 (bucket 8, offset 0"),
+            "{}",
+            e.reason
+        );
+        assert!(
+            e.reason.contains("failed its hash check 5 times"),
+            "{}",
+            e.reason
+        );
+    }
+    assert_eq!(report.hash_failures, 10);
+    // Both stop waiting for an upstream that does not come back.
+    for r in [ra, rb] {
+        let e = r.join().unwrap().unwrap_err().to_string();
+        assert!(e.contains("no upstream"), "{e}");
+    }
+}
