@@ -69,6 +69,21 @@
 //! names the peer; a receiver keeps listening after refusing one (the refusal
 //! is listed in its [`ReceiveReport`]).
 //!
+//! # Limits
+//!
+//! - The chain order is fixed up front; a receiver is never re-admitted once
+//!   excluded, and there is no coordinator to re-plan the chain.
+//! - A receiver that is excluded while still alive (its upstream timed out
+//!   on it) keeps its downstream link until its own idle timeout, so the
+//!   sender's attempt to reach that downstream may time out too; keep
+//!   [`ReceiverOptions::idle_timeout`] below the senders' `io_timeout`.
+//! - A receiver that loses its upstream after `DONE` but before its `FINAL`
+//!   gets through is reported excluded even though it holds every piece.
+//! - Only the source's first link's hash failures are in
+//!   [`BroadcastReport::hash_failures`]; each receiver counts its own in
+//!   [`ReceiveReport::hash_failures`].
+//! - No encryption or authentication: run it on a trusted network.
+//!
 //! # Testing hooks
 //!
 //! [`BroadcastOptions::corrupt_seq`] flips a byte in the first transmissions
@@ -259,7 +274,9 @@ pub struct ReceiverOptions {
     pub connect_timeout: Duration,
     /// Limit on one read or write.
     pub io_timeout: Duration,
-    /// How long to wait for an upstream (at the start or after losing one).
+    /// How long to wait for the first upstream.
+    pub start_timeout: Duration,
+    /// How long to wait for a new upstream after losing one.
     pub idle_timeout: Duration,
 }
 
@@ -270,7 +287,8 @@ impl Default for ReceiverOptions {
             queue: 8,
             connect_timeout: Duration::from_secs(3),
             io_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(60),
+            start_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -1120,7 +1138,7 @@ impl Receiver {
     /// (again after losing one, within the idle timeout), verifies every
     /// piece, hands each to `sink` once and in order, forwards it down the
     /// rest of the chain, and answers `DONE` when everything after it is
-    /// done too. Errors: no upstream within the idle timeout, the sink
+    /// done too. Errors: no upstream within the start or idle timeout, the sink
     /// failing, an abort.
     pub fn run<F>(self, mut sink: F) -> Result<ReceiveReport>
     where
@@ -1160,7 +1178,12 @@ impl Receiver {
             let mut next = 0u64;
             let mut accepted = 0u64;
             let total = 'accept: loop {
-                let (stream, peer) = match accept(&self.listener, o.idle_timeout, &abort) {
+                let wait = if accepted == 0 {
+                    o.start_timeout
+                } else {
+                    o.idle_timeout
+                };
+                let (stream, peer) = match accept(&self.listener, wait, &abort) {
                     Ok(x) => x,
                     Err(e) => {
                         abort.flag.store(true, Ordering::SeqCst);

@@ -54,6 +54,7 @@ fn test_options() -> ReceiverOptions {
         queue: 4,
         connect_timeout: Duration::from_secs(2),
         io_timeout: Duration::from_secs(5),
+        start_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(5),
     }
 }
