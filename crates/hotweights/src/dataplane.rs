@@ -1138,8 +1138,8 @@ impl Receiver {
     /// (again after losing one, within the idle timeout), verifies every
     /// piece, hands each to `sink` once and in order, forwards it down the
     /// rest of the chain, and answers `DONE` when everything after it is
-    /// done too. Errors: no upstream within the start or idle timeout, the sink
-    /// failing, an abort.
+    /// done too. Errors: no upstream within the start or idle timeout, the
+    /// sink failing, a forwarding failure, an abort.
     pub fn run<F>(self, mut sink: F) -> Result<ReceiveReport>
     where
         F: FnMut(&Piece) -> Result<()>,

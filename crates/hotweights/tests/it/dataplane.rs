@@ -111,8 +111,9 @@ fn run_chain(n: usize, pieces: usize, options: &BroadcastOptions) -> BroadcastRe
     assert_eq!(report.completed, chain);
     assert!(report.excluded.is_empty(), "{:?}", report.excluded);
     assert_eq!(report.bytes, total_bytes(&data));
-    for (_, _, r) in running {
+    for (i, (_, _, r)) in running.into_iter().enumerate() {
         let (rr, got) = r.join().unwrap().unwrap();
+        assert_eq!(rr.downstream_completed, chain[i + 1..].to_vec());
         assert_eq!(rr.pieces, report.pieces);
         assert_eq!(rr.bytes, report.bytes);
         assert_exact(&got, &data);
