@@ -71,6 +71,15 @@ pub enum HotweightsError {
     /// changed): names the rollout, its phase and what is missing.
     #[error("rollout {0}")]
     Rollout(String),
+    /// A data-plane transfer step that failed at a peer: a connection, a
+    /// handshake, a piece (the message names it).
+    #[error("{peer}: {message}")]
+    Transfer {
+        /// The peer's address (or the local receiver's).
+        peer: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl HotweightsError {

@@ -60,6 +60,8 @@
 //! - [`source`]: verified chunk bytes from a directory or a store.
 //! - [`sparse`]: sparse deltas, `zstd(old XOR new)`, for changed chunks whose
 //!   old bytes the receiver holds.
+//! - [`dataplane`]: moving bucket bytes from one source to many receivers
+//!   over TCP, as a verified, pipelined, resumable chain broadcast.
 //! - [`hash`]: the chunk hash functions.
 //! - [`synth`]: generated checkpoints for demos, benchmarks and tests.
 //! - [`failpoint`]: crash injection for the store's tests.
@@ -67,6 +69,7 @@
 pub mod checkpoint;
 pub mod coordinator;
 pub mod coordstate;
+pub mod dataplane;
 pub mod delta;
 mod error;
 pub mod failpoint;

@@ -6,6 +6,7 @@
 
 mod coordinator;
 mod coordstate;
+mod dataplane;
 mod fixtures;
 mod pack;
 mod plan;
