@@ -65,6 +65,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::sync::lock;
 use crate::tier::{Meta, Object, Tier};
 use crate::{ArtifactKey, Error, Result};
 
@@ -555,12 +556,6 @@ impl Drop for TierChain {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every update made under these locks completes before anything that
-    // can panic, so a poisoned lock holds consistent data.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Inner {

@@ -127,9 +127,10 @@ use std::io::{self, BufReader, IoSlice, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use crate::record::{self, Cursor, HEADER_LEN, Header, Kind};
+use crate::sync::lock;
 use crate::tier::{Meta, Object, Tier, TierStats, checksum, pread_shared};
 use crate::{ArtifactKey, Error, Result};
 
@@ -307,12 +308,6 @@ impl State {
         }
         here
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every change under these locks completes before anything that can
-    // panic, so a poisoned lock is taken over.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn io_err(op: &'static str, path: &Path, source: io::Error) -> Error {

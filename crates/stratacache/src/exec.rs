@@ -45,6 +45,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{Access, StorageEngine};
 use crate::key::{ArtifactKey, KvChunkKey, Layers};
+use crate::sync::lock;
 use crate::{Error, Result};
 
 /// How KV pages of a plan become store keys.
@@ -430,10 +431,6 @@ fn describe(r: &KvPageRef) -> String {
         r.page.saturating_add(count),
         r.location
     )
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 struct Queues {

@@ -91,6 +91,7 @@ pub mod record;
 pub mod redis;
 pub mod remote;
 pub mod server;
+mod sync;
 pub mod tier;
 
 pub use chain::{ChainStats, FlushPolicy, Link, LinkMode, Lookup, TierChain};

@@ -27,6 +27,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::sync::lock;
 use crate::tier::{Meta, Object, Tier, TierStats};
 use crate::{ArtifactKey, Error, Result};
 
@@ -96,12 +97,7 @@ impl MemoryTier {
 
     fn shard(&self, encoded: &[u8]) -> MutexGuard<'_, Shard> {
         let i = (self.hasher.hash_one(encoded) % self.shards.len() as u64) as usize;
-        // A panic while holding the lock cannot leave a shard half-changed
-        // (every change completes before anything that can panic), so a
-        // poisoned lock is taken over.
-        self.shards[i]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.shards[i])
     }
 
     /// Stores `bytes` (already this tier's own buffer) under `encoded`.
@@ -363,9 +359,7 @@ impl Tier for MemoryTier {
             ..TierStats::default()
         };
         for shard in self.shards.iter() {
-            let shard = shard
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let shard = lock(shard);
             stats.objects += shard.index.len() as u64;
             stats.bytes += shard.bytes;
         }
@@ -375,9 +369,7 @@ impl Tier for MemoryTier {
     fn list(&self) -> Result<Vec<(ArtifactKey, Meta)>> {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
-            let shard = shard
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let shard = lock(shard);
             for e in shard.slab.iter().flatten() {
                 out.push((ArtifactKey::decode(&e.key)?, e.object.meta.clone()));
             }
