@@ -29,6 +29,7 @@ use std::sync::{Mutex, RwLock, RwLockReadGuard};
 use serde::{Deserialize, Serialize};
 
 use crate::chain::{ChainStats, Lookup, TierChain};
+use crate::sync::lock;
 use crate::tier::{Meta, Object, Tier, TierStats};
 use crate::{ArtifactKey, Error, Result};
 
@@ -439,10 +440,7 @@ impl Tier for StorageEngine {
     /// from the ones that keep dirty objects in place.
     fn pin(&self, key: &ArtifactKey) -> Result<bool> {
         let encoded = key.encode()?;
-        let mut pins = self
-            .user_pins
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut pins = lock(&self.user_pins);
         if !self.tier(0)?.pin(key)? {
             return Ok(false);
         }
@@ -454,10 +452,7 @@ impl Tier for StorageEngine {
     /// nothing changed) when the key has none.
     fn unpin(&self, key: &ArtifactKey) -> Result<bool> {
         let encoded = key.encode()?;
-        let mut pins = self
-            .user_pins
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut pins = lock(&self.user_pins);
         let Some(count) = pins.get_mut(&encoded) else {
             return Ok(false);
         };
