@@ -69,6 +69,25 @@ pub enum HotweightsCommand {
     /// Rebuild a stored version's checkpoint directory, byte-identical to the
     /// directory it was published from (every chunk verified).
     Export(ExportArgs),
+
+    /// The rollout coordinator: serve it, or ask it for status and workers.
+    #[command(subcommand)]
+    Coord(crate::hw_cluster::CoordCommand),
+
+    /// Run a worker beside a serving engine: receive and verify rollouts,
+    /// stage them in a local store, vote, and flip on commit (pausing the
+    /// engine through a hook); catch up when behind.
+    Worker(crate::hw_cluster::WorkerArgs),
+
+    /// Hold the next version's checkpoint and send it to the workers when a
+    /// rollout to it begins (a pipelined chain broadcast of the changed
+    /// chunks); serve catch-up transfers.
+    ServeSource(crate::hw_cluster::SourceArgs),
+
+    /// Drive one rollout end to end: submit the plan, begin, wait for every
+    /// precommit, commit, wait for every worker to flip. Exits 0 only if
+    /// every consumer committed.
+    Rollout(crate::hw_cluster::RolloutArgs),
 }
 
 #[derive(Args, Debug)]
@@ -287,6 +306,10 @@ pub fn run(cmd: HotweightsCommand, out: &Output, quiet: bool) -> Result<Outcome>
         HotweightsCommand::Status(args) => status(args, out),
         HotweightsCommand::Gc(args) => gc(args, out),
         HotweightsCommand::Export(args) => export(args, out, quiet),
+        HotweightsCommand::Coord(cmd) => crate::hw_cluster::coord(cmd, out),
+        HotweightsCommand::Worker(args) => crate::hw_cluster::worker(args, out),
+        HotweightsCommand::ServeSource(args) => crate::hw_cluster::serve_source(args, out),
+        HotweightsCommand::Rollout(args) => crate::hw_cluster::rollout(args, out, quiet),
     }
 }
 
@@ -385,7 +408,7 @@ fn summarise(
 
 /// Reads a contract file and checks it: bad input is an error (exit 2)
 /// that lists every problem with its path.
-fn read_valid<T: Contract>(path: &Path) -> Result<T> {
+pub(crate) fn read_valid<T: Contract>(path: &Path) -> Result<T> {
     let doc = Document::read(path, Some(T::KIND))?;
     let problems = doc.problems();
     if !problems.is_empty() {

@@ -11,6 +11,7 @@ mod bench;
 mod bench_strata;
 mod demo;
 mod hotweights;
+mod hw_cluster;
 mod output;
 mod plan;
 mod redis_server;

@@ -23,7 +23,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bstack_plan::SwapPlan;
+use bstack_plan::{SwapPlan, Validate, WeightManifest};
+use prost::Message;
 use serde::{Deserialize, Serialize};
 
 use crate::coordstate::{CoordState, StateStore};
@@ -87,6 +88,11 @@ impl<S: StateStore> Coordinator<S> {
     /// The state now.
     pub fn state(&self) -> &CoordState {
         &self.state
+    }
+
+    /// Where the state lives, for messages.
+    pub fn describe_store(&self) -> String {
+        self.store.describe()
     }
 
     /// The registered workers.
@@ -228,7 +234,7 @@ impl<S: StateStore> Coordinator<S> {
                 plan.plan_id
             )));
         }
-        let version = |m: &Option<bstack_plan::WeightManifest>| {
+        let version = |m: &Option<WeightManifest>| {
             m.as_ref().map(|m| m.version.clone()).unwrap_or_default()
         };
         let rollout = Rollout::submit(RolloutSpec {
@@ -240,6 +246,9 @@ impl<S: StateStore> Coordinator<S> {
             deadline_ns,
             on_lost,
         })?;
+        // The plan first: a saved rollout always has its plan.
+        self.store
+            .put_blob(&plan_blob(&plan.plan_id), &plan.encode_to_vec())?;
         let plan_id = plan.plan_id.clone();
         self.change(|s| {
             s.rollouts.insert(plan_id.clone(), rollout);
@@ -280,15 +289,98 @@ impl<S: StateStore> Coordinator<S> {
         self.on_rollout(plan_id, |r| r.precommit(consumer, digest))
     }
 
-    /// Commits ([`Rollout::commit`]); the plan's version becomes current.
+    /// Commits ([`Rollout::commit`]); the plan's version becomes current,
+    /// and its `to` manifest the current manifest.
     pub fn commit(&mut self, plan_id: &str) -> Result<Change> {
+        if self.rollout(plan_id)?.phase() == Phase::Precommitted {
+            // Saved before the commit: once committed, the manifest is there.
+            let plan = self.plan(plan_id)?;
+            if let Some(to) = &plan.to {
+                self.store.put_blob(MANIFEST_BLOB, &to.encode_to_vec())?;
+            }
+        }
         self.on_rollout(plan_id, Rollout::commit)
+    }
+
+    /// A submitted plan, as submitted.
+    pub fn plan(&mut self, plan_id: &str) -> Result<SwapPlan> {
+        self.rollout(plan_id)?;
+        let bytes = self.store.get_blob(&plan_blob(plan_id))?.ok_or_else(|| {
+            HotweightsError::Rollout(format!(
+                "{plan_id}: the plan is missing from {}",
+                self.store.describe()
+            ))
+        })?;
+        SwapPlan::decode(bytes.as_slice()).map_err(|e| {
+            HotweightsError::Mismatch(format!(
+                "{plan_id}: the plan saved in {} does not decode: {e}",
+                self.store.describe()
+            ))
+        })
+    }
+
+    /// Records the manifest of the version the cluster runs (before its
+    /// first rollout, or after installing a version by other means).
+    /// Refused while a rollout is in progress.
+    pub fn set_current_manifest(&mut self, manifest: &WeightManifest) -> Result<Change> {
+        if let Some(active) = &self.state.active {
+            return Err(HotweightsError::Rollout(format!(
+                "rollout {active} is in progress; the current version changes only through it"
+            )));
+        }
+        if let Err(problems) = manifest.validate() {
+            return Err(HotweightsError::Mismatch(format!(
+                "the manifest is not valid: {problems}"
+            )));
+        }
+        let bytes = manifest.encode_to_vec();
+        if self.store.get_blob(MANIFEST_BLOB)?.as_deref() == Some(bytes.as_slice())
+            && self.state.current_version.as_deref() == Some(manifest.version.as_str())
+        {
+            return Ok(Change::Unchanged);
+        }
+        self.store.put_blob(MANIFEST_BLOB, &bytes)?;
+        let version = manifest.version.clone();
+        self.change(|s| {
+            s.current_version = Some(version);
+            Ok(Change::Changed(Vec::new()))
+        })
+    }
+
+    /// The manifest of the current version, if recorded.
+    pub fn current_manifest(&mut self) -> Result<Option<WeightManifest>> {
+        let Some(bytes) = self.store.get_blob(MANIFEST_BLOB)? else {
+            return Ok(None);
+        };
+        WeightManifest::decode(bytes.as_slice())
+            .map(Some)
+            .map_err(|e| {
+                HotweightsError::Mismatch(format!(
+                    "the current manifest saved in {} does not decode: {e}",
+                    self.store.describe()
+                ))
+            })
+    }
+
+    /// A consumer that says it failed (or that the source could not reach)
+    /// is lost ([`Rollout::lost`]): excluded or the rollout aborts, per its
+    /// policy.
+    pub fn fail(&mut self, plan_id: &str, consumer: &str, reason: &str) -> Result<Change> {
+        self.on_rollout(plan_id, |r| r.lost(consumer, reason))
     }
 
     /// Aborts ([`Rollout::abort`]); the current version stays.
     pub fn abort(&mut self, plan_id: &str, reason: &str) -> Result<Change> {
         self.on_rollout(plan_id, |r| r.abort(reason))
     }
+}
+
+/// The blob holding the current version's manifest.
+const MANIFEST_BLOB: &str = "current-manifest";
+
+/// The blob holding a submitted plan.
+fn plan_blob(plan_id: &str) -> String {
+    format!("plan:{plan_id}")
 }
 
 /// Keeps `active` and `current_version` in step with the rollout's end.

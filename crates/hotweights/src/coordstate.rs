@@ -48,9 +48,33 @@ pub trait StateStore: Send {
     fn save(&mut self, state: &mut CoordState) -> Result<()>;
     /// Where the state lives, for messages.
     fn describe(&self) -> String;
+    /// Saves a named blob (a submitted plan, the current manifest) durably,
+    /// apart from the state: plans are large and never change once saved.
+    fn put_blob(&mut self, name: &str, bytes: &[u8]) -> Result<()>;
+    /// A blob saved by [`put_blob`](Self::put_blob), or `None`.
+    fn get_blob(&mut self, name: &str) -> Result<Option<Vec<u8>>>;
+}
+
+impl StateStore for Box<dyn StateStore> {
+    fn load(&mut self) -> Result<Option<CoordState>> {
+        (**self).load()
+    }
+    fn save(&mut self, state: &mut CoordState) -> Result<()> {
+        (**self).save(state)
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    fn put_blob(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        (**self).put_blob(name, bytes)
+    }
+    fn get_blob(&mut self, name: &str) -> Result<Option<Vec<u8>>> {
+        (**self).get_blob(name)
+    }
 }
 
 const TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("coordinator");
+const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
 const STATE_KEY: &str = "state";
 
 /// The state in one redb file.
@@ -130,6 +154,28 @@ impl StateStore for RedbState {
     fn describe(&self) -> String {
         self.path.display().to_string()
     }
+
+    fn put_blob(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        let fail = |e: String| store_err(&self.path, format!("saving {name}: {e}"));
+        let txn = self.db.begin_write().map_err(|e| fail(e.to_string()))?;
+        {
+            let mut table = txn.open_table(BLOBS).map_err(|e| fail(e.to_string()))?;
+            table.insert(name, bytes).map_err(|e| fail(e.to_string()))?;
+        }
+        txn.commit().map_err(|e| fail(e.to_string()))
+    }
+
+    fn get_blob(&mut self, name: &str) -> Result<Option<Vec<u8>>> {
+        let fail = |e: String| store_err(&self.path, format!("reading {name}: {e}"));
+        let txn = self.db.begin_read().map_err(|e| fail(e.to_string()))?;
+        let table = match txn.open_table(BLOBS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        let value = table.get(name).map_err(|e| fail(e.to_string()))?;
+        Ok(value.map(|v| v.value().to_vec()))
+    }
 }
 
 /// A lease in Redis that names one leader among several coordinators.
@@ -138,6 +184,7 @@ impl StateStore for RedbState {
 /// is `SET NX PX`; renewing and releasing check the holder first (a Lua
 /// script, atomic on the server), so a coordinator can only ever extend or
 /// drop its own lease.
+#[derive(Clone)]
 pub struct LeaderLease {
     client: redis::Client,
     /// The server's URL without its password.
@@ -344,5 +391,36 @@ impl StateStore for RedisState {
 
     fn describe(&self) -> String {
         format!("redis key {}", self.state_key)
+    }
+
+    /// Fenced like the state: only the leader writes.
+    fn put_blob(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        let key = self.state_key.replace(":state", &format!(":blob:{name}"));
+        let mut con = self.lease.connection()?;
+        let written: i64 = redis::cmd("EVAL")
+            .arg(FENCED_SET)
+            .arg(2)
+            .arg(&self.lease.key)
+            .arg(&key)
+            .arg(&self.lease.holder)
+            .arg(bytes)
+            .query(&mut con)
+            .map_err(|e| self.lease.fail(e))?;
+        if written != 1 {
+            return Err(HotweightsError::Mismatch(format!(
+                "coordinator {} does not hold the leader lease {}: not saving {name}",
+                self.lease.holder, self.lease.key
+            )));
+        }
+        Ok(())
+    }
+
+    fn get_blob(&mut self, name: &str) -> Result<Option<Vec<u8>>> {
+        let key = self.state_key.replace(":state", &format!(":blob:{name}"));
+        let mut con = self.lease.connection()?;
+        redis::cmd("GET")
+            .arg(&key)
+            .query(&mut con)
+            .map_err(|e| self.lease.fail(e))
     }
 }

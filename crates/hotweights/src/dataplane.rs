@@ -1116,6 +1116,26 @@ impl Receiver {
         })
     }
 
+    /// A receiver on a listener its caller already bound: a worker keeps
+    /// one listening socket for all its transfers (a `try_clone` of it per
+    /// transfer), so a sender that connects before the worker is ready
+    /// waits in the accept queue instead of being refused.
+    pub fn from_listener(listener: TcpListener) -> Receiver {
+        Receiver {
+            listener,
+            options: ReceiverOptions::default(),
+            abort: AbortHandle::default(),
+        }
+    }
+
+    /// Makes `abort` this receiver's abort handle: a caller that holds the
+    /// handle before the receiver exists (a worker's rollout job) can kill
+    /// it, or have it fail at once if already aborted.
+    pub fn with_abort(mut self, abort: AbortHandle) -> Receiver {
+        self.abort = abort;
+        self
+    }
+
     /// Replaces the options.
     pub fn with_options(mut self, options: ReceiverOptions) -> Receiver {
         self.options = options;

@@ -51,6 +51,8 @@
 //! - [`plan`](mod@plan): the sealed swap plan, consumer ranks, wire sizes.
 //! - [`verify`](mod@verify): every check of a plan before it runs.
 //! - [`store`]: the versioned content-addressed store.
+//! - [`cluster`]: the cluster processes: the coordinator's gRPC service,
+//!   workers, the source, and the rollout driver.
 //! - [`coordinator`]: the rollout coordinator's decisions without the
 //!   network: plans, worker leases, persisted-before-acknowledged changes.
 //! - [`coordstate`]: where a rollout coordinator keeps its state: an
@@ -67,6 +69,7 @@
 //! - [`failpoint`]: crash injection for the store's tests.
 
 pub mod checkpoint;
+pub mod cluster;
 pub mod coordinator;
 pub mod coordstate;
 pub mod dataplane;

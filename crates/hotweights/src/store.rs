@@ -103,6 +103,10 @@ pub enum ApplySource<'a> {
     /// A directory laid out as the plan's `to` manifest says (the new
     /// checkpoint); the plan's own ops, if any, are ignored.
     Dir(&'a Path),
+    /// Bucket bytes already in memory, by bucket id (what a cluster worker
+    /// received over the data plane); the plan's ops are ignored. Every
+    /// chunk is still verified against its hash before it is stored.
+    Buckets(&'a HashMap<u32, Vec<u8>>),
 }
 
 /// What an apply or import did.
@@ -337,6 +341,7 @@ impl Store {
         }
 
         let ops = match source {
+            ApplySource::Buckets(_) => Cow::Owned(Vec::new()),
             ApplySource::Dir(dir) => Cow::Owned(transfer_ops(plan, dir)?),
             ApplySource::PlanOps if plan.ops.is_empty() && !plan.buckets.is_empty() => {
                 return Err(HotweightsError::Mismatch(
@@ -351,7 +356,11 @@ impl Store {
             started_unix_ms: now_ms(),
         };
         self.write_journal(&journal)?;
-        let result = self.execute_buckets(plan, &ops, &index, progress);
+        let received = match source {
+            ApplySource::Buckets(map) => Some(map),
+            _ => None,
+        };
+        let result = self.execute_buckets(plan, &ops, received, &index, progress);
         let mut report = match result {
             Ok(r) => r,
             Err(e) => {
@@ -803,6 +812,7 @@ impl Store {
         &self,
         plan: &SwapPlan,
         ops: &[TransferOp],
+        received: Option<&HashMap<u32, Vec<u8>>>,
         index: &EntryIndex<'_>,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<ApplyReport> {
@@ -836,22 +846,45 @@ impl Store {
                     )));
                 }
             }
-            // validate() has checked that the ops of a bucket do not overlap.
-            bucket_ops.sort_by_key(|op| op.dst_offset);
-            let filled = bucket_ops
-                .par_iter()
-                .map(|op| -> Result<(u64, Vec<u8>)> {
-                    let path = op.src.strip_prefix("file://").ok_or_else(|| {
+            let filled: Vec<(u64, Cow<'_, [u8]>)> = match received {
+                Some(map) => {
+                    let bytes = map.get(&bucket.id).ok_or_else(|| {
                         HotweightsError::Mismatch(format!(
-                            "op reads {:?}; a local apply reads file:// sources only",
-                            op.src
+                            "bucket {} of the plan was not received",
+                            bucket.id
                         ))
                     })?;
-                    let bytes = read_range(Path::new(path), op.src_offset, op.length)?;
-                    Ok((op.dst_offset, bytes))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            report.bytes_read += bucket_ops.iter().map(|op| op.length).sum::<u64>();
+                    if bytes.len() as u64 != bucket.capacity {
+                        return Err(HotweightsError::Mismatch(format!(
+                            "bucket {} arrived with {} bytes; the plan says {}",
+                            bucket.id,
+                            bytes.len(),
+                            bucket.capacity
+                        )));
+                    }
+                    report.bytes_read += bytes.len() as u64;
+                    vec![(0, Cow::Borrowed(bytes.as_slice()))]
+                }
+                None => {
+                    // validate() has checked that the ops of a bucket do not overlap.
+                    bucket_ops.sort_by_key(|op| op.dst_offset);
+                    let filled = bucket_ops
+                        .par_iter()
+                        .map(|op| -> Result<(u64, Cow<'_, [u8]>)> {
+                            let path = op.src.strip_prefix("file://").ok_or_else(|| {
+                                HotweightsError::Mismatch(format!(
+                                    "op reads {:?}; a local apply reads file:// sources only",
+                                    op.src
+                                ))
+                            })?;
+                            let bytes = read_range(Path::new(path), op.src_offset, op.length)?;
+                            Ok((op.dst_offset, Cow::Owned(bytes)))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    report.bytes_read += bucket_ops.iter().map(|op| op.length).sum::<u64>();
+                    filled
+                }
+            };
 
             // Whole chunks go straight from the ops' bytes; pieces accumulate.
             let mut whole = Vec::new();
@@ -1141,7 +1174,11 @@ impl ChunkSource for Store {
 /// read (`(dst_offset, bytes)`, sorted by offset, not overlapping): a slice
 /// of the one op that holds them all, or gathered from consecutive ops.
 /// `None` where some of them no op writes.
-fn bucket_bytes(filled: &[(u64, Vec<u8>)], start: u64, length: u64) -> Option<Cow<'_, [u8]>> {
+fn bucket_bytes<'b>(
+    filled: &'b [(u64, Cow<'_, [u8]>)],
+    start: u64,
+    length: u64,
+) -> Option<Cow<'b, [u8]>> {
     let end = start.checked_add(length)?;
     let first = filled.partition_point(|(at, bytes)| at + bytes.len() as u64 <= start);
     let (at, bytes) = filled.get(first)?;

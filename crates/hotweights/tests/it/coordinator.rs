@@ -125,6 +125,8 @@ fn a_worker_whose_lease_runs_out_is_lost() {
 struct Unreliable {
     saved: Option<CoordState>,
     fail: bool,
+    blobs: Default::default(),
+    blobs: std::collections::HashMap<String, Vec<u8>>,
 }
 
 impl StateStore for Unreliable {
@@ -142,6 +144,16 @@ impl StateStore for Unreliable {
     fn describe(&self) -> String {
         "unreliable".into()
     }
+    fn put_blob(&mut self, name: &str, bytes: &[u8]) -> hotweights::Result<()> {
+        if self.fail {
+            return Err(hotweights::HotweightsError::Option("disk full".into()));
+        }
+        self.blobs.insert(name.to_owned(), bytes.to_vec());
+        Ok(())
+    }
+    fn get_blob(&mut self, name: &str) -> hotweights::Result<Option<Vec<u8>>> {
+        Ok(self.blobs.get(name).cloned())
+    }
 }
 
 #[test]
@@ -149,6 +161,7 @@ fn a_change_that_cannot_be_saved_does_not_happen() {
     let store = Unreliable {
         saved: None,
         fail: false,
+        blobs: Default::default(),
     };
     let mut c = Coordinator::open(store, options()).unwrap();
     let p = plan("p1");
@@ -160,6 +173,7 @@ fn a_change_that_cannot_be_saved_does_not_happen() {
         Unreliable {
             saved: Some(before.clone()),
             fail: true,
+            blobs: Default::default(),
         },
         options(),
     )

@@ -1,0 +1,732 @@
+//! The worker: receives, stages, votes and flips, beside a serving engine.
+//!
+//! `bstack hotweights worker --coord ADDR --store DIR --rank R --listen ADDR`
+//! registers with the coordinator (its data-plane address is `--listen`),
+//! heartbeats, and reconciles with every message of its `watch` stream:
+//!
+//! - **A rollout begins that names it:** it fetches the plan, checks its
+//!   digest, and runs a [`Receiver`] on its listening socket. Every piece is
+//!   verified (BLAKE3) as it arrives and forwarded down the chain; the
+//!   worker reports its progress every 200 ms. With every bucket in, it
+//!   stages the version in its [`Store`] (every chunk checked against the
+//!   manifest's hash; nothing visible unless all of it is) and precommits
+//!   with the plan's digest. Any failure is reported (`ReportProgress` with
+//!   a reason), and the coordinator excludes it or aborts, per the plan.
+//! - **The rollout commits:** it pauses the engine ([`Hook`]), makes the new
+//!   version current (one atomic rename), resumes, and reports the pause and
+//!   the time of the flip in its next heartbeat, sent at once.
+//! - **The rollout aborts, or it is excluded:** it stops receiving and
+//!   discards what it staged (versions applied but never committed).
+//! - **The cluster runs a version it does not** (it joined late, or was
+//!   excluded from a rollout that went on): it asks a source holding that
+//!   version for a catch-up transfer (see [`super::source`]) and switches.
+//!
+//! A worker restarted at any point starts over from what its store holds:
+//! staging is all-or-nothing, so there is never a half-applied version.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bstack_plan::SwapPlan;
+use prometheus_client::registry::Registry;
+use prost::Message;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use super::client::CoordClient;
+use super::hook::Hook;
+use super::metrics::WorkerMetrics;
+use super::proto::{self, Role};
+use super::source::{CATCH_UP_MAGIC, read_frame, write_frame};
+use super::{Token, now_unix_ns};
+use crate::dataplane::{AbortHandle, ReceiveReport, Receiver, ReceiverOptions};
+use crate::error::{HotweightsError, Result};
+use crate::store::{ApplySource, Store};
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Coordinator addresses, comma-separated.
+    pub coord: String,
+    /// Bearer token.
+    pub token: Option<Token>,
+    /// Its id: the consumer name plans use.
+    pub id: String,
+    /// Its versioned store.
+    pub store: PathBuf,
+    /// Data-plane address (an address the source and other workers reach).
+    pub listen: SocketAddr,
+    /// Prometheus endpoint.
+    pub metrics: Option<SocketAddr>,
+    /// Pause and resume around the flip.
+    pub hook: Option<Hook>,
+    /// Data-plane receiver options.
+    pub receiver: ReceiverOptions,
+}
+
+/// What a heartbeat reports.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Beat {
+    current_version: String,
+    last_pause_ns: u64,
+    last_flip_unix_ns: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Heartbeats every `period` (and whenever `poke` is notified), registering
+/// again when the coordinator no longer knows this process.
+pub(crate) fn heartbeat_task(
+    coord: String,
+    token: Option<Token>,
+    register: proto::RegisterRequest,
+    period: Duration,
+    beat: Option<(Arc<Mutex<Beat>>, Arc<Notify>)>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let Ok(mut client) = CoordClient::new(&coord, token.as_ref()) else {
+            return;
+        };
+        client.retry_for = period;
+        loop {
+            let b = beat
+                .as_ref()
+                .map(|(b, _)| lock(b).clone())
+                .unwrap_or_default();
+            let req = proto::HeartbeatRequest {
+                id: register.id.clone(),
+                current_version: b.current_version.clone(),
+                last_pause_ns: b.last_pause_ns,
+                last_flip_unix_ns: b.last_flip_unix_ns,
+            };
+            let known = client
+                .call("Heartbeat", |mut s| {
+                    let r = req.clone();
+                    async move { s.heartbeat(r).await }
+                })
+                .await;
+            if let Ok(proto::HeartbeatReply { known: false }) = known {
+                let mut r = register.clone();
+                r.current_version = b.current_version.clone();
+                let _ = client
+                    .call("Register", |mut s| {
+                        let r = r.clone();
+                        async move { s.register(r).await }
+                    })
+                    .await;
+            }
+            match &beat {
+                Some((_, poke)) => {
+                    tokio::select! {
+                        () = tokio::time::sleep(period) => {}
+                        () = poke.notified() => {}
+                    }
+                }
+                None => tokio::time::sleep(period).await,
+            }
+        }
+    })
+}
+
+/// A rollout the worker takes part in.
+#[derive(Debug)]
+struct Job {
+    plan_id: String,
+    to_version: String,
+    abort: AbortHandle,
+    /// Set when the version is staged and precommitted.
+    staged: Arc<AtomicBool>,
+    /// Set when the job ended (failed or discarded) without a flip.
+    ended: Arc<AtomicBool>,
+    /// Bytes received and verified so far.
+    bytes: Arc<AtomicU64>,
+}
+
+struct Shared {
+    config: WorkerConfig,
+    store: Mutex<Store>,
+    listener: TcpListener,
+    beat: Arc<Mutex<Beat>>,
+    poke: Arc<Notify>,
+    metrics: WorkerMetrics,
+    job: Mutex<Option<Job>>,
+    catching_up: AtomicBool,
+    flipping: tokio::sync::Mutex<()>,
+}
+
+/// Receives the buckets of `plan` on `listener` into memory, verifying and
+/// forwarding; returns the buckets and the receiver's report.
+fn receive(
+    plan: &SwapPlan,
+    listener: &TcpListener,
+    options: &ReceiverOptions,
+    abort: &AbortHandle,
+    bytes: &AtomicU64,
+    metrics: &WorkerMetrics,
+) -> Result<(HashMap<u32, Vec<u8>>, ReceiveReport)> {
+    let caps: HashMap<u32, u64> = plan.buckets.iter().map(|b| (b.id, b.capacity)).collect();
+    let mut buckets: HashMap<u32, Vec<u8>> = HashMap::new();
+    let mut filled: HashMap<u32, (u64, Instant)> = HashMap::new();
+    let l = listener
+        .try_clone()
+        .map_err(|e| HotweightsError::Transfer {
+            peer: "data-plane listener".into(),
+            message: e.to_string(),
+        })?;
+    let receiver = Receiver::from_listener(l)
+        .with_options(options.clone())
+        .with_abort(abort.clone());
+    let report = receiver.run(|piece| {
+        let Some(&cap) = caps.get(&piece.bucket) else {
+            return Err(HotweightsError::Mismatch(format!(
+                "{} belongs to no bucket of the plan",
+                piece.seq
+            )));
+        };
+        let end = piece.offset + piece.bytes.len() as u64;
+        if end > cap {
+            return Err(HotweightsError::Mismatch(format!(
+                "piece {} writes past the end of bucket {} ({end} > {cap})",
+                piece.seq, piece.bucket
+            )));
+        }
+        let buf = buckets
+            .entry(piece.bucket)
+            .or_insert_with(|| vec![0u8; cap as usize]);
+        buf[piece.offset as usize..end as usize].copy_from_slice(&piece.bytes);
+        let f = filled
+            .entry(piece.bucket)
+            .or_insert_with(|| (0, Instant::now()));
+        f.0 += piece.bytes.len() as u64;
+        if f.0 == cap {
+            metrics.bucket_seconds.observe(f.1.elapsed().as_secs_f64());
+        }
+        bytes.fetch_add(piece.bytes.len() as u64, Ordering::Relaxed);
+        metrics.bytes_staged.inc_by(piece.bytes.len() as u64);
+        Ok(())
+    })?;
+    for b in &plan.buckets {
+        let got = filled.get(&b.id).map(|f| f.0).unwrap_or(0);
+        if b.capacity == 0 {
+            buckets.entry(b.id).or_default();
+        } else if got != b.capacity {
+            return Err(HotweightsError::Mismatch(format!(
+                "bucket {} arrived with {got} of its {} bytes",
+                b.id, b.capacity
+            )));
+        }
+    }
+    metrics.bytes_received.inc_by(report.bytes_received);
+    metrics.hash_failures.inc_by(report.hash_failures);
+    metrics.retries.inc_by(report.retries + report.resumes);
+    let forwarded: u64 = report.pieces_forwarded.saturating_mul(
+        report
+            .bytes
+            .checked_div(report.pieces.max(1))
+            .unwrap_or(0),
+    );
+    metrics.bytes_forwarded.inc_by(forwarded);
+    metrics
+        .transfer_seconds
+        .observe(report.duration.as_secs_f64());
+    if report.duration.as_secs_f64() > 0.0 {
+        metrics
+            .throughput
+            .set(report.bytes as f64 / report.duration.as_secs_f64());
+    }
+    Ok((buckets, report))
+}
+
+impl Shared {
+    fn current(&self) -> String {
+        lock(&self.store)
+            .state()
+            .current
+            .clone()
+            .unwrap_or_default()
+    }
+
+    /// Drops versions applied but never committed.
+    fn discard_staging(&self) {
+        let mut store = lock(&self.store);
+        if let Err(e) = store.gc(None, true) {
+            eprintln!("hotweights worker: discarding staged versions: {e}");
+        }
+    }
+
+    /// Pauses the engine, makes `version` current, resumes; records the pause.
+    async fn flip(self: &Arc<Self>, version: &str) -> Result<()> {
+        let _one = self.flipping.lock().await;
+        if self.current() == version {
+            return Ok(());
+        }
+        if let Some(h) = &self.config.hook {
+            if let Err(e) = h.pause.run(version, h.timeout).await {
+                // The cluster committed: switching anyway keeps it on one
+                // version; the engine may serve a moment longer unpaused.
+                eprintln!("hotweights worker {}: pause hook failed: {e}; switching anyway", self.config.id);
+            }
+        }
+        let t0 = Instant::now();
+        let me = self.clone();
+        let v = version.to_owned();
+        let committed = tokio::task::spawn_blocking(move || lock(&me.store).commit(&v))
+            .await
+            .map_err(|e| HotweightsError::Option(format!("the flip task failed: {e}")))?;
+        let pause = t0.elapsed();
+        if let Some(h) = &self.config.hook {
+            if let Err(e) = h.resume.run(version, h.timeout).await {
+                eprintln!("hotweights worker {}: resume hook failed: {e}", self.config.id);
+            }
+        }
+        committed?;
+        self.metrics.pause_seconds.observe(pause.as_secs_f64());
+        {
+            let mut b = lock(&self.beat);
+            b.current_version = version.to_owned();
+            b.last_pause_ns = u64::try_from(pause.as_nanos()).unwrap_or(u64::MAX);
+            b.last_flip_unix_ns = now_unix_ns();
+        }
+        self.poke.notify_one();
+        eprintln!(
+            "hotweights worker {}: now on {version} (paused {:.3} ms)",
+            self.config.id,
+            pause.as_secs_f64() * 1e3
+        );
+        Ok(())
+    }
+
+    /// Starts taking part in `active`.
+    async fn start_job(self: &Arc<Self>, client: &mut CoordClient, active: &proto::RolloutStatus) -> Result<()> {
+        let p = active.plan_id.clone();
+        let plan = client
+            .call("GetPlan", |mut s| {
+                let p = p.clone();
+                async move { s.get_plan(proto::PlanRef { plan_id: p }).await }
+            })
+            .await?;
+        let job = Job {
+            plan_id: active.plan_id.clone(),
+            to_version: active.to_version.clone(),
+            abort: AbortHandle::default(),
+            staged: Arc::default(),
+            ended: Arc::default(),
+            bytes: Arc::default(),
+        };
+        let staged = job.staged.clone();
+        let ended = job.ended.clone();
+        let bytes = job.bytes.clone();
+        let abort_outer = job.abort.clone();
+        *lock(&self.job) = Some(job);
+        let me = self.clone();
+        let plan_id = active.plan_id.clone();
+        let expected = active.digest.clone();
+        let vote = expected.clone();
+        let id = self.config.id.clone();
+        let coord = self.config.coord.clone();
+        let token = self.config.token.clone();
+        tokio::spawn(async move {
+            let Ok(mut client) = CoordClient::new(&coord, token.as_ref()) else {
+                return;
+            };
+            client.retry_for = Duration::from_secs(60);
+            // Progress, every 200 ms, while receiving.
+            let progress = {
+                let (bytes, ended, staged) = (bytes.clone(), ended.clone(), staged.clone());
+                let (plan_id, id, coord, token) = (plan_id.clone(), id.clone(), coord.clone(), token.clone());
+                tokio::spawn(async move {
+                    let Ok(mut c) = CoordClient::new(&coord, token.as_ref()) else {
+                        return;
+                    };
+                    let mut last = u64::MAX;
+                    while !ended.load(Ordering::SeqCst) && !staged.load(Ordering::SeqCst) {
+                        let b = bytes.load(Ordering::Relaxed);
+                        if b != last {
+                            last = b;
+                            let req = proto::ProgressRequest {
+                                plan_id: plan_id.clone(),
+                                consumer: id.clone(),
+                                bytes: b,
+                                failed: String::new(),
+                            };
+                            let _ = c
+                                .call("ReportProgress", |mut s| {
+                                    let r = req.clone();
+                                    async move { s.report_progress(r).await }
+                                })
+                                .await;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                })
+            };
+            let m = me.clone();
+            let b2 = bytes.clone();
+            let abort_inner = abort_outer.clone();
+            let outcome = tokio::task::spawn_blocking(move || -> Result<()> {
+                if plan.compute_digest() != plan.digest || plan.digest != expected {
+                    return Err(HotweightsError::Mismatch(format!(
+                        "the plan fetched for {} does not match its digest {expected}",
+                        plan.plan_id
+                    )));
+                }
+                let (buckets, report) =
+                    receive(&plan, &m.listener, &m.config.receiver, &abort_inner, &b2, &m.metrics)?;
+                if abort_inner.is_aborted() {
+                    return Err(HotweightsError::Rollout(format!("{}: aborted", plan.plan_id)));
+                }
+                let report_text = format!(
+                    "{} bytes in {:.3} s, {} hash failures, {} resumes",
+                    report.bytes,
+                    report.duration.as_secs_f64(),
+                    report.hash_failures,
+                    report.resumes
+                );
+                let mut store = lock(&m.store);
+                store.apply(&plan, ApplySource::Buckets(&buckets), &|_| {})?;
+                eprintln!(
+                    "hotweights worker {}: staged {} ({report_text})",
+                    m.config.id,
+                    plan.to.as_ref().map(|t| t.version.as_str()).unwrap_or("?")
+                );
+                Ok(())
+            })
+            .await
+            .unwrap_or_else(|e| Err(HotweightsError::Option(format!("the receive task failed: {e}"))));
+            let result = match outcome {
+                Ok(()) => {
+                    let req = proto::PrecommitRequest {
+                        plan_id: plan_id.clone(),
+                        consumer: id.clone(),
+                        digest: vote.clone(),
+                    };
+                    let r = client
+                        .call("Precommit", |mut s| {
+                            let r = req.clone();
+                            async move { s.precommit(r).await }
+                        })
+                        .await;
+                    staged.store(true, Ordering::SeqCst);
+                    r.map(|_| ())
+                }
+                Err(e) => Err(e),
+            };
+            progress.abort();
+            if let Err(e) = result {
+                ended.store(true, Ordering::SeqCst);
+                if !abort_outer.is_aborted() {
+                    eprintln!("hotweights worker {id}: {plan_id}: {e}");
+                    me.metrics.outcome("failed");
+                    let req = proto::ProgressRequest {
+                        plan_id: plan_id.clone(),
+                        consumer: id.clone(),
+                        bytes: bytes.load(Ordering::Relaxed),
+                        failed: e.to_string(),
+                    };
+                    let _ = client
+                        .call("ReportProgress", |mut s| {
+                            let r = req.clone();
+                            async move { s.report_progress(r).await }
+                        })
+                        .await;
+                }
+                let m = me.clone();
+                let _ = tokio::task::spawn_blocking(move || m.discard_staging()).await;
+            }
+        });
+        Ok(())
+    }
+
+    /// Brings this worker to `version`, which the cluster runs, from a source.
+    fn catch_up(&self, source: SocketAddr, version: &str) -> Result<()> {
+        let fail = |m: String| HotweightsError::Transfer {
+            peer: source.to_string(),
+            message: format!("catch-up to {version}: {m}"),
+        };
+        let have = {
+            let store = lock(&self.store);
+            match store.state().current.clone() {
+                Some(v) => store.manifest(&v)?.encode_to_vec(),
+                None => Vec::new(),
+            }
+        };
+        let mut s = TcpStream::connect_timeout(&source, Duration::from_secs(3)).map_err(|e| fail(e.to_string()))?;
+        s.set_read_timeout(Some(Duration::from_secs(120)))
+            .map_err(|e| fail(e.to_string()))?;
+        let addr = self.config.listen.to_string();
+        let mut req = Vec::new();
+        req.extend_from_slice(&CATCH_UP_MAGIC);
+        req.extend_from_slice(&(addr.len() as u16).to_le_bytes());
+        req.extend_from_slice(addr.as_bytes());
+        std::io::Write::write_all(&mut s, &req).map_err(|e| fail(e.to_string()))?;
+        write_frame(&mut s, &have).map_err(|e| fail(e.to_string()))?;
+        let mut ok = [0u8; 1];
+        std::io::Read::read_exact(&mut s, &mut ok).map_err(|e| fail(e.to_string()))?;
+        let body = read_frame(&mut s).map_err(|e| fail(e.to_string()))?;
+        if ok[0] != 0 {
+            return Err(fail(format!("the source refused: {}", String::from_utf8_lossy(&body))));
+        }
+        let plan = SwapPlan::decode(body.as_slice()).map_err(|e| fail(format!("bad plan: {e}")))?;
+        if plan.compute_digest() != plan.digest {
+            return Err(fail("the plan does not match its digest".into()));
+        }
+        if plan.to.as_ref().map(|t| t.version.as_str()) != Some(version) {
+            return Err(fail("the source sent a plan to another version".into()));
+        }
+        let bytes = AtomicU64::new(0);
+        let abort = AbortHandle::default();
+        let (buckets, _) = receive(&plan, &self.listener, &self.config.receiver, &abort, &bytes, &self.metrics)?;
+        lock(&self.store).apply(&plan, ApplySource::Buckets(&buckets), &|_| {})?;
+        Ok(())
+    }
+
+    /// Compares the coordinator's state with this worker's and acts.
+    async fn reconcile(self: &Arc<Self>, client: &mut CoordClient, status: &proto::StatusReply) -> Result<()> {
+        // The job in hand.
+        let job_view = lock(&self.job).as_ref().map(|j| {
+            (
+                j.plan_id.clone(),
+                j.to_version.clone(),
+                j.staged.load(Ordering::SeqCst),
+                j.ended.load(Ordering::SeqCst),
+                j.abort.clone(),
+            )
+        });
+        if let Some((plan_id, to, staged, ended, abort)) = job_view {
+            let r = status.rollouts.iter().find(|r| r.plan_id == plan_id);
+            let phase = r.map(|r| r.phase.as_str()).unwrap_or("aborted");
+            let excluded = r
+                .and_then(|r| r.consumers.iter().find(|c| c.id == self.config.id))
+                .is_some_and(|c| c.state == "excluded");
+            match phase {
+                "committed" if staged => {
+                    *lock(&self.job) = None;
+                    self.flip(&to).await?;
+                    self.metrics.outcome("committed");
+                }
+                "committed" | "aborted" => {
+                    abort.abort();
+                    *lock(&self.job) = None;
+                    if phase == "aborted" && !ended {
+                        self.metrics.outcome("aborted");
+                        let me = self.clone();
+                        let _ = tokio::task::spawn_blocking(move || me.discard_staging()).await;
+                    }
+                }
+                _ if excluded || ended => {
+                    abort.abort();
+                    *lock(&self.job) = None;
+                }
+                _ => {}
+            }
+        }
+        if lock(&self.job).is_some() {
+            return Ok(());
+        }
+        // A rollout that names this worker.
+        if let Some(active) = &status.active {
+            let mine = active
+                .consumers
+                .iter()
+                .find(|c| c.id == self.config.id)
+                .map(|c| c.state.as_str());
+            if active.phase == "transferring" && matches!(mine, Some("pending" | "transferring")) {
+                return self.start_job(client, active).await;
+            }
+            if matches!(mine, Some("pending" | "transferring" | "precommitted")) {
+                return Ok(()); // submitted, not begun yet; or waiting
+            }
+        }
+        // Behind the cluster: catch up.
+        let cluster = status.current_version.clone();
+        if !cluster.is_empty()
+            && cluster != self.current()
+            && !self.catching_up.swap(true, Ordering::SeqCst)
+        {
+            let workers = client
+                .call("ListWorkers", |mut s| async move {
+                    s.list_workers(proto::ListWorkersRequest {}).await
+                })
+                .await;
+            let source = workers.ok().and_then(|w| {
+                w.workers
+                    .into_iter()
+                    .find(|w| w.role == Role::Source as i32 && w.holds_version == cluster)
+                    .and_then(|w| w.data_addr.parse::<SocketAddr>().ok())
+            });
+            let Some(source) = source else {
+                self.catching_up.store(false, Ordering::SeqCst);
+                eprintln!(
+                    "hotweights worker {}: the cluster runs {cluster}, this worker {:?}; no source holds it to catch up from",
+                    self.config.id,
+                    self.current()
+                );
+                return Ok(());
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let m = me.clone();
+                let v = cluster.clone();
+                let r = tokio::task::spawn_blocking(move || m.catch_up(source, &v)).await;
+                match r {
+                    Ok(Ok(())) => match me.flip(&cluster).await {
+                        Ok(()) => me.metrics.outcome("caught_up"),
+                        Err(e) => eprintln!("hotweights worker: catch-up flip: {e}"),
+                    },
+                    Ok(Err(e)) => {
+                        eprintln!("hotweights worker {}: {e}", me.config.id);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => eprintln!("hotweights worker: catch-up task: {e}"),
+                }
+                me.catching_up.store(false, Ordering::SeqCst);
+                me.poke.notify_one();
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Runs a worker until `shutdown` completes. `ready` is called with the
+/// data-plane and metrics addresses once both are bound.
+pub async fn run<F, S>(config: WorkerConfig, ready: F, shutdown: S) -> Result<()>
+where
+    F: FnOnce(SocketAddr, Option<SocketAddr>),
+    S: Future<Output = ()>,
+{
+    let store = Store::open_or_create(&config.store)?;
+    let listener = TcpListener::bind(config.listen).map_err(|e| HotweightsError::Transfer {
+        peer: config.listen.to_string(),
+        message: format!("cannot listen for the data plane: {e}"),
+    })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| HotweightsError::Option(format!("reading the bound address: {e}")))?;
+    let mut config = config;
+    config.listen = bound;
+    let metrics = WorkerMetrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let metrics_listener = match config.metrics {
+        Some(a) => Some(super::metrics::bind(a).await?),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let current = store.state().current.clone().unwrap_or_default();
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        store: Mutex::new(store),
+        listener,
+        beat: Arc::new(Mutex::new(Beat {
+            current_version: current,
+            ..Beat::default()
+        })),
+        poke: Arc::new(Notify::new()),
+        metrics,
+        job: Mutex::new(None),
+        catching_up: AtomicBool::new(false),
+        flipping: tokio::sync::Mutex::new(()),
+    });
+    ready(bound, metrics_addr);
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(l) = metrics_listener {
+        let registry = Arc::new(registry);
+        tasks.spawn(async move {
+            if let Err(e) = super::metrics::serve(l, registry).await {
+                eprintln!("hotweights worker: {e}");
+            }
+        });
+    }
+    let work = async {
+        let mut client = CoordClient::new(&config.coord, config.token.as_ref())?;
+        client.retry_for = Duration::from_secs(3600);
+        loop {
+            if let Err(e) = session(&shared, &mut client).await {
+                eprintln!("hotweights worker {}: {e}; reconnecting", config.id);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), HotweightsError>(())
+    };
+    let result = tokio::select! {
+        r = work => r,
+        () = shutdown => Ok(()),
+    };
+    if let Some(j) = lock(&shared.job).as_ref() {
+        j.abort.abort();
+    }
+    tasks.abort_all();
+    result
+}
+
+/// One connection to the coordinator: register, heartbeat, watch and
+/// reconcile until the stream breaks.
+async fn session(shared: &Arc<Shared>, client: &mut CoordClient) -> Result<()> {
+    let config = &shared.config;
+    let register = proto::RegisterRequest {
+        id: config.id.clone(),
+        data_addr: config.listen.to_string(),
+        role: Role::Worker as i32,
+        current_version: shared.current(),
+        metrics_addr: config.metrics.map(|a| a.to_string()).unwrap_or_default(),
+        holds_version: String::new(),
+    };
+    let reg = register.clone();
+    let reply = client
+        .call("Register", |mut s| {
+            let r = reg.clone();
+            async move { s.register(r).await }
+        })
+        .await?;
+    let beat = heartbeat_task(
+        config.coord.clone(),
+        config.token.clone(),
+        register,
+        Duration::from_millis(reply.heartbeat_ms.max(1)),
+        Some((shared.beat.clone(), shared.poke.clone())),
+    );
+    let result = async {
+        let mut stream = client
+            .call("Watch", |mut s| async move { s.watch(proto::StatusRequest {}).await })
+            .await?;
+        loop {
+            let msg = stream
+                .message()
+                .await
+                .map_err(|s| super::client::rpc_error(client.endpoint(), "Watch", &s))?;
+            let Some(msg) = msg else {
+                return Err(HotweightsError::Transfer {
+                    peer: client.endpoint().to_owned(),
+                    message: "the watch stream ended".into(),
+                });
+            };
+            // Progress events need no action; every other one is a reason
+            // to look at the whole state again.
+            if let Some(proto::watch_message::Kind::Event(e)) = &msg.kind {
+                if e.kind == "progress" {
+                    continue;
+                }
+            }
+            let status = match msg.kind {
+                Some(proto::watch_message::Kind::Status(s)) => s,
+                _ => {
+                    client
+                        .call("Status", |mut s| async move { s.status(proto::StatusRequest {}).await })
+                        .await?
+                }
+            };
+            shared.reconcile(client, &status).await?;
+        }
+    }
+    .await;
+    beat.abort();
+    result
+}
