@@ -47,7 +47,11 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("{text:?}: unknown unit {unit:?}; use ms, s, m or h")),
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?}; use ms, s, m or h"
+            ));
+        }
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("{text:?} is not a duration"));
@@ -110,7 +114,11 @@ pub struct CoordServeArgs {
     listen: SocketAddr,
     /// State: a redb file path (created if absent), or redis://HOST:PORT for
     /// a leader and standbys sharing one Redis.
-    #[arg(long, value_name = "PATH|redis://...", default_value = "hotweights-coord.redb")]
+    #[arg(
+        long,
+        value_name = "PATH|redis://...",
+        default_value = "hotweights-coord.redb"
+    )]
     state: String,
     /// Bearer token file; every call must carry the token. Without it, any
     /// client on the network may drive rollouts.
@@ -295,10 +303,11 @@ fn announce(out: &Output, what: &str, addr: SocketAddr, metrics: Option<SocketAd
     let r = if out.json {
         out.json_line(&json!({ what: addr.to_string(), "metrics": metrics_url }))
     } else {
-        out.line(format!("{what} on {addr}")).and_then(|()| match &metrics_url {
-            Some(u) => out.line(format!("metrics on {u}")),
-            None => Ok(()),
-        })
+        out.line(format!("{what} on {addr}"))
+            .and_then(|()| match &metrics_url {
+                Some(u) => out.line(format!("metrics on {u}")),
+                None => Ok(()),
+            })
     };
     let _ = r.and_then(|()| std::io::stdout().flush());
 }
@@ -322,7 +331,11 @@ pub fn coord(cmd: CoordCommand, out: &Output) -> Result<Outcome> {
 }
 
 fn coord_serve(args: CoordServeArgs, out: &Output) -> Result<Outcome> {
-    let token = args.token_file.as_deref().map(Token::from_file).transpose()?;
+    let token = args
+        .token_file
+        .as_deref()
+        .map(Token::from_file)
+        .transpose()?;
     if token.is_none() {
         eprintln!(
             "hotweights coord: no --token-file: any client that reaches {} can drive rollouts",
@@ -387,7 +400,12 @@ fn coord_status(args: CoordArg, out: &Output) -> Result<Outcome> {
         out.line(line)?;
         let mut t = table(&["consumer", "state", "bytes", "reason"], &[2]);
         for c in &r.consumers {
-            t.add_row(vec![c.id.clone(), c.state.clone(), bytes(c.bytes), c.reason.clone()]);
+            t.add_row(vec![
+                c.id.clone(),
+                c.state.clone(),
+                bytes(c.bytes),
+                c.reason.clone(),
+            ]);
         }
         out.line(t)?;
     }
@@ -445,7 +463,14 @@ fn coord_workers(args: CoordArg, out: &Output) -> Result<Outcome> {
         return Ok(Outcome::Ok);
     }
     let mut t = table(
-        &["id", "role", "data address", "version", "last seen", "last pause"],
+        &[
+            "id",
+            "role",
+            "data address",
+            "version",
+            "last seen",
+            "last pause",
+        ],
         &[4, 5],
     );
     for w in &reply.workers {
@@ -482,7 +507,11 @@ fn set_current(args: SetCurrentArgs, out: &Output) -> Result<Outcome> {
     } else {
         out.line(format!(
             "the cluster runs {version}{}",
-            if reply.changed { "" } else { " (already recorded)" }
+            if reply.changed {
+                ""
+            } else {
+                " (already recorded)"
+            }
         ))?;
     }
     Ok(Outcome::Ok)
@@ -506,7 +535,11 @@ fn abort(args: AbortArgs, out: &Output) -> Result<Outcome> {
         out.line(format!(
             "rollout {} {}",
             args.plan_id,
-            if reply.changed { "aborted" } else { "was already aborted" }
+            if reply.changed {
+                "aborted"
+            } else {
+                "was already aborted"
+            }
         ))?;
     }
     Ok(Outcome::Ok)
@@ -616,11 +649,10 @@ pub fn rollout(args: RolloutArgs, out: &Output, quiet: bool) -> Result<Outcome> 
     } else {
         ProgressDrawTarget::stderr()
     });
-    let style = ProgressStyle::with_template(
-        "{prefix:>10} [{bar:30}] {bytes:>10}/{total_bytes:<10} {msg}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .progress_chars("=> ");
+    let style =
+        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {bytes:>10}/{total_bytes:<10} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
     let mut per: HashMap<String, ProgressBar> = HashMap::new();
     let report: DriveReport = rt.block_on(hotweights::cluster::drive::rollout(
         &mut client,
@@ -646,7 +678,14 @@ pub fn rollout(args: RolloutArgs, out: &Output, quiet: bool) -> Result<Outcome> 
         out.json_line(&serde_json::to_value(&report)?)?;
     } else {
         let mut t = table(
-            &["consumer", "state", "bytes", "version", "pause", "flip after ready"],
+            &[
+                "consumer",
+                "state",
+                "bytes",
+                "version",
+                "pause",
+                "flip after ready",
+            ],
             &[2, 4, 5],
         );
         for c in &report.consumers {
@@ -668,7 +707,11 @@ pub fn rollout(args: RolloutArgs, out: &Output, quiet: bool) -> Result<Outcome> 
         out.line(t)?;
         let mut line = format!(
             "rollout {} to {}: {} in {:.2} s (transfer {:.2} s",
-            report.plan_id, report.to_version, report.phase, report.total_seconds, report.transfer_seconds
+            report.plan_id,
+            report.to_version,
+            report.phase,
+            report.total_seconds,
+            report.transfer_seconds
         );
         if let Some(f) = report.flip_seconds {
             line.push_str(&format!(", flip {:.3} ms", f * 1e3));

@@ -234,9 +234,8 @@ impl<S: StateStore> Coordinator<S> {
                 plan.plan_id
             )));
         }
-        let version = |m: &Option<WeightManifest>| {
-            m.as_ref().map(|m| m.version.clone()).unwrap_or_default()
-        };
+        let version =
+            |m: &Option<WeightManifest>| m.as_ref().map(|m| m.version.clone()).unwrap_or_default();
         let rollout = Rollout::submit(RolloutSpec {
             plan_id: plan.plan_id.clone(),
             plan_digest: digest,

@@ -80,8 +80,9 @@ impl CoordClient {
             ));
         }
         for e in &endpoints {
-            Endpoint::from_shared(e.clone())
-                .map_err(|err| HotweightsError::Option(format!("coordinator address {e}: {err}")))?;
+            Endpoint::from_shared(e.clone()).map_err(|err| {
+                HotweightsError::Option(format!("coordinator address {e}: {err}"))
+            })?;
         }
         let auth = match token {
             Some(t) => Some(t.header().parse::<MetadataValue<Ascii>>().map_err(|_| {
@@ -145,7 +146,10 @@ impl CoordClient {
                 },
                 Err(s) => s,
             };
-            let retry = matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled);
+            let retry = matches!(
+                status.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled
+            );
             if !retry || start.elapsed() >= self.retry_for {
                 return Err(rpc_error(self.endpoint(), what, &status));
             }

@@ -106,8 +106,11 @@ struct Info {
     last_flip_unix_ns: u64,
 }
 
+/// The coordinator core over whichever state store was configured.
+type Core = Coordinator<Box<dyn StateStore>>;
+
 struct Inner {
-    coord: Option<Coordinator<Box<dyn StateStore>>>,
+    coord: Option<Core>,
     info: BTreeMap<String, Info>,
     plans: HashMap<String, Arc<SwapPlan>>,
     last_plan: Option<String>,
@@ -207,7 +210,7 @@ fn event_proto(plan_id: &str, index: usize, e: &Event, phase: Phase) -> proto::R
 }
 
 impl Inner {
-    fn coord(&mut self, id: &str) -> std::result::Result<&mut Coordinator<Box<dyn StateStore>>, Status> {
+    fn coord(&mut self, id: &str) -> std::result::Result<&mut Core, Status> {
         self.coord.as_mut().ok_or_else(|| {
             Status::unavailable(format!(
                 "coordinator {id} is a standby: another coordinator holds the leader lease; \
@@ -237,7 +240,9 @@ impl Inner {
             .map(|c| {
                 let (state, bytes, reason) = match r.consumers().get(c) {
                     Some(ConsumerState::Pending) | None => ("pending", 0, String::new()),
-                    Some(ConsumerState::Transferring { bytes }) => ("transferring", *bytes, String::new()),
+                    Some(ConsumerState::Transferring { bytes }) => {
+                        ("transferring", *bytes, String::new())
+                    }
                     Some(ConsumerState::Precommitted) => ("precommitted", staged, String::new()),
                     Some(ConsumerState::Excluded { reason }) => ("excluded", 0, reason.clone()),
                 };
@@ -246,7 +251,11 @@ impl Inner {
                     state: state.into(),
                     bytes,
                     reason,
-                    data_addr: self.info.get(c).map(|i| i.data_addr.clone()).unwrap_or_default(),
+                    data_addr: self
+                        .info
+                        .get(c)
+                        .map(|i| i.data_addr.clone())
+                        .unwrap_or_default(),
                 }
             })
             .collect();
@@ -307,7 +316,7 @@ impl Inner {
 impl CoordService {
     /// A service over `coord` (`None` starts it as a standby).
     fn new(
-        coord: Option<Coordinator<Box<dyn StateStore>>>,
+        coord: Option<Core>,
         token: Option<Token>,
         metrics: CoordMetrics,
         id: String,
@@ -366,9 +375,13 @@ impl CoordService {
     }
 
     /// Applies a rollout change and answers with its events.
-    async fn change<F>(&self, plan_id: String, f: F) -> std::result::Result<Response<proto::ChangeReply>, Status>
+    async fn change<F>(
+        &self,
+        plan_id: String,
+        f: F,
+    ) -> std::result::Result<Response<proto::ChangeReply>, Status>
     where
-        F: FnOnce(&mut Coordinator<Box<dyn StateStore>>) -> Result<Change> + Send + 'static,
+        F: FnOnce(&mut Core) -> Result<Change> + Send + 'static,
     {
         let metrics = self.metrics.clone();
         let pid = plan_id.clone();
@@ -466,14 +479,19 @@ type Reply<T> = std::result::Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl CoordinatorRpc for CoordService {
-    async fn register(&self, request: Request<proto::RegisterRequest>) -> Reply<proto::RegisterReply> {
+    async fn register(
+        &self,
+        request: Request<proto::RegisterRequest>,
+    ) -> Reply<proto::RegisterReply> {
         self.authorize(&request)?;
         let r = request.into_inner();
         let heartbeat_ms = (self.lease.as_millis() / 3).max(1) as u64;
         let reply = self
             .blocking(move |inner, id| {
                 let coord = inner.coord(id)?;
-                coord.register(&r.id, &r.data_addr, now_unix_ns()).map_err(status)?;
+                coord
+                    .register(&r.id, &r.data_addr, now_unix_ns())
+                    .map_err(status)?;
                 let current = coord.state().current_version.clone().unwrap_or_default();
                 let info = inner.info.entry(r.id.clone()).or_default();
                 info.role = r.role;
@@ -491,7 +509,10 @@ impl CoordinatorRpc for CoordService {
         Ok(Response::new(reply))
     }
 
-    async fn heartbeat(&self, request: Request<proto::HeartbeatRequest>) -> Reply<proto::HeartbeatReply> {
+    async fn heartbeat(
+        &self,
+        request: Request<proto::HeartbeatRequest>,
+    ) -> Reply<proto::HeartbeatReply> {
         self.authorize(&request)?;
         let r = request.into_inner();
         let (known, moved) = self
@@ -515,7 +536,10 @@ impl CoordinatorRpc for CoordService {
         Ok(Response::new(proto::HeartbeatReply { known }))
     }
 
-    async fn submit_plan(&self, request: Request<proto::SubmitPlanRequest>) -> Reply<proto::ChangeReply> {
+    async fn submit_plan(
+        &self,
+        request: Request<proto::SubmitPlanRequest>,
+    ) -> Reply<proto::ChangeReply> {
         self.authorize(&request)?;
         let r = request.into_inner();
         let Some(plan) = r.plan else {
@@ -554,14 +578,18 @@ impl CoordinatorRpc for CoordService {
             }
         }
         let plan_id = plan.plan_id.clone();
-        self.change(plan_id, move |c| c.submit(&plan, consumers, deadline_ns, on_lost))
-            .await
+        self.change(plan_id, move |c| {
+            c.submit(&plan, consumers, deadline_ns, on_lost)
+        })
+        .await
     }
 
     async fn get_plan(&self, request: Request<proto::PlanRef>) -> Reply<SwapPlan> {
         self.authorize(&request)?;
         let plan_id = request.into_inner().plan_id;
-        let plan = self.blocking(move |inner, id| inner.plan(id, &plan_id)).await?;
+        let plan = self
+            .blocking(move |inner, id| inner.plan(id, &plan_id))
+            .await?;
         Ok(Response::new((*plan).clone()))
     }
 
@@ -572,13 +600,18 @@ impl CoordinatorRpc for CoordService {
         self.change(plan_id, move |c| c.begin(&p)).await
     }
 
-    async fn report_progress(&self, request: Request<proto::ProgressRequest>) -> Reply<proto::ChangeReply> {
+    async fn report_progress(
+        &self,
+        request: Request<proto::ProgressRequest>,
+    ) -> Reply<proto::ChangeReply> {
         self.authorize(&request)?;
         let r = request.into_inner();
         let plan_id = r.plan_id.clone();
         if r.failed.is_empty() {
-            self.change(plan_id, move |c| c.progress(&r.plan_id, &r.consumer, r.bytes))
-                .await
+            self.change(plan_id, move |c| {
+                c.progress(&r.plan_id, &r.consumer, r.bytes)
+            })
+            .await
         } else {
             eprintln!(
                 "hotweights coord: {} failed in {}: {}",
@@ -589,12 +622,17 @@ impl CoordinatorRpc for CoordService {
         }
     }
 
-    async fn precommit(&self, request: Request<proto::PrecommitRequest>) -> Reply<proto::ChangeReply> {
+    async fn precommit(
+        &self,
+        request: Request<proto::PrecommitRequest>,
+    ) -> Reply<proto::ChangeReply> {
         self.authorize(&request)?;
         let r = request.into_inner();
         let plan_id = r.plan_id.clone();
-        self.change(plan_id, move |c| c.precommit(&r.plan_id, &r.consumer, &r.digest))
-            .await
+        self.change(plan_id, move |c| {
+            c.precommit(&r.plan_id, &r.consumer, &r.digest)
+        })
+        .await
     }
 
     async fn commit(&self, request: Request<proto::PlanRef>) -> Reply<proto::ChangeReply> {
@@ -613,7 +651,8 @@ impl CoordinatorRpc for CoordService {
         } else {
             r.reason
         };
-        self.change(plan_id, move |c| c.abort(&r.plan_id, &reason)).await
+        self.change(plan_id, move |c| c.abort(&r.plan_id, &reason))
+            .await
     }
 
     async fn status(&self, request: Request<proto::StatusRequest>) -> Reply<proto::StatusReply> {
@@ -622,7 +661,10 @@ impl CoordinatorRpc for CoordService {
         Ok(Response::new(reply))
     }
 
-    async fn list_workers(&self, request: Request<proto::ListWorkersRequest>) -> Reply<proto::ListWorkersReply> {
+    async fn list_workers(
+        &self,
+        request: Request<proto::ListWorkersRequest>,
+    ) -> Reply<proto::ListWorkersReply> {
         self.authorize(&request)?;
         let reply = self
             .blocking(|inner, id| {
@@ -651,7 +693,10 @@ impl CoordinatorRpc for CoordService {
         Ok(Response::new(reply))
     }
 
-    async fn set_current_manifest(&self, request: Request<WeightManifest>) -> Reply<proto::ChangeReply> {
+    async fn set_current_manifest(
+        &self,
+        request: Request<WeightManifest>,
+    ) -> Reply<proto::ChangeReply> {
         self.authorize(&request)?;
         let m = request.into_inner();
         let changed = self
@@ -669,7 +714,10 @@ impl CoordinatorRpc for CoordService {
         }))
     }
 
-    async fn get_current_manifest(&self, request: Request<proto::StatusRequest>) -> Reply<WeightManifest> {
+    async fn get_current_manifest(
+        &self,
+        request: Request<proto::StatusRequest>,
+    ) -> Reply<WeightManifest> {
         self.authorize(&request)?;
         let m = self
             .blocking(|inner, id| inner.coord(id)?.current_manifest().map_err(status))
@@ -764,7 +812,7 @@ fn watch_batch(
 }
 
 /// Opens the state and, with Redis, takes the lease if it is free.
-fn open(config: &CoordConfig) -> Result<(Option<Coordinator<Box<dyn StateStore>>>, Option<LeaderLease>)> {
+fn open(config: &CoordConfig) -> Result<(Option<Core>, Option<LeaderLease>)> {
     let options = CoordinatorOptions {
         lease: config.worker_lease,
     };
@@ -773,7 +821,11 @@ fn open(config: &CoordConfig) -> Result<(Option<Coordinator<Box<dyn StateStore>>
             let store: Box<dyn StateStore> = Box::new(RedbState::open(path)?);
             Ok((Some(Coordinator::open(store, options)?), None))
         }
-        StateSpec::Redis { url, name, lease_ttl } => {
+        StateSpec::Redis {
+            url,
+            name,
+            lease_ttl,
+        } => {
             let lease = LeaderLease::new(url, name, &config.id, *lease_ttl)?;
             let coord = if lease.try_acquire()? {
                 let store: Box<dyn StateStore> = Box::new(RedisState::new(lease.clone()));
@@ -813,7 +865,10 @@ async fn lead(service: CoordService, lease: LeaderLease, ttl: Duration, worker_l
             Err(_) => leading,
         };
         if leading && !held {
-            eprintln!("hotweights coord {}: lost the leader lease; standing by", service.id);
+            eprintln!(
+                "hotweights coord {}: lost the leader lease; standing by",
+                service.id
+            );
             let mut g = lock(&service.inner);
             g.coord = None;
             g.plans.clear();
@@ -904,7 +959,12 @@ where
         }
     });
     if let (Some(lease), StateSpec::Redis { lease_ttl, .. }) = (lease.clone(), &config.state) {
-        tasks.spawn(lead(service.clone(), lease, *lease_ttl, config.worker_lease));
+        tasks.spawn(lead(
+            service.clone(),
+            lease,
+            *lease_ttl,
+            config.worker_lease,
+        ));
     }
     if let Some(l) = metrics_listener {
         let registry = Arc::new(registry);

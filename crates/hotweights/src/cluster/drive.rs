@@ -125,7 +125,9 @@ pub async fn rollout(
     let mut ready_at: Option<(Instant, u64)> = None;
     let last = 'watch: loop {
         let mut stream = client
-            .call("Watch", |mut s| async move { s.watch(proto::StatusRequest {}).await })
+            .call("Watch", |mut s| async move {
+                s.watch(proto::StatusRequest {}).await
+            })
             .await?;
         loop {
             match stream.message().await {
@@ -133,7 +135,9 @@ pub async fn rollout(
                 Ok(None) | Err(_) => continue 'watch, // reconnect (another coordinator)
             }
             let status = client
-                .call("Status", |mut s| async move { s.status(proto::StatusRequest {}).await })
+                .call("Status", |mut s| async move {
+                    s.status(proto::StatusRequest {}).await
+                })
                 .await?;
             let Some(r) = status.rollouts.into_iter().find(|r| r.plan_id == plan_id) else {
                 return Err(HotweightsError::Rollout(format!(
@@ -205,7 +209,9 @@ pub async fn rollout(
     for c in &last.consumers {
         let w = workers.iter().find(|w| w.id == c.id);
         let flip_after = match (w, ready_unix) {
-            (Some(w), Some(r)) if w.current_version == last.to_version && w.last_flip_unix_ns > 0 => {
+            (Some(w), Some(r))
+                if w.current_version == last.to_version && w.last_flip_unix_ns > 0 =>
+            {
                 Some(w.last_flip_unix_ns.saturating_sub(r))
             }
             _ => None,

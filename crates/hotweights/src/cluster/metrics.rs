@@ -47,16 +47,9 @@ pub const OPENMETRICS_CONTENT_TYPE: &str =
 
 /// Seconds buckets: 100 µs to 10 min, about three per decade.
 const SECONDS: [f64; 20] = [
-    1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-    30.0, 60.0, 120.0, 600.0,
+    1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0, 60.0, 120.0, 600.0,
 ];
-
-/// A label set of one string label.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Label {
-    /// `consumer` or `outcome`, depending on the series.
-    pub key: String,
-}
 
 fn seconds() -> Histogram {
     Histogram::new(SECONDS)
@@ -113,7 +106,11 @@ impl CoordMetrics {
             "Workers and sources holding a lease",
             self.workers_alive.clone(),
         );
-        r.register("leader", "1 while this coordinator leads", self.leader.clone());
+        r.register(
+            "leader",
+            "1 while this coordinator leads",
+            self.leader.clone(),
+        );
         r.register("precommits", "Precommits accepted", self.precommits.clone());
         r.register("commits", "Rollouts committed", self.commits.clone());
         r.register("aborts", "Rollouts aborted", self.aborts.clone());

@@ -87,8 +87,10 @@ impl Token {
 
     /// Reads a token from a file.
     pub fn from_file(path: &std::path::Path) -> crate::Result<Token> {
-        let text = std::fs::read_to_string(path).map_err(|e| crate::HotweightsError::io(path, e))?;
-        Token::new(&text).map_err(|e| crate::HotweightsError::Option(format!("{}: {e}", path.display())))
+        let text =
+            std::fs::read_to_string(path).map_err(|e| crate::HotweightsError::io(path, e))?;
+        Token::new(&text)
+            .map_err(|e| crate::HotweightsError::Option(format!("{}: {e}", path.display())))
     }
 
     /// The `authorization` header value.

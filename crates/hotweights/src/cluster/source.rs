@@ -29,8 +29,8 @@
 //! cluster already committed that version.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::fs::File;
+use std::future::Future;
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
@@ -87,12 +87,18 @@ pub fn same_content(a: &WeightManifest, b: &WeightManifest) -> bool {
         let mut v: Vec<(String, Vec<String>)> = m
             .tensors
             .iter()
-            .map(|t| (t.name.clone(), t.chunks.iter().map(|c| c.hash.clone()).collect()))
-            .chain(
-                m.files
-                    .iter()
-                    .map(|f| (f.path.clone(), f.chunks.iter().map(|c| c.hash.clone()).collect())),
-            )
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    t.chunks.iter().map(|c| c.hash.clone()).collect(),
+                )
+            })
+            .chain(m.files.iter().map(|f| {
+                (
+                    f.path.clone(),
+                    f.chunks.iter().map(|c| c.hash.clone()).collect(),
+                )
+            }))
             .collect();
         v.sort();
         v
@@ -122,7 +128,12 @@ impl BucketReader {
     /// The pieces of every bucket of `plan`, read from `dir` (the `to`
     /// version's checkpoint), at most `piece_bytes` each, at most
     /// `max_rate` bytes per second.
-    pub fn new(plan: &SwapPlan, dir: &Path, piece_bytes: usize, max_rate: Option<u64>) -> Result<BucketReader> {
+    pub fn new(
+        plan: &SwapPlan,
+        dir: &Path,
+        piece_bytes: usize,
+        max_rate: Option<u64>,
+    ) -> Result<BucketReader> {
         let mut ops: HashMap<u32, Vec<TransferOp>> = HashMap::new();
         for op in transfer_ops(plan, dir)? {
             let id = parse_bucket_address(&op.dst).ok_or_else(|| {
@@ -230,7 +241,11 @@ pub fn empty_manifest(like: &WeightManifest) -> WeightManifest {
 }
 
 /// Serves one catch-up request on `stream`.
-fn catch_up(stream: TcpStream, config: &SourceConfig, metrics: &SourceMetrics) -> Result<BroadcastReport> {
+fn catch_up(
+    stream: TcpStream,
+    config: &SourceConfig,
+    metrics: &SourceMetrics,
+) -> Result<BroadcastReport> {
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
@@ -263,7 +278,10 @@ fn catch_up(stream: TcpStream, config: &SourceConfig, metrics: &SourceMetrics) -
         WeightManifest::decode(have.as_slice()).map_err(|e| fail(format!("bad manifest: {e}")))?
     };
     let options = PlanOptions {
-        plan_id: Some(format!("catch-up:{}->{}@{addr}", have.version, config.manifest.version)),
+        plan_id: Some(format!(
+            "catch-up:{}->{}@{addr}",
+            have.version, config.manifest.version
+        )),
         source: Some(std::path::absolute(&config.checkpoint).map_err(|e| fail(e.to_string()))?),
         ..PlanOptions::default()
     };
@@ -279,7 +297,12 @@ fn catch_up(stream: TcpStream, config: &SourceConfig, metrics: &SourceMetrics) -
     w.write_all(&[0]).map_err(|e| fail(e.to_string()))?;
     write_frame(&mut w, &plan.encode_to_vec()).map_err(|e| fail(e.to_string()))?;
     drop(w);
-    let reader = BucketReader::new(&plan, &config.checkpoint, config.piece_bytes, config.max_rate)?;
+    let reader = BucketReader::new(
+        &plan,
+        &config.checkpoint,
+        config.piece_bytes,
+        config.max_rate,
+    )?;
     let options = BroadcastOptions {
         transfer_id: transfer_id(&plan.digest),
         ..config.broadcast.clone()
@@ -346,7 +369,8 @@ async fn serve_rollout(
             let cfg = config.clone();
             let digest = plan.digest.clone();
             tokio::task::spawn_blocking(move || -> Result<BroadcastReport> {
-                let reader = BucketReader::new(&plan, &cfg.checkpoint, cfg.piece_bytes, cfg.max_rate)?;
+                let reader =
+                    BucketReader::new(&plan, &cfg.checkpoint, cfg.piece_bytes, cfg.max_rate)?;
                 let options = BroadcastOptions {
                     transfer_id: transfer_id(&digest),
                     ..cfg.broadcast.clone()
@@ -464,7 +488,8 @@ where
         client.retry_for = Duration::from_secs(3600);
         let mut served: std::collections::HashSet<String> = Default::default();
         loop {
-            let session = source_session(&mut client, &config, &metrics, &advertised, &mut served).await;
+            let session =
+                source_session(&mut client, &config, &metrics, &advertised, &mut served).await;
             if let Err(e) = session {
                 eprintln!("hotweights source: {e}; reconnecting");
             }
@@ -514,7 +539,9 @@ async fn source_session(
     );
     let result = async {
         let mut stream = client
-            .call("Watch", |mut s| async move { s.watch(proto::StatusRequest {}).await })
+            .call("Watch", |mut s| async move {
+                s.watch(proto::StatusRequest {}).await
+            })
             .await?;
         loop {
             let msg = stream
@@ -528,7 +555,9 @@ async fn source_session(
                 });
             }
             let status = client
-                .call("Status", |mut s| async move { s.status(proto::StatusRequest {}).await })
+                .call("Status", |mut s| async move {
+                    s.status(proto::StatusRequest {}).await
+                })
                 .await?;
             let Some(active) = status.active else {
                 continue;

@@ -226,12 +226,9 @@ fn receive(
     metrics.bytes_received.inc_by(report.bytes_received);
     metrics.hash_failures.inc_by(report.hash_failures);
     metrics.retries.inc_by(report.retries + report.resumes);
-    let forwarded: u64 = report.pieces_forwarded.saturating_mul(
-        report
-            .bytes
-            .checked_div(report.pieces.max(1))
-            .unwrap_or(0),
-    );
+    let forwarded: u64 = report
+        .pieces_forwarded
+        .saturating_mul(report.bytes.checked_div(report.pieces.max(1)).unwrap_or(0));
     metrics.bytes_forwarded.inc_by(forwarded);
     metrics
         .transfer_seconds
@@ -271,7 +268,10 @@ impl Shared {
             if let Err(e) = h.pause.run(version, h.timeout).await {
                 // The cluster committed: switching anyway keeps it on one
                 // version; the engine may serve a moment longer unpaused.
-                eprintln!("hotweights worker {}: pause hook failed: {e}; switching anyway", self.config.id);
+                eprintln!(
+                    "hotweights worker {}: pause hook failed: {e}; switching anyway",
+                    self.config.id
+                );
             }
         }
         let t0 = Instant::now();
@@ -283,7 +283,10 @@ impl Shared {
         let pause = t0.elapsed();
         if let Some(h) = &self.config.hook {
             if let Err(e) = h.resume.run(version, h.timeout).await {
-                eprintln!("hotweights worker {}: resume hook failed: {e}", self.config.id);
+                eprintln!(
+                    "hotweights worker {}: resume hook failed: {e}",
+                    self.config.id
+                );
             }
         }
         committed?;
@@ -304,7 +307,11 @@ impl Shared {
     }
 
     /// Starts taking part in `active`.
-    async fn start_job(self: &Arc<Self>, client: &mut CoordClient, active: &proto::RolloutStatus) -> Result<()> {
+    async fn start_job(
+        self: &Arc<Self>,
+        client: &mut CoordClient,
+        active: &proto::RolloutStatus,
+    ) -> Result<()> {
         let p = active.plan_id.clone();
         let plan = client
             .call("GetPlan", |mut s| {
@@ -340,7 +347,8 @@ impl Shared {
             // Progress, every 200 ms, while receiving.
             let progress = {
                 let (bytes, ended, staged) = (bytes.clone(), ended.clone(), staged.clone());
-                let (plan_id, id, coord, token) = (plan_id.clone(), id.clone(), coord.clone(), token.clone());
+                let (plan_id, id, coord, token) =
+                    (plan_id.clone(), id.clone(), coord.clone(), token.clone());
                 tokio::spawn(async move {
                     let Ok(mut c) = CoordClient::new(&coord, token.as_ref()) else {
                         return;
@@ -377,10 +385,19 @@ impl Shared {
                         plan.plan_id
                     )));
                 }
-                let (buckets, report) =
-                    receive(&plan, &m.listener, &m.config.receiver, &abort_inner, &b2, &m.metrics)?;
+                let (buckets, report) = receive(
+                    &plan,
+                    &m.listener,
+                    &m.config.receiver,
+                    &abort_inner,
+                    &b2,
+                    &m.metrics,
+                )?;
                 if abort_inner.is_aborted() {
-                    return Err(HotweightsError::Rollout(format!("{}: aborted", plan.plan_id)));
+                    return Err(HotweightsError::Rollout(format!(
+                        "{}: aborted",
+                        plan.plan_id
+                    )));
                 }
                 let report_text = format!(
                     "{} bytes in {:.3} s, {} hash failures, {} resumes",
@@ -399,9 +416,26 @@ impl Shared {
                 Ok(())
             })
             .await
-            .unwrap_or_else(|e| Err(HotweightsError::Option(format!("the receive task failed: {e}"))));
+            .unwrap_or_else(|e| {
+                Err(HotweightsError::Option(format!(
+                    "the receive task failed: {e}"
+                )))
+            });
             let result = match outcome {
                 Ok(()) => {
+                    // The last figure first: what the vote stands for.
+                    let done = proto::ProgressRequest {
+                        plan_id: plan_id.clone(),
+                        consumer: id.clone(),
+                        bytes: bytes.load(Ordering::Relaxed),
+                        failed: String::new(),
+                    };
+                    let _ = client
+                        .call("ReportProgress", |mut s| {
+                            let r = done.clone();
+                            async move { s.report_progress(r).await }
+                        })
+                        .await;
                     let req = proto::PrecommitRequest {
                         plan_id: plan_id.clone(),
                         consumer: id.clone(),
@@ -457,7 +491,8 @@ impl Shared {
                 None => Vec::new(),
             }
         };
-        let mut s = TcpStream::connect_timeout(&source, Duration::from_secs(3)).map_err(|e| fail(e.to_string()))?;
+        let mut s = TcpStream::connect_timeout(&source, Duration::from_secs(3))
+            .map_err(|e| fail(e.to_string()))?;
         s.set_read_timeout(Some(Duration::from_secs(120)))
             .map_err(|e| fail(e.to_string()))?;
         let addr = self.config.listen.to_string();
@@ -471,7 +506,10 @@ impl Shared {
         std::io::Read::read_exact(&mut s, &mut ok).map_err(|e| fail(e.to_string()))?;
         let body = read_frame(&mut s).map_err(|e| fail(e.to_string()))?;
         if ok[0] != 0 {
-            return Err(fail(format!("the source refused: {}", String::from_utf8_lossy(&body))));
+            return Err(fail(format!(
+                "the source refused: {}",
+                String::from_utf8_lossy(&body)
+            )));
         }
         let plan = SwapPlan::decode(body.as_slice()).map_err(|e| fail(format!("bad plan: {e}")))?;
         if plan.compute_digest() != plan.digest {
@@ -482,13 +520,24 @@ impl Shared {
         }
         let bytes = AtomicU64::new(0);
         let abort = AbortHandle::default();
-        let (buckets, _) = receive(&plan, &self.listener, &self.config.receiver, &abort, &bytes, &self.metrics)?;
+        let (buckets, _) = receive(
+            &plan,
+            &self.listener,
+            &self.config.receiver,
+            &abort,
+            &bytes,
+            &self.metrics,
+        )?;
         lock(&self.store).apply(&plan, ApplySource::Buckets(&buckets), &|_| {})?;
         Ok(())
     }
 
     /// Compares the coordinator's state with this worker's and acts.
-    async fn reconcile(self: &Arc<Self>, client: &mut CoordClient, status: &proto::StatusReply) -> Result<()> {
+    async fn reconcile(
+        self: &Arc<Self>,
+        client: &mut CoordClient,
+        status: &proto::StatusReply,
+    ) -> Result<()> {
         // The job in hand.
         let job_view = lock(&self.job).as_ref().map(|j| {
             (
@@ -695,7 +744,9 @@ async fn session(shared: &Arc<Shared>, client: &mut CoordClient) -> Result<()> {
     );
     let result = async {
         let mut stream = client
-            .call("Watch", |mut s| async move { s.watch(proto::StatusRequest {}).await })
+            .call("Watch", |mut s| async move {
+                s.watch(proto::StatusRequest {}).await
+            })
             .await?;
         loop {
             let msg = stream
@@ -719,7 +770,9 @@ async fn session(shared: &Arc<Shared>, client: &mut CoordClient) -> Result<()> {
                 Some(proto::watch_message::Kind::Status(s)) => s,
                 _ => {
                     client
-                        .call("Status", |mut s| async move { s.status(proto::StatusRequest {}).await })
+                        .call("Status", |mut s| async move {
+                            s.status(proto::StatusRequest {}).await
+                        })
                         .await?
                 }
             };

@@ -125,7 +125,6 @@ fn a_worker_whose_lease_runs_out_is_lost() {
 struct Unreliable {
     saved: Option<CoordState>,
     fail: bool,
-    blobs: Default::default(),
     blobs: std::collections::HashMap<String, Vec<u8>>,
 }
 
