@@ -278,9 +278,17 @@ impl<S: StateStore> Coordinator<S> {
         self.on_rollout(plan_id, Rollout::begin)
     }
 
-    /// A consumer's progress ([`Rollout::progress`]).
+    /// A consumer's progress ([`Rollout::progress`]). Progress is soft
+    /// state: it changes the state in memory without a save of its own (the
+    /// next saved change carries it), so that a busy rollout does not cost
+    /// one fsync per report. A coordinator restarted in between shows the
+    /// figures its workers report next.
     pub fn progress(&mut self, plan_id: &str, consumer: &str, bytes: u64) -> Result<Change> {
-        self.on_rollout(plan_id, |r| r.progress(consumer, bytes))
+        self.rollout(plan_id)?;
+        match self.state.rollouts.get_mut(plan_id) {
+            Some(r) => r.progress(consumer, bytes),
+            None => Ok(Change::Unchanged),
+        }
     }
 
     /// A consumer's precommit ([`Rollout::precommit`]).

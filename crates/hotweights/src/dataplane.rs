@@ -834,9 +834,18 @@ fn forward(
             continue;
         }
 
-        // Pull into the retained window.
+        // Pull into the retained window, one piece at a time and only when
+        // every piece held is already sent (or there is nobody left to send
+        // to): a slow feed (a paced source, a disk, an upstream link) then
+        // has each piece sent as soon as it is read, instead of a window's
+        // worth later, and the first downstream is connected before the
+        // first read.
         let fed_end = base + retained.len() as u64;
-        if total.is_none() && retained.len() < window {
+        let want_more = match &link {
+            Some(_) => next_send >= fed_end,
+            None => idx >= rest.len(),
+        };
+        if total.is_none() && retained.len() < window && want_more {
             let item = match &mut feed {
                 Feed::Source(it) => match it.next() {
                     Some(Ok(p)) => Some(Event::Piece(Piece::new(fed_end, p))),

@@ -486,12 +486,14 @@ impl CoordinatorRpc for CoordService {
         self.authorize(&request)?;
         let r = request.into_inner();
         let heartbeat_ms = (self.lease.as_millis() / 3).max(1) as u64;
+        let alive = self.metrics.workers_alive.clone();
         let reply = self
             .blocking(move |inner, id| {
                 let coord = inner.coord(id)?;
                 coord
                     .register(&r.id, &r.data_addr, now_unix_ns())
                     .map_err(status)?;
+                alive.set(coord.workers().len() as i64);
                 let current = coord.state().current_version.clone().unwrap_or_default();
                 let info = inner.info.entry(r.id.clone()).or_default();
                 info.role = r.role;
