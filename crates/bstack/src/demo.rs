@@ -58,6 +58,8 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
     }
 
     let (steps, hw_summary) = hotweights_stage(&args.out.join("hotweights"))?;
+    let (cluster_table, cluster_summary) =
+        crate::demo_cluster::cluster_stage(&args.out.join("hotweights"))?;
     let (cache_rows, cache_summary) = bcache_stage(&args.out.join("bcache"))?;
     let (strata_text, strata_summary) = strata_stage(&args.out.join("strata"))?;
 
@@ -78,6 +80,7 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
             "out": args.out,
             "contracts": stages,
             "hotweights": hw_summary,
+            "cluster": cluster_summary,
             "bcache": cache_summary,
             "strata": strata_summary,
         }))?;
@@ -101,6 +104,7 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
             t.add_row(vec![s.step.to_owned(), s.result.clone()]);
         }
         out.line(t)?;
+        out.line(cluster_table)?;
         out.line(cache_rows)?;
         out.line(strata_text)?;
         out.line(format_args!(

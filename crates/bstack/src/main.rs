@@ -10,6 +10,7 @@ mod bcache_serve;
 mod bench;
 mod bench_strata;
 mod demo;
+mod demo_cluster;
 mod hotweights;
 mod hw_cluster;
 mod output;

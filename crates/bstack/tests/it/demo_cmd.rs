@@ -55,6 +55,34 @@ fn writes_ten_files_that_validate() {
     }
 }
 
+/// The cluster stage rolls the next version out through a coordinator, a
+/// source and two worker processes: both workers end on v2, each received
+/// the plan's bytes, and each reports the pause of its flip.
+#[test]
+fn cluster_stage_rolls_out_to_two_worker_processes() {
+    let sandbox = Sandbox::empty();
+    let run = sandbox.run(&["--json", "demo", "--out", DEMO]);
+    run.code(0).quiet_stderr();
+    let report = &run.json()["cluster"]["report"];
+    assert_eq!(report["phase"], "committed", "{run}");
+    assert_eq!(report["all_committed"], true, "{run}");
+    let staged = report["staged_bytes"].as_u64().unwrap_or(0);
+    assert!(staged > 0, "{run}");
+    let consumers = report["consumers"].as_array().cloned().unwrap_or_default();
+    assert_eq!(consumers.len(), 2, "{run}");
+    for c in &consumers {
+        assert_eq!(c["version"], "v2", "{run}");
+        assert_eq!(c["bytes"].as_u64(), Some(staged), "{run}");
+        assert!(c["pause_ns"].as_u64().unwrap_or(0) > 0, "{run}");
+    }
+    for rank in ["rank0", "rank1"] {
+        let store = format!("{DEMO}/hotweights/cluster/{rank}");
+        let status = sandbox.run(&["--json", "hw", "status", "--store", &store]);
+        status.code(0);
+        assert_eq!(status.json()["status"]["current"], "v2", "{status}");
+    }
+}
+
 /// The hotweights stage leaves its manifests and plan (valid contracts), a
 /// store whose current version is v1 after the rollback with v2 available,
 /// and an export of v2.
