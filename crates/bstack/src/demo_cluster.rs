@@ -124,6 +124,10 @@ pub fn cluster_stage(dir: &Path) -> Result<(Table, serde_json::Value)> {
             &path(&dir.join("ckpt-v2")),
             "--manifest",
             &path(&dir.join("v2.weight_manifest.json")),
+            "--prev-checkpoint",
+            &path(&dir.join("ckpt-v1")),
+            "--prev-manifest",
+            &path(&dir.join("v1.weight_manifest.json")),
         ],
         &here.join("source.log"),
     )?;

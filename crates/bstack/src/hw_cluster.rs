@@ -222,6 +222,14 @@ pub struct SourceArgs {
     /// Chunk size in MiB when publishing here (must match the plan's).
     #[arg(long, default_value_t = 4)]
     chunk_mib: u64,
+    /// The previous version's checkpoint directory: with it (and
+    /// --prev-manifest), changed chunks go as sparse deltas, zstd(old XOR
+    /// new), wherever that is smaller than the chunk.
+    #[arg(long, requires = "prev_manifest")]
+    prev_checkpoint: Option<PathBuf>,
+    /// The previous version's manifest.
+    #[arg(long, requires = "prev_checkpoint")]
+    prev_manifest: Option<PathBuf>,
     /// Address for catch-up requests from workers that missed a rollout.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
     listen: SocketAddr,
@@ -599,12 +607,20 @@ pub fn serve_source(args: SourceArgs, out: &Output) -> Result<Outcome> {
     if args.piece_mib == 0 {
         bail!("--piece-mib must be at least 1");
     }
+    let prev = match (&args.prev_manifest, &args.prev_checkpoint) {
+        (Some(m), Some(dir)) => Some((
+            crate::hotweights::read_valid::<WeightManifest>(m)?,
+            dir.clone(),
+        )),
+        _ => None,
+    };
     let config = SourceConfig {
         coord: args.coord.coord.clone(),
         token: args.coord.token()?,
         id: args.id,
         checkpoint: args.checkpoint,
         manifest,
+        prev,
         listen: args.listen,
         metrics: args.metrics,
         broadcast: BroadcastOptions {

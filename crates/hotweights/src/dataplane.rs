@@ -312,6 +312,8 @@ pub struct ReceiveReport {
     pub resumes: u64,
     /// Pieces this receiver sent downstream, resends included.
     pub pieces_forwarded: u64,
+    /// Piece bytes this receiver sent downstream, resends included.
+    pub bytes_forwarded: u64,
     /// Pieces sent downstream again.
     pub retries: u64,
     /// Most pieces queued between receiving and forwarding.
@@ -1365,6 +1367,7 @@ impl Receiver {
                         .join()
                         .map_err(|_| err(me, "forwarding thread panicked"))?;
                     report.pieces_forwarded = stats.pieces_sent;
+                    report.bytes_forwarded = stats.bytes_sent;
                     report.retries = stats.retries;
                     report.peak_in_flight = stats.peak_in_flight;
                     match r {

@@ -64,6 +64,7 @@
 //!   old bytes the receiver holds.
 //! - [`dataplane`]: moving bucket bytes from one source to many receivers
 //!   over TCP, as a verified, pipelined, resumable chain broadcast.
+//! - [`wire`]: the wire form of buckets (raw or sparse records per item).
 //! - [`hash`]: the chunk hash functions.
 //! - [`synth`]: generated checkpoints for demos, benchmarks and tests.
 //! - [`failpoint`]: crash injection for the store's tests.
@@ -86,6 +87,7 @@ pub mod sparse;
 pub mod store;
 pub mod synth;
 pub mod verify;
+pub mod wire;
 
 pub use checkpoint::{Checkpoint, CheckpointFile, INDEX_FILE};
 pub use error::{HotweightsError, Result};

@@ -136,7 +136,7 @@ fn sample(text: &str, name: &str) -> f64 {
 }
 
 /// A sandbox with two versions of a small model (`ck/v1`, `ck/v2`: the head
-/// rewritten, 4 MiB), their manifests, the plan `plan.json` (1 MiB buckets)
+/// rewritten, 4 MiB, and one layer's MLP nudged), their manifests, the plan `plan.json` (1 MiB buckets)
 /// and the token file `tok`. Returns the sandbox and the plan's bucket
 /// bytes.
 fn fixture() -> (Sandbox, u64) {
@@ -146,6 +146,8 @@ fn fixture() -> (Sandbox, u64) {
         .write(&sandbox.path("ck/v1"), 2)
         .unwrap_or_else(|e| panic!("v1: {e}"));
     assert!(model.rewrite("lm_head.weight", 7));
+    // An optimizer-like nudge: sparse deltas pay for these chunks.
+    assert!(model.nudge_where(0.01, 3, |n| n.starts_with("model.layers.0.mlp.")) > 0);
     model
         .write(&sandbox.path("ck/v2"), 2)
         .unwrap_or_else(|e| panic!("v2: {e}"));
@@ -177,7 +179,7 @@ fn fixture() -> (Sandbox, u64) {
         .write(&sandbox.path("plan.json"), Format::Json)
         .unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(sandbox.path("tok"), format!("{TOKEN}\n")).unwrap_or_else(|e| panic!("{e}"));
-    let staged = planned.plan.buckets.iter().map(|b| b.capacity).sum();
+    let staged = planned.plan.staged_bytes();
     (sandbox, staged)
 }
 
@@ -398,7 +400,12 @@ fn a_rollout_commits_on_every_worker_with_the_hook_and_metrics() {
     store_on_v1(&sandbox, "S0");
     store_on_v1(&sandbox, "S1");
     let coord = coordinator(&sandbox, "coord", "c.redb", "127.0.0.1:0");
-    let _src = source(&sandbox, &coord.addr, None, &[]);
+    let src = source(
+        &sandbox,
+        &coord.addr,
+        None,
+        &["--prev-checkpoint", "ck/v1", "--prev-manifest", "v1.json"],
+    );
     let w0 = worker(
         &sandbox,
         &coord.addr,
@@ -443,6 +450,7 @@ fn a_rollout_commits_on_every_worker_with_the_hook_and_metrics() {
     ]);
     again.code(0);
 
+    let wire = sample(&src.metrics(), "hotweights_source_bytes_sent_total");
     let m = coord.metrics();
     assert_eq!(sample(&m, "hotweights_coord_commits_total"), 1.0);
     assert_eq!(sample(&m, "hotweights_coord_precommits_total"), 2.0);
@@ -459,14 +467,25 @@ fn a_rollout_commits_on_every_worker_with_the_hook_and_metrics() {
             sample(&m, "hotweights_worker_bytes_staged_total"),
             staged as f64
         );
-        assert!(sample(&m, "hotweights_worker_bytes_received_total") >= staged as f64);
+        assert!(sample(&m, "hotweights_worker_bytes_received_total") >= wire);
         assert_eq!(sample(&m, "hotweights_worker_pause_seconds_count"), 1.0);
         assert!(m.contains("hotweights_worker_rollouts_total{outcome=\"committed\"} 1"));
     }
-    // rank0 is first in the chain: it forwarded everything to rank1.
+    // Sparse records for the nudged layer: fewer bytes on the wire than
+    // staged, and rank0, first in the chain, forwarded all of them.
+    let m = src.metrics();
+    let wire = sample(&m, "hotweights_source_bytes_sent_total");
+    assert_eq!(
+        sample(&m, "hotweights_source_staged_bytes_total"),
+        staged as f64
+    );
+    assert!(
+        wire < staged as f64,
+        "{wire} wire bytes for {staged} staged"
+    );
     assert_eq!(
         sample(&w0.metrics(), "hotweights_worker_bytes_forwarded_total"),
-        staged as f64
+        wire
     );
 }
 

@@ -232,7 +232,7 @@ impl Inner {
         let spec = r.spec();
         let staged = self
             .plan(id, &spec.plan_id)
-            .map(|p| p.buckets.iter().map(|b| b.capacity).sum())
+            .map(|p| p.staged_bytes())
             .unwrap_or(0);
         let consumers = spec
             .consumers

@@ -23,7 +23,8 @@
 //! | `worker_throughput_bytes_per_second` | worker | gauge | bytes per second of the last transfer |
 //! | `worker_pause_seconds` | worker | histogram | how long the engine was paused for a flip |
 //! | `worker_rollouts_total` | worker | counter | rollouts by outcome, label `outcome` (`committed`, `aborted`, `failed`, `caught_up`) |
-//! | `source_bytes_sent_total` | source | counter | piece bytes sent, resends included |
+//! | `source_bytes_sent_total` | source | counter | piece bytes sent (wire bytes, sparse records included), resends included |
+//! | `source_staged_bytes_total` | source | counter | bucket bytes those transfers delivered to each receiver |
 //! | `source_retries_total` | source | counter | pieces sent again |
 //! | `source_hash_failures_total` | source | counter | NACKs from the first receiver |
 //! | `source_transfers_total` | source | counter | broadcasts and catch-ups finished |
@@ -237,6 +238,8 @@ impl WorkerMetrics {
 pub struct SourceMetrics {
     /// Piece bytes sent, resends included.
     pub bytes_sent: Counter,
+    /// Bucket bytes delivered per receiver.
+    pub staged_bytes: Counter,
     /// Pieces sent again.
     pub retries: Counter,
     /// NACKs from the first receiver.
@@ -251,6 +254,7 @@ impl Default for SourceMetrics {
     fn default() -> Self {
         SourceMetrics {
             bytes_sent: Counter::default(),
+            staged_bytes: Counter::default(),
             retries: Counter::default(),
             hash_failures: Counter::default(),
             transfers: Counter::default(),
@@ -267,6 +271,11 @@ impl SourceMetrics {
             "bytes_sent",
             "Piece bytes sent, resends included",
             self.bytes_sent.clone(),
+        );
+        r.register(
+            "staged_bytes",
+            "Bucket bytes the transfers delivered to each receiver",
+            self.staged_bytes.clone(),
         );
         r.register("retries", "Pieces sent again", self.retries.clone());
         r.register(

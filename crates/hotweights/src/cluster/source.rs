@@ -29,16 +29,14 @@
 //! cluster already committed that version.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::future::Future;
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bstack_plan::{SwapPlan, TransferOp, WeightManifest};
+use bstack_plan::{SwapPlan, WeightManifest};
 use prometheus_client::registry::Registry;
 use prost::Message;
 
@@ -48,7 +46,8 @@ use super::proto::{self, Role};
 use super::{Token, transfer_id};
 use crate::dataplane::{BroadcastOptions, BroadcastReport, Payload, broadcast};
 use crate::error::{HotweightsError, Result};
-use crate::plan::{PlanOptions, parse_bucket_address, transfer_ops};
+use crate::plan::PlanOptions;
+use crate::wire::Encoder;
 
 /// Magic of a catch-up request.
 pub const CATCH_UP_MAGIC: [u8; 4] = *b"HWCU";
@@ -68,6 +67,10 @@ pub struct SourceConfig {
     pub checkpoint: PathBuf,
     /// That checkpoint's manifest.
     pub manifest: WeightManifest,
+    /// The previous version's manifest and checkpoint directory, if held:
+    /// changed chunks whose old bytes it holds go as sparse deltas when
+    /// that is smaller ([`crate::wire`]).
+    pub prev: Option<(WeightManifest, PathBuf)>,
     /// Catch-up address.
     pub listen: SocketAddr,
     /// Prometheus endpoint.
@@ -106,103 +109,42 @@ pub fn same_content(a: &WeightManifest, b: &WeightManifest) -> bool {
     a.hash_algorithm == b.hash_algorithm && a.chunk_bytes == b.chunk_bytes && hashes(a) == hashes(b)
 }
 
-/// Bucket bytes read from a checkpoint directory through a plan's transfer
-/// ops, one piece at a time, optionally paced.
-pub struct BucketReader {
-    pieces: std::vec::IntoIter<(u32, u64, u64)>,
-    ops: HashMap<u32, Vec<TransferOp>>,
-    files: HashMap<String, File>,
-    pace: Option<(u64, Instant)>,
+/// Payloads at most `rate` bytes per second (`None`: as they come).
+struct Paced<I> {
+    inner: I,
+    rate: Option<u64>,
+    start: Instant,
     sent: u64,
 }
 
-impl std::fmt::Debug for BucketReader {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BucketReader")
-            .field("pieces_left", &self.pieces.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl BucketReader {
-    /// The pieces of every bucket of `plan`, read from `dir` (the `to`
-    /// version's checkpoint), at most `piece_bytes` each, at most
-    /// `max_rate` bytes per second.
-    pub fn new(
-        plan: &SwapPlan,
-        dir: &Path,
-        piece_bytes: usize,
-        max_rate: Option<u64>,
-    ) -> Result<BucketReader> {
-        let mut ops: HashMap<u32, Vec<TransferOp>> = HashMap::new();
-        for op in transfer_ops(plan, dir)? {
-            let id = parse_bucket_address(&op.dst).ok_or_else(|| {
-                HotweightsError::Mismatch(format!("op writes {:?}, not a bucket", op.dst))
-            })?;
-            ops.entry(id).or_default().push(op);
-        }
-        let piece = piece_bytes.max(1) as u64;
-        let mut pieces = Vec::new();
-        for b in &plan.buckets {
-            let mut at = 0;
-            while at < b.capacity {
-                let len = piece.min(b.capacity - at);
-                pieces.push((b.id, at, len));
-                at += len;
-            }
-        }
-        Ok(BucketReader {
-            pieces: pieces.into_iter(),
-            ops,
-            files: HashMap::new(),
-            pace: max_rate.filter(|r| *r > 0).map(|r| (r, Instant::now())),
-            sent: 0,
-        })
-    }
-
-    fn read(&mut self, bucket: u32, at: u64, len: u64) -> Result<Payload> {
-        let mut bytes = vec![0u8; len as usize];
-        let end = at + len;
-        for op in self.ops.get(&bucket).map(Vec::as_slice).unwrap_or_default() {
-            let (s, e) = (op.dst_offset, op.dst_offset + op.length);
-            if e <= at || s >= end {
-                continue;
-            }
-            let from = s.max(at);
-            let to = e.min(end);
-            let path = op.src.strip_prefix("file://").unwrap_or(&op.src).to_owned();
-            if !self.files.contains_key(&path) {
-                let f = File::open(&path).map_err(|e| HotweightsError::io(&path, e))?;
-                self.files.insert(path.clone(), f);
-            }
-            let Some(f) = self.files.get(&path) else {
-                continue;
-            };
-            let dst = &mut bytes[(from - at) as usize..(to - at) as usize];
-            f.read_exact_at(dst, op.src_offset + (from - s))
-                .map_err(|e| HotweightsError::io(&path, e))?;
-        }
-        if let Some((rate, start)) = self.pace {
-            self.sent += len;
+impl<I: Iterator<Item = Result<Payload>>> Iterator for Paced<I> {
+    type Item = Result<Payload>;
+    fn next(&mut self) -> Option<Result<Payload>> {
+        let item = self.inner.next()?;
+        if let (Some(rate), Ok(p)) = (self.rate.filter(|r| *r > 0), &item) {
+            self.sent += p.bytes.len() as u64;
             let due = Duration::from_secs_f64(self.sent as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(start.elapsed()) {
+            if let Some(wait) = due.checked_sub(self.start.elapsed()) {
                 std::thread::sleep(wait);
             }
         }
-        Ok(Payload {
-            bucket,
-            offset: at,
-            bytes,
-        })
+        Some(item)
     }
 }
 
-impl Iterator for BucketReader {
-    type Item = Result<Payload>;
-    fn next(&mut self) -> Option<Result<Payload>> {
-        let (bucket, at, len) = self.pieces.next()?;
-        Some(self.read(bucket, at, len))
-    }
+/// The wire payloads of `plan` from this source's checkpoints, paced.
+fn payloads(
+    plan: &SwapPlan,
+    config: &SourceConfig,
+) -> Result<impl Iterator<Item = Result<Payload>> + use<>> {
+    let prev = config.prev.as_ref().map(|(m, p)| (m, p.as_path()));
+    let encoder = Encoder::new(plan, &config.checkpoint, prev, config.piece_bytes)?;
+    Ok(Paced {
+        inner: encoder,
+        rate: config.max_rate,
+        start: Instant::now(),
+        sent: 0,
+    })
 }
 
 /// Writes one length-prefixed frame.
@@ -297,23 +239,18 @@ fn catch_up(
     w.write_all(&[0]).map_err(|e| fail(e.to_string()))?;
     write_frame(&mut w, &plan.encode_to_vec()).map_err(|e| fail(e.to_string()))?;
     drop(w);
-    let reader = BucketReader::new(
-        &plan,
-        &config.checkpoint,
-        config.piece_bytes,
-        config.max_rate,
-    )?;
     let options = BroadcastOptions {
         transfer_id: transfer_id(&plan.digest),
         ..config.broadcast.clone()
     };
-    let report = broadcast(reader, &[addr], &options)?;
-    record(metrics, &report);
+    let report = broadcast(payloads(&plan, config)?, &[addr], &options)?;
+    record(metrics, &report, plan.staged_bytes());
     Ok(report)
 }
 
-fn record(metrics: &SourceMetrics, report: &BroadcastReport) {
+fn record(metrics: &SourceMetrics, report: &BroadcastReport, staged: u64) {
     metrics.bytes_sent.inc_by(report.bytes_sent);
+    metrics.staged_bytes.inc_by(staged);
     metrics.retries.inc_by(report.retries);
     metrics.hash_failures.inc_by(report.hash_failures);
     metrics.transfers.inc();
@@ -364,18 +301,17 @@ async fn serve_rollout(
         )),
         None => Err("the plan has no `to` manifest".into()),
     };
+    let staged = plan.staged_bytes();
     let outcome = match fit {
         Ok(()) => {
             let cfg = config.clone();
             let digest = plan.digest.clone();
             tokio::task::spawn_blocking(move || -> Result<BroadcastReport> {
-                let reader =
-                    BucketReader::new(&plan, &cfg.checkpoint, cfg.piece_bytes, cfg.max_rate)?;
                 let options = BroadcastOptions {
                     transfer_id: transfer_id(&digest),
                     ..cfg.broadcast.clone()
                 };
-                broadcast(reader, &chain, &options)
+                broadcast(payloads(&plan, &cfg)?, &chain, &options)
             })
             .await
             .map_err(|e| format!("the broadcast task failed: {e}"))
@@ -385,9 +321,9 @@ async fn serve_rollout(
     };
     match outcome {
         Ok(report) => {
-            record(metrics, &report);
+            record(metrics, &report, staged);
             eprintln!(
-                "hotweights source: {plan_id}: sent {} bytes to {} receivers in {:.3} s ({} retries, {} excluded)",
+                "hotweights source: {plan_id}: sent {} wire bytes for {staged} staged bytes to {} receivers in {:.3} s ({} retries, {} excluded)",
                 report.bytes,
                 report.completed.len(),
                 report.duration.as_secs_f64(),

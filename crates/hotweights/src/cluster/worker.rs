@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bstack_plan::SwapPlan;
+use bstack_plan::{SwapPlan, WeightManifest};
 use prometheus_client::registry::Registry;
 use prost::Message;
 use tokio::sync::Notify;
@@ -46,7 +46,9 @@ use super::source::{CATCH_UP_MAGIC, read_frame, write_frame};
 use super::{Token, now_unix_ns};
 use crate::dataplane::{AbortHandle, ReceiveReport, Receiver, ReceiverOptions};
 use crate::error::{HotweightsError, Result};
+use crate::source::{ChunkLoc, ChunkSource};
 use crate::store::{ApplySource, Store};
+use crate::wire::Decoder;
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -161,93 +163,70 @@ struct Shared {
     flipping: tokio::sync::Mutex<()>,
 }
 
-/// Receives the buckets of `plan` on `listener` into memory, verifying and
-/// forwarding; returns the buckets and the receiver's report.
-fn receive(
-    plan: &SwapPlan,
-    listener: &TcpListener,
-    options: &ReceiverOptions,
-    abort: &AbortHandle,
-    bytes: &AtomicU64,
-    metrics: &WorkerMetrics,
-) -> Result<(HashMap<u32, Vec<u8>>, ReceiveReport)> {
-    let caps: HashMap<u32, u64> = plan.buckets.iter().map(|b| (b.id, b.capacity)).collect();
-    let mut buckets: HashMap<u32, Vec<u8>> = HashMap::new();
-    let mut filled: HashMap<u32, (u64, Instant)> = HashMap::new();
-    let l = listener
-        .try_clone()
-        .map_err(|e| HotweightsError::Transfer {
-            peer: "data-plane listener".into(),
-            message: e.to_string(),
-        })?;
-    let receiver = Receiver::from_listener(l)
-        .with_options(options.clone())
-        .with_abort(abort.clone());
-    let report = receiver.run(|piece| {
-        let Some(&cap) = caps.get(&piece.bucket) else {
-            return Err(HotweightsError::Mismatch(format!(
-                "{} belongs to no bucket of the plan",
-                piece.seq
-            )));
-        };
-        let end = piece.offset + piece.bytes.len() as u64;
-        if end > cap {
-            return Err(HotweightsError::Mismatch(format!(
-                "piece {} writes past the end of bucket {} ({end} > {cap})",
-                piece.seq, piece.bucket
-            )));
-        }
-        let buf = buckets
-            .entry(piece.bucket)
-            .or_insert_with(|| vec![0u8; cap as usize]);
-        buf[piece.offset as usize..end as usize].copy_from_slice(&piece.bytes);
-        let f = filled
-            .entry(piece.bucket)
-            .or_insert_with(|| (0, Instant::now()));
-        f.0 += piece.bytes.len() as u64;
-        if f.0 == cap {
-            metrics.bucket_seconds.observe(f.1.elapsed().as_secs_f64());
-        }
-        bytes.fetch_add(piece.bytes.len() as u64, Ordering::Relaxed);
-        metrics.bytes_staged.inc_by(piece.bytes.len() as u64);
-        Ok(())
-    })?;
-    for b in &plan.buckets {
-        let got = filled.get(&b.id).map(|f| f.0).unwrap_or(0);
-        if b.capacity == 0 {
-            buckets.entry(b.id).or_default();
-        } else if got != b.capacity {
-            return Err(HotweightsError::Mismatch(format!(
-                "bucket {} arrived with {got} of its {} bytes",
-                b.id, b.capacity
-            )));
-        }
-    }
-    metrics.bytes_received.inc_by(report.bytes_received);
-    metrics.hash_failures.inc_by(report.hash_failures);
-    metrics.retries.inc_by(report.retries + report.resumes);
-    let forwarded: u64 = report
-        .pieces_forwarded
-        .saturating_mul(report.bytes.checked_div(report.pieces.max(1)).unwrap_or(0));
-    metrics.bytes_forwarded.inc_by(forwarded);
-    metrics
-        .transfer_seconds
-        .observe(report.duration.as_secs_f64());
-    if report.duration.as_secs_f64() > 0.0 {
-        metrics
-            .throughput
-            .set(report.bytes as f64 / report.duration.as_secs_f64());
-    }
-    Ok((buckets, report))
-}
-
 impl Shared {
+    /// Receives the buckets of `plan` on `listener` into memory, verifying and
+    /// forwarding; returns the buckets and the receiver's report.
+    fn receive(
+        &self,
+        plan: &SwapPlan,
+        abort: &AbortHandle,
+        bytes: &AtomicU64,
+    ) -> Result<(HashMap<u32, Vec<u8>>, ReceiveReport)> {
+        let from = self.held_from_manifest(plan);
+        let old = |loc: &ChunkLoc<'_>| lock(&self.store).read_chunk(loc);
+        let metrics = &self.metrics;
+        let mut decoder = Decoder::new(plan, from.as_ref())?;
+        let mut started: HashMap<u32, Instant> = HashMap::new();
+        let l = self
+            .listener
+            .try_clone()
+            .map_err(|e| HotweightsError::Transfer {
+                peer: "data-plane listener".into(),
+                message: e.to_string(),
+            })?;
+        let receiver = Receiver::from_listener(l)
+            .with_options(self.config.receiver.clone())
+            .with_abort(abort.clone());
+        let report = receiver.run(|piece| {
+            let first = *started.entry(piece.bucket).or_insert_with(Instant::now);
+            let done = decoder.feed(piece.bucket, piece.offset, &piece.bytes, &old)?;
+            if decoder.is_complete(piece.bucket) {
+                metrics
+                    .bucket_seconds
+                    .observe(first.elapsed().as_secs_f64());
+            }
+            bytes.fetch_add(done, Ordering::Relaxed);
+            metrics.bytes_staged.inc_by(done);
+            Ok(())
+        })?;
+        let buckets = decoder.finish()?;
+        metrics.bytes_received.inc_by(report.bytes_received);
+        metrics.hash_failures.inc_by(report.hash_failures);
+        metrics.retries.inc_by(report.retries + report.resumes);
+        metrics.bytes_forwarded.inc_by(report.bytes_forwarded);
+        metrics
+            .transfer_seconds
+            .observe(report.duration.as_secs_f64());
+        if report.duration.as_secs_f64() > 0.0 {
+            metrics
+                .throughput
+                .set(report.bytes as f64 / report.duration.as_secs_f64());
+        }
+        Ok((buckets, report))
+    }
+
     fn current(&self) -> String {
         lock(&self.store)
             .state()
             .current
             .clone()
             .unwrap_or_default()
+    }
+
+    /// This worker's manifest of the plan's `from` version, if it holds it.
+    fn held_from_manifest(&self, plan: &SwapPlan) -> Option<WeightManifest> {
+        let from = plan.from.as_ref()?;
+        lock(&self.store).manifest(&from.version).ok()
     }
 
     /// Drops versions applied but never committed.
@@ -385,14 +364,7 @@ impl Shared {
                         plan.plan_id
                     )));
                 }
-                let (buckets, report) = receive(
-                    &plan,
-                    &m.listener,
-                    &m.config.receiver,
-                    &abort_inner,
-                    &b2,
-                    &m.metrics,
-                )?;
+                let (buckets, report) = m.receive(&plan, &abort_inner, &b2)?;
                 if abort_inner.is_aborted() {
                     return Err(HotweightsError::Rollout(format!(
                         "{}: aborted",
@@ -520,14 +492,7 @@ impl Shared {
         }
         let bytes = AtomicU64::new(0);
         let abort = AbortHandle::default();
-        let (buckets, _) = receive(
-            &plan,
-            &self.listener,
-            &self.config.receiver,
-            &abort,
-            &bytes,
-            &self.metrics,
-        )?;
+        let (buckets, _) = self.receive(&plan, &abort, &bytes)?;
         lock(&self.store).apply(&plan, ApplySource::Buckets(&buckets), &|_| {})?;
         Ok(())
     }

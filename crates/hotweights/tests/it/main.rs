@@ -14,3 +14,4 @@ mod publish;
 mod rollout;
 mod sparse;
 mod store;
+mod wire;
