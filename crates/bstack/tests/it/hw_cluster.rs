@@ -471,6 +471,31 @@ fn a_rollout_commits_on_every_worker_with_the_hook_and_metrics() {
         assert_eq!(sample(&m, "hotweights_worker_pause_seconds_count"), 1.0);
         assert!(m.contains("hotweights_worker_rollouts_total{outcome=\"committed\"} 1"));
     }
+    // Every series the Grafana dashboard plots is one these processes serve.
+    let served = format!(
+        "{}{}{}{}",
+        coord.metrics(),
+        src.metrics(),
+        w0.metrics(),
+        w1.metrics()
+    );
+    let dashboard = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/grafana/hotweights-cluster.json"),
+    )
+    .unwrap_or_else(|e| panic!("reading the dashboard: {e}"));
+    let mut names: Vec<&str> = dashboard
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("hotweights_"))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() > 10, "{names:?}");
+    for name in names {
+        assert!(
+            served.contains(&format!("\n{name}")),
+            "the dashboard plots {name}, which no process serves"
+        );
+    }
     // Sparse records for the nudged layer: fewer bytes on the wire than
     // staged, and rank0, first in the chain, forwarded all of them.
     let m = src.metrics();
