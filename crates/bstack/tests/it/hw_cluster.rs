@@ -575,6 +575,25 @@ fn a_wrong_or_missing_token_changes_nothing_and_is_never_logged() {
     ]);
     abort.code(2);
 
+    // The right token, but no source holds v2: refused before anything
+    // is submitted, with what to do.
+    let nobody = sandbox.run(&[
+        "hw",
+        "rollout",
+        "--coord",
+        &coord.addr,
+        "--token-file",
+        "tok",
+        "--plan",
+        "plan.json",
+    ]);
+    nobody.code(2);
+    assert!(
+        nobody.error_line().contains("no source holding \"v2\""),
+        "{nobody}"
+    );
+    assert!(nobody.error_line().contains("serve-source"), "{nobody}");
+
     let s = status(&sandbox, &coord.addr);
     assert_eq!(s["rollouts"].as_array().map(Vec::len), Some(0), "{s}");
     assert_eq!(s["revision"], 0, "{s}");

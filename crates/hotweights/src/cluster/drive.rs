@@ -97,6 +97,36 @@ pub async fn rollout(
 ) -> Result<DriveReport> {
     let start = Instant::now();
     let plan_id = plan.plan_id.clone();
+    // A rollout nobody can send would wait for its deadline: say so now.
+    let to = plan
+        .to
+        .as_ref()
+        .map(|m| m.version.clone())
+        .unwrap_or_default();
+    let registered = client
+        .call("ListWorkers", |mut s| async move {
+            s.list_workers(proto::ListWorkersRequest {}).await
+        })
+        .await?
+        .workers;
+    let known = client
+        .call("Status", |mut s| async move {
+            s.status(proto::StatusRequest {}).await
+        })
+        .await?
+        .rollouts
+        .iter()
+        .any(|r| r.plan_id == plan_id);
+    if !known
+        && !registered
+            .iter()
+            .any(|w| w.role == proto::Role::Source as i32 && w.holds_version == to)
+    {
+        return Err(HotweightsError::Rollout(format!(
+            "{plan_id}: no source holding {to:?} is registered with the coordinator; start one \
+             (bstack hw serve-source --checkpoint DIR --manifest M.json) and run this again"
+        )));
+    }
     let submit = proto::SubmitPlanRequest {
         plan: Some(plan),
         consumers: options.consumers.clone(),

@@ -450,6 +450,21 @@ impl Shared {
         Ok(())
     }
 
+    /// Whether the store holds `version` with the content of the cluster's
+    /// current manifest.
+    async fn holds_current(&self, client: &mut CoordClient, version: &str) -> bool {
+        let stored = lock(&self.store).manifest(version).ok();
+        let Some(stored) = stored else {
+            return false;
+        };
+        let current = client
+            .call("GetCurrentManifest", |mut s| async move {
+                s.get_current_manifest(proto::StatusRequest {}).await
+            })
+            .await;
+        current.is_ok_and(|m| m.version == version && super::source::same_content(&m, &stored))
+    }
+
     /// Brings this worker to `version`, which the cluster runs, from a source.
     fn catch_up(&self, source: SocketAddr, version: &str) -> Result<()> {
         let fail = |m: String| HotweightsError::Transfer {
@@ -564,6 +579,17 @@ impl Shared {
             && cluster != self.current()
             && !self.catching_up.swap(true, Ordering::SeqCst)
         {
+            // Staged already (this worker restarted between its vote and
+            // the commit): switch without a transfer, if the stored version
+            // is the one the cluster committed.
+            if self.holds_current(client, &cluster).await {
+                let r = self.flip(&cluster).await;
+                self.catching_up.store(false, Ordering::SeqCst);
+                if r.is_ok() {
+                    self.metrics.outcome("committed");
+                }
+                return r;
+            }
             let workers = client
                 .call("ListWorkers", |mut s| async move {
                     s.list_workers(proto::ListWorkersRequest {}).await
