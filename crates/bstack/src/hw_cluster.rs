@@ -15,8 +15,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use bstack_plan::{SwapPlan, WeightManifest};
 use clap::{Args, Subcommand, ValueEnum};
-use hotweights::cluster::client::CoordClient;
-use hotweights::cluster::coord::{CoordConfig, StateSpec};
+use hotweights::cluster::client::{ClientTls, CoordClient};
+use hotweights::cluster::coord::{CoordConfig, ServerTls, StateSpec};
 use hotweights::cluster::drive::{DriveOptions, DriveReport};
 use hotweights::cluster::hook::{Action, Hook};
 use hotweights::cluster::source::SourceConfig;
@@ -70,9 +70,26 @@ pub struct CoordArg {
     /// with).
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// PEM CA bundle to trust: talk TLS (https://) to the coordinator, whose
+    /// certificate this CA signed. Without it the control plane is plaintext.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// The name the coordinator's certificate must carry, when it differs
+    /// from the host in --coord (e.g. a certificate for a hostname while
+    /// connecting by IP).
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    tls_domain: Option<String>,
 }
 
 impl CoordArg {
+    fn tls(&self) -> Result<Option<ClientTls>> {
+        self.tls_ca
+            .as_deref()
+            .map(|ca| ClientTls::from_file(ca, self.tls_domain.clone()))
+            .transpose()
+            .map_err(Into::into)
+    }
+
     fn token(&self) -> Result<Option<Token>> {
         self.token_file
             .as_deref()
@@ -82,7 +99,7 @@ impl CoordArg {
     }
 
     fn client(&self) -> Result<CoordClient> {
-        Ok(CoordClient::new(&self.coord, self.token()?.as_ref())?)
+        Ok(CoordClient::new(&self.coord, self.token()?.as_ref())?.with_tls(self.tls()?)?)
     }
 }
 
@@ -124,6 +141,14 @@ pub struct CoordServeArgs {
     /// client on the network may drive rollouts.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// Serve TLS with this PEM certificate (chain); needs --tls-key. Clients
+    /// then pass the CA bundle that signed it with --tls-ca. Recommended
+    /// with --token-file, so the token never crosses the network in clear.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
@@ -339,6 +364,10 @@ pub fn coord(cmd: CoordCommand, out: &Output) -> Result<Outcome> {
 }
 
 fn coord_serve(args: CoordServeArgs, out: &Output) -> Result<Outcome> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(ServerTls::from_files(cert, key)?),
+        _ => None,
+    };
     let token = args
         .token_file
         .as_deref()
@@ -351,6 +380,7 @@ fn coord_serve(args: CoordServeArgs, out: &Output) -> Result<Outcome> {
         );
     }
     let config = CoordConfig {
+        tls,
         listen: args.listen,
         metrics: args.metrics,
         state: StateSpec::parse(&args.state, &args.group, args.leader_ttl),
@@ -566,6 +596,7 @@ pub fn worker(args: WorkerArgs, out: &Output) -> Result<Outcome> {
     let config = WorkerConfig {
         coord: args.coord.coord.clone(),
         token: args.coord.token()?,
+        tls: args.coord.tls()?,
         id: args.id.unwrap_or_else(|| format!("rank{}", args.rank)),
         store: args.store,
         listen: args.listen,
@@ -617,6 +648,7 @@ pub fn serve_source(args: SourceArgs, out: &Output) -> Result<Outcome> {
     let config = SourceConfig {
         coord: args.coord.coord.clone(),
         token: args.coord.token()?,
+        tls: args.coord.tls()?,
         id: args.id,
         checkpoint: args.checkpoint,
         manifest,

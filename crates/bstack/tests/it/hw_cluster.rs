@@ -236,30 +236,38 @@ fn wait_or_show(what: &str, limit: Duration, mut f: impl FnMut() -> bool, procs:
 
 /// Starts a coordinator on a free port with the token and metrics.
 fn coordinator(sandbox: &Sandbox, name: &str, state: &str, listen: &str) -> Proc {
-    Proc::start(
-        sandbox,
+    coordinator_with(sandbox, name, state, listen, &[])
+}
+
+/// [`coordinator`] with `extra` arguments.
+fn coordinator_with(
+    sandbox: &Sandbox,
+    name: &str,
+    state: &str,
+    listen: &str,
+    extra: &[&str],
+) -> Proc {
+    let mut args = vec![
+        "hw",
+        "coord",
+        "serve",
+        "--listen",
+        listen,
+        "--state",
+        state,
+        "--token-file",
+        "tok",
+        "--metrics",
+        "127.0.0.1:0",
+        "--lease",
+        "2s",
+        "--leader-ttl",
+        "1500ms",
+        "--id",
         name,
-        &[
-            "hw",
-            "coord",
-            "serve",
-            "--listen",
-            listen,
-            "--state",
-            state,
-            "--token-file",
-            "tok",
-            "--metrics",
-            "127.0.0.1:0",
-            "--lease",
-            "2s",
-            "--leader-ttl",
-            "1500ms",
-            "--id",
-            name,
-        ],
-        true,
-    )
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(sandbox, name, &args, true)
 }
 
 /// Starts a source of `ck/v2`, paced to `rate` bytes/s when given.
@@ -315,8 +323,13 @@ fn worker(sandbox: &Sandbox, coord: &str, rank: u32, extra: &[&str]) -> Proc {
 
 /// Waits until the coordinator lists `n` processes.
 fn wait_registered(sandbox: &Sandbox, coord: &str, n: usize) {
+    wait_registered_with(sandbox, coord, n, &[]);
+}
+
+/// [`wait_registered`], `coord workers` getting `extra` arguments.
+fn wait_registered_with(sandbox: &Sandbox, coord: &str, n: usize, extra: &[&str]) {
     wait_for("registrations", PATIENCE, || {
-        let run = sandbox.run(&[
+        let mut args = vec![
             "--json",
             "hw",
             "coord",
@@ -325,7 +338,9 @@ fn wait_registered(sandbox: &Sandbox, coord: &str, n: usize) {
             coord,
             "--token-file",
             "tok",
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let run = sandbox.run(&args);
         run.code == Some(0)
             && run.json()["workers"]
                 .as_array()
@@ -335,7 +350,12 @@ fn wait_registered(sandbox: &Sandbox, coord: &str, n: usize) {
 
 /// `bstack --json hw coord status`.
 fn status(sandbox: &Sandbox, coord: &str) -> Value {
-    let run = sandbox.run(&[
+    status_with(sandbox, coord, &[])
+}
+
+/// [`status`] with `extra` arguments.
+fn status_with(sandbox: &Sandbox, coord: &str, extra: &[&str]) -> Value {
+    let mut args = vec![
         "--json",
         "hw",
         "coord",
@@ -344,7 +364,9 @@ fn status(sandbox: &Sandbox, coord: &str) -> Value {
         coord,
         "--token-file",
         "tok",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let run = sandbox.run(&args);
     run.code(0);
     run.json()
 }
@@ -810,5 +832,151 @@ fn with_redis_state_a_standby_takes_over_a_rollout_from_a_killed_leader() {
     assert_eq!(report["phase"], "committed", "{text}");
     for s in ["S0", "S1"] {
         assert_eq!(current(&sandbox.path(s)).as_deref(), Some("v2"), "{s}");
+    }
+}
+
+/// Writes a test CA (`tls/ca.pem`), a server certificate it signed for
+/// `localhost` and 127.0.0.1 with its key (`tls/server.pem`,
+/// `tls/server.key`), and an unrelated CA (`tls/other-ca.pem`).
+fn tls_fixture(sandbox: &Sandbox) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let ca = |name: &str| {
+        let mut params =
+            CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("{e}"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let cert = params
+            .self_signed(&key)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        (cert.pem(), Issuer::new(params, key))
+    };
+    let (ca_pem, issuer) = ca("bstack test CA");
+    let (other_pem, _) = ca("another CA");
+    let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap_or_else(|e| panic!("{e}"));
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let key = KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+    let cert = params
+        .signed_by(&key, &issuer)
+        .unwrap_or_else(|e| panic!("server certificate: {e}"));
+    sandbox.write("tls/ca.pem", ca_pem);
+    sandbox.write("tls/other-ca.pem", other_pem);
+    sandbox.write("tls/server.pem", cert.pem());
+    sandbox.write("tls/server.key", key.serialize_pem());
+}
+
+#[test]
+fn over_tls_a_rollout_commits_and_a_client_without_the_ca_changes_nothing() {
+    let (sandbox, staged) = fixture();
+    tls_fixture(&sandbox);
+    store_on_v1(&sandbox, "S0");
+
+    // Half a TLS configuration, or files that are not PEM, fail before
+    // anything listens, naming the flag or the file.
+    let half = sandbox.run(&["hw", "coord", "serve", "--tls-cert", "tls/server.pem"]);
+    half.code(2);
+    assert!(half.stderr.contains("--tls-key"), "{half}");
+    let swapped = sandbox.run(&[
+        "hw",
+        "coord",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--state",
+        "x.redb",
+        "--tls-cert",
+        "tls/server.key",
+        "--tls-key",
+        "tls/server.pem",
+    ]);
+    swapped.code(2);
+    assert!(swapped.error_line().contains("tls/server.key"), "{swapped}");
+    let no_ca = sandbox.run(&["hw", "coord", "status", "--tls-ca", "tls/missing.pem"]);
+    no_ca.code(2);
+    assert!(no_ca.error_line().contains("tls/missing.pem"), "{no_ca}");
+
+    let coord = coordinator_with(
+        &sandbox,
+        "coord",
+        "c.redb",
+        "127.0.0.1:0",
+        &[
+            "--tls-cert",
+            "tls/server.pem",
+            "--tls-key",
+            "tls/server.key",
+        ],
+    );
+    let tls = ["--tls-ca", "tls/ca.pem"];
+    let _src = source(&sandbox, &coord.addr, None, &tls);
+    let w0 = worker(&sandbox, &coord.addr, 0, &tls);
+    wait_registered_with(&sandbox, &coord.addr, 2, &tls);
+
+    // Plaintext, and TLS trusting another CA: refused, nothing changes.
+    let plain = sandbox.run(&[
+        "hw",
+        "rollout",
+        "--coord",
+        &coord.addr,
+        "--token-file",
+        "tok",
+        "--plan",
+        "plan.json",
+    ]);
+    plain.code(2);
+    assert!(plain.error_line().contains("--tls-ca"), "{plain}");
+    let other = sandbox.run(&[
+        "hw",
+        "coord",
+        "abort",
+        "--coord",
+        &coord.addr,
+        "--token-file",
+        "tok",
+        "--tls-ca",
+        "tls/other-ca.pem",
+        "--plan-id",
+        "x",
+    ]);
+    other.code(2);
+    assert!(
+        other.error_line().to_lowercase().contains("certificate"),
+        "{other}"
+    );
+    let s = status_with(&sandbox, &coord.addr, &tls);
+    assert_eq!(s["rollouts"].as_array().map(Vec::len), Some(0), "{s}");
+    assert_eq!(s["revision"], 0, "{s}");
+    assert_eq!(current(&sandbox.path("S0")).as_deref(), Some("v1"));
+
+    // Over TLS, the name checked being --tls-domain's rather than the IP's.
+    let (code, report, text) = finish(start_rollout(
+        &sandbox,
+        &coord.addr,
+        &["--tls-ca", "tls/ca.pem", "--tls-domain", "localhost"],
+    ));
+    assert_eq!(code, Some(0), "{text}\n{}", coord.log());
+    assert_eq!(report["phase"], "committed", "{text}");
+    assert_eq!(report["all_committed"], true, "{text}");
+    assert_eq!(report["staged_bytes"].as_u64(), Some(staged), "{text}");
+    assert_eq!(current(&sandbox.path("S0")).as_deref(), Some("v2"));
+    assert_eq!(
+        sample(&w0.metrics(), "hotweights_worker_bytes_staged_total"),
+        staged as f64
+    );
+    for text in [coord.log(), w0.log(), plain.stderr.clone()] {
+        assert!(!text.contains(TOKEN), "the token leaked: {text}");
     }
 }

@@ -6,14 +6,27 @@
 //! round and round with a short pause, until `retry_for` has passed; any
 //! other answer (a refused rollout call, a wrong token) returns at once. All
 //! calls are idempotent, so retrying one whose reply was lost is safe.
+//!
+//! # TLS
+//!
+//! TLS is optional. With a [`ClientTls`] ([`CoordClient::with_tls`];
+//! `--tls-ca FILE` on the command line) the client speaks `https://` to
+//! every coordinator and trusts only the certificates of that PEM CA bundle;
+//! the certificate must name the host part of the address (or the
+//! `--tls-domain` override, for a certificate issued to a hostname while
+//! connecting by IP). Without it the control plane is plaintext HTTP/2.
+//! TLS is recommended together with a token: the bearer token then never
+//! crosses the network in the clear. rustls does the TLS, with ring as the
+//! crypto provider; no OpenSSL is involved.
 
 use std::future::Future;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
 use super::Token;
@@ -36,9 +49,100 @@ impl Interceptor for Auth {
 /// The generated client with the token interceptor.
 pub type Stub = CoordinatorClient<InterceptedService<Channel, Auth>>;
 
+/// The client side of TLS on the control plane: the CA bundle to trust and,
+/// optionally, the name the coordinators' certificates must carry. See the
+/// module documentation.
+#[derive(Clone)]
+pub struct ClientTls {
+    /// Where the CA bundle came from, for messages.
+    origin: String,
+    ca: Certificate,
+    domain: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("ca", &self.origin)
+            .field("domain", &self.domain)
+            .finish()
+    }
+}
+
+impl ClientTls {
+    /// Trusts the PEM certificates in `pem` (`origin` names them in
+    /// errors). `domain`, when given, is the name the coordinators'
+    /// certificates must carry instead of the host part of their address.
+    pub fn from_pem(pem: impl AsRef<[u8]>, origin: &str, domain: Option<String>) -> Result<Self> {
+        let pem = pem.as_ref();
+        if !pem
+            .windows(b"-----BEGIN CERTIFICATE-----".len())
+            .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+        {
+            return Err(HotweightsError::Option(format!(
+                "TLS CA bundle {origin}: no PEM certificate (-----BEGIN CERTIFICATE-----) in it"
+            )));
+        }
+        if let Some(d) = &domain {
+            if d.trim().is_empty() {
+                return Err(HotweightsError::Option(
+                    "the TLS domain name is empty".into(),
+                ));
+            }
+        }
+        Ok(ClientTls {
+            origin: origin.to_owned(),
+            ca: Certificate::from_pem(pem),
+            domain,
+        })
+    }
+
+    /// [`ClientTls::from_pem`] with the bundle read from `path`.
+    pub fn from_file(path: &Path, domain: Option<String>) -> Result<Self> {
+        let pem = std::fs::read(path).map_err(|e| {
+            HotweightsError::Option(format!("reading the TLS CA bundle {}: {e}", path.display()))
+        })?;
+        Self::from_pem(pem, &path.display().to_string(), domain)
+    }
+
+    /// The tonic configuration for a coordinator at `url`.
+    fn config(&self, url: &str) -> ClientTlsConfig {
+        let domain = self.domain.clone().unwrap_or_else(|| host(url).to_owned());
+        ClientTlsConfig::new()
+            .ca_certificate(self.ca.clone())
+            .domain_name(domain)
+    }
+
+    /// `endpoint` with this TLS configuration.
+    fn apply(&self, endpoint: Endpoint, url: &str) -> Result<Endpoint> {
+        endpoint.tls_config(self.config(url)).map_err(|e| {
+            HotweightsError::Option(format!(
+                "TLS for coordinator {url} (CA bundle {}): {}",
+                self.origin,
+                chain(&e)
+            ))
+        })
+    }
+}
+
+/// The host part of a URL (`https://host:port/...`), without the brackets
+/// of an IPv6 address.
+fn host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or(v6);
+    }
+    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+}
+
 /// A client of one coordinator group. See the module documentation.
 pub struct CoordClient {
+    /// The addresses as given (`host:port` or a URL).
+    addrs: Vec<String>,
     endpoints: Vec<String>,
+    tls: Option<ClientTls>,
     auth: Auth,
     at: usize,
     stub: Option<Stub>,
@@ -50,40 +154,52 @@ impl std::fmt::Debug for CoordClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CoordClient")
             .field("endpoints", &self.endpoints)
+            .field("tls", &self.tls)
             .field("token", &self.auth.0.as_ref().map(|_| "***"))
             .finish()
     }
 }
 
-/// `host:port` or `http://host:port`, as a URL.
-fn url(addr: &str) -> String {
-    if addr.contains("://") {
+/// `host:port` or `http(s)://host:port`, as a URL: `https://` with TLS.
+/// A scheme that contradicts the TLS setting is an error.
+fn url(addr: &str, tls: bool) -> Result<String> {
+    let lower = addr.to_ascii_lowercase();
+    if lower.starts_with("http://") && tls {
+        return Err(HotweightsError::Option(format!(
+            "coordinator address {addr}: http:// with a TLS CA bundle; write HOST:PORT or https://"
+        )));
+    }
+    if lower.starts_with("https://") && !tls {
+        return Err(HotweightsError::Option(format!(
+            "coordinator address {addr}: https:// needs the CA bundle to trust; pass --tls-ca FILE"
+        )));
+    }
+    Ok(if addr.contains("://") {
         addr.to_owned()
+    } else if tls {
+        format!("https://{addr}")
     } else {
         format!("http://{addr}")
-    }
+    })
 }
 
 impl CoordClient {
     /// A client of the coordinators at `addrs` (comma-separated
     /// `host:port`s), sending `token` with every call.
+    /// Plaintext unless [`CoordClient::with_tls`] is called.
     pub fn new(addrs: &str, token: Option<&Token>) -> Result<CoordClient> {
-        let endpoints: Vec<String> = addrs
+        let addrs: Vec<String> = addrs
             .split(',')
             .map(str::trim)
             .filter(|a| !a.is_empty())
-            .map(url)
+            .map(str::to_owned)
             .collect();
-        if endpoints.is_empty() {
+        if addrs.is_empty() {
             return Err(HotweightsError::Option(
                 "no coordinator address given; pass --coord HOST:PORT[,HOST:PORT...]".into(),
             ));
         }
-        for e in &endpoints {
-            Endpoint::from_shared(e.clone()).map_err(|err| {
-                HotweightsError::Option(format!("coordinator address {e}: {err}"))
-            })?;
-        }
+        let endpoints = Self::endpoints(&addrs, None)?;
         let auth = match token {
             Some(t) => Some(t.header().parse::<MetadataValue<Ascii>>().map_err(|_| {
                 HotweightsError::Option("the token cannot be sent as a header".into())
@@ -91,12 +207,44 @@ impl CoordClient {
             None => None,
         };
         Ok(CoordClient {
+            addrs,
             endpoints,
+            tls: None,
             auth: Auth(auth),
             at: 0,
             stub: None,
             retry_for: Duration::from_secs(15),
         })
+    }
+
+    /// The URLs of `addrs`, checked (with `tls`, that it applies to each).
+    fn endpoints(addrs: &[String], tls: Option<&ClientTls>) -> Result<Vec<String>> {
+        let mut endpoints = Vec::with_capacity(addrs.len());
+        for a in addrs {
+            let e = url(a, tls.is_some())?;
+            let endpoint = Endpoint::from_shared(e.clone()).map_err(|err| {
+                HotweightsError::Option(format!("coordinator address {e}: {err}"))
+            })?;
+            if let Some(t) = tls {
+                t.apply(endpoint, &e)?;
+            }
+            endpoints.push(e);
+        }
+        Ok(endpoints)
+    }
+
+    /// Speaks TLS to the coordinators with `tls` (plaintext with `None`).
+    /// See the module documentation.
+    pub fn with_tls(mut self, tls: Option<ClientTls>) -> Result<CoordClient> {
+        self.endpoints = Self::endpoints(&self.addrs, tls.as_ref())?;
+        self.tls = tls;
+        self.stub = None;
+        Ok(self)
+    }
+
+    /// Whether calls go over TLS.
+    pub fn tls(&self) -> Option<&ClientTls> {
+        self.tls.as_ref()
     }
 
     /// The coordinator the client talks to now.
@@ -109,10 +257,15 @@ impl CoordClient {
         if let Some(s) = &self.stub {
             return Ok(s.clone());
         }
-        let endpoint = Endpoint::from_shared(self.endpoint().to_owned())
+        let mut endpoint = Endpoint::from_shared(self.endpoint().to_owned())
             .map_err(|e| Status::invalid_argument(e.to_string()))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            endpoint = tls
+                .apply(endpoint, self.endpoint())
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
         let channel = endpoint
             .connect()
             .await
@@ -151,7 +304,20 @@ impl CoordClient {
                 Code::Unavailable | Code::Unknown | Code::Cancelled
             );
             if !retry || start.elapsed() >= self.retry_for {
-                return Err(rpc_error(self.endpoint(), what, &status));
+                let mut err = rpc_error(self.endpoint(), what, &status);
+                if let HotweightsError::Transfer { message, .. } = &mut err {
+                    // A transport failure: perhaps TLS on one side only.
+                    if retry {
+                        message.push_str(if self.tls.is_some() {
+                            "; this client uses TLS (--tls-ca): does the coordinator serve TLS \
+                             (--tls-cert/--tls-key) with a certificate the CA signed, for this host \
+                             or --tls-domain?"
+                        } else {
+                            "; if the coordinator serves TLS, pass its CA bundle with --tls-ca"
+                        });
+                    }
+                }
+                return Err(err);
             }
             self.rotate();
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -187,4 +353,55 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PEM: &str = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn the_host_of_an_address_is_the_tls_name() {
+        assert_eq!(host("https://127.0.0.1:7070"), "127.0.0.1");
+        assert_eq!(host("https://coord.example:7070/"), "coord.example");
+        assert_eq!(host("https://[::1]:7070"), "::1");
+        assert_eq!(host("localhost"), "localhost");
+    }
+
+    #[test]
+    fn tls_switches_the_scheme_and_a_contradicting_one_is_refused() {
+        let tls = ClientTls::from_pem(PEM, "ca.pem", None).unwrap_or_else(|e| panic!("{e}"));
+        let c = CoordClient::new("127.0.0.1:1, localhost:2", None)
+            .and_then(|c| c.with_tls(Some(tls.clone())))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.endpoints, ["https://127.0.0.1:1", "https://localhost:2"]);
+        let plain = CoordClient::new("127.0.0.1:1", None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(plain.endpoint(), "http://127.0.0.1:1");
+        let e = CoordClient::new("http://127.0.0.1:1", None)
+            .and_then(|c| c.with_tls(Some(tls)))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("http://"), "{e}");
+        let e = CoordClient::new("https://127.0.0.1:1", None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("--tls-ca"), "{e}");
+    }
+
+    #[test]
+    fn a_ca_bundle_without_a_certificate_is_refused_by_name() {
+        let e = ClientTls::from_pem("not pem", "bundle.pem", None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("bundle.pem"), "{e}");
+        let e = ClientTls::from_file(Path::new("/nonexistent/ca.pem"), None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+    }
 }

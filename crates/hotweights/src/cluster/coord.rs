@@ -26,6 +26,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -33,8 +34,8 @@ use bstack_plan::{SwapPlan, WeightManifest};
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 use super::metrics::{ConsumerLabel, CoordMetrics};
@@ -50,7 +51,7 @@ use crate::rollout::{Change, ConsumerState, Event, LostPolicy, Phase, Rollout};
 #[derive(Debug, Clone)]
 pub enum StateSpec {
     /// An embedded redb file (one coordinator).
-    Redb(std::path::PathBuf),
+    Redb(PathBuf),
     /// Redis, shared by a leader and its standbys.
     Redis {
         /// `redis://[:password@]host:port[/db]`.
@@ -92,6 +93,86 @@ pub struct CoordConfig {
     pub worker_lease: Duration,
     /// This coordinator's id (in the leader lease and in `Status`).
     pub id: String,
+    /// Serve over TLS with this certificate; `None` for plaintext.
+    pub tls: Option<ServerTls>,
+}
+
+/// The coordinator's TLS certificate chain and private key (PEM). `Debug`
+/// shows the file names only.
+#[derive(Clone)]
+pub struct ServerTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("cert", &self.cert_file)
+            .field("key", &self.key_file)
+            .finish()
+    }
+}
+
+/// Whether `pem` holds a PEM block whose label ends with `label`.
+fn has_pem(pem: &[u8], label: &str) -> bool {
+    String::from_utf8_lossy(pem).lines().any(|l| {
+        l.trim()
+            .strip_prefix("-----BEGIN ")
+            .and_then(|r| r.strip_suffix("-----"))
+            .is_some_and(|l| l.ends_with(label))
+    })
+}
+
+impl ServerTls {
+    /// Reads the certificate chain and its private key from PEM files;
+    /// errors name the file at fault.
+    pub fn from_files(cert_file: &Path, key_file: &Path) -> Result<ServerTls> {
+        let read = |what: &str, p: &Path| {
+            std::fs::read(p).map_err(|e| {
+                HotweightsError::Option(format!("reading the TLS {what} {}: {e}", p.display()))
+            })
+        };
+        let cert = read("certificate", cert_file)?;
+        let key = read("private key", key_file)?;
+        if !has_pem(&cert, "CERTIFICATE") {
+            return Err(HotweightsError::Option(format!(
+                "TLS certificate {}: no PEM certificate (-----BEGIN CERTIFICATE-----) in it",
+                cert_file.display()
+            )));
+        }
+        if !has_pem(&key, "PRIVATE KEY") {
+            return Err(HotweightsError::Option(format!(
+                "TLS private key {}: no PEM private key (-----BEGIN ... PRIVATE KEY-----) in it",
+                key_file.display()
+            )));
+        }
+        let tls = ServerTls {
+            cert_file: cert_file.to_owned(),
+            key_file: key_file.to_owned(),
+            cert,
+            key,
+        };
+        // Parse now, so that a bad pair fails before anything listens.
+        tls.apply(Server::builder())?;
+        Ok(tls)
+    }
+
+    /// `server` serving TLS with this identity.
+    fn apply(&self, server: Server) -> Result<Server> {
+        server
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(&self.cert, &self.key)))
+            .map_err(|e| {
+                HotweightsError::Option(format!(
+                    "TLS certificate {} with key {}: {}",
+                    self.cert_file.display(),
+                    self.key_file.display(),
+                    super::client::chain(&e)
+                ))
+            })
+    }
 }
 
 /// What the coordinator knows of a registered process beyond its lease.
@@ -909,6 +990,10 @@ where
     F: FnOnce(SocketAddr, Option<SocketAddr>),
     S: Future<Output = ()>,
 {
+    let mut server = match &config.tls {
+        Some(tls) => tls.apply(Server::builder())?,
+        None => Server::builder(),
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| HotweightsError::Transfer {
@@ -976,7 +1061,7 @@ where
             }
         });
     }
-    let result = Server::builder()
+    let result = server
         .add_service(
             CoordinatorServer::new(service.clone())
                 .max_decoding_message_size(1 << 30)

@@ -40,6 +40,10 @@
 //! TOKEN`; the coordinator compares it in constant time and answers
 //! `UNAUTHENTICATED` without changing anything. The token never appears in
 //! events, logs, errors or `Debug` output.
+//!
+//! TLS is optional ([`coord::ServerTls`] on the coordinator,
+//! [`client::ClientTls`] on every client; rustls with ring): recommended with
+//! a token, so that the token never crosses the network in the clear.
 
 pub mod client;
 pub mod coord;

@@ -40,7 +40,7 @@ use bstack_plan::{SwapPlan, WeightManifest};
 use prometheus_client::registry::Registry;
 use prost::Message;
 
-use super::client::CoordClient;
+use super::client::{ClientTls, CoordClient};
 use super::metrics::SourceMetrics;
 use super::proto::{self, Role};
 use super::{Token, transfer_id};
@@ -61,6 +61,8 @@ pub struct SourceConfig {
     pub coord: String,
     /// Bearer token.
     pub token: Option<Token>,
+    /// TLS to the coordinator; `None` for plaintext.
+    pub tls: Option<ClientTls>,
     /// Its id.
     pub id: String,
     /// The next version's checkpoint directory.
@@ -420,7 +422,8 @@ where
     }
     let advertised = bound.to_string();
     let work = async {
-        let mut client = CoordClient::new(&config.coord, config.token.as_ref())?;
+        let mut client =
+            CoordClient::new(&config.coord, config.token.as_ref())?.with_tls(config.tls.clone())?;
         client.retry_for = Duration::from_secs(3600);
         let mut served: std::collections::HashSet<String> = Default::default();
         loop {
@@ -469,6 +472,7 @@ async fn source_session(
     let beat = super::worker::heartbeat_task(
         config.coord.clone(),
         config.token.clone(),
+        config.tls.clone(),
         register,
         Duration::from_millis(reply.heartbeat_ms.max(1)),
         None,

@@ -38,7 +38,7 @@ use prost::Message;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::client::CoordClient;
+use super::client::{ClientTls, CoordClient};
 use super::hook::Hook;
 use super::metrics::WorkerMetrics;
 use super::proto::{self, Role};
@@ -57,6 +57,8 @@ pub struct WorkerConfig {
     pub coord: String,
     /// Bearer token.
     pub token: Option<Token>,
+    /// TLS to the coordinator; `None` for plaintext.
+    pub tls: Option<ClientTls>,
     /// Its id: the consumer name plans use.
     pub id: String,
     /// Its versioned store.
@@ -88,12 +90,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) fn heartbeat_task(
     coord: String,
     token: Option<Token>,
+    tls: Option<ClientTls>,
     register: proto::RegisterRequest,
     period: Duration,
     beat: Option<(Arc<Mutex<Beat>>, Arc<Notify>)>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let Ok(mut client) = CoordClient::new(&coord, token.as_ref()) else {
+        let Ok(mut client) = CoordClient::new(&coord, token.as_ref()).and_then(|c| c.with_tls(tls))
+        else {
             return;
         };
         client.retry_for = period;
@@ -318,18 +322,28 @@ impl Shared {
         let id = self.config.id.clone();
         let coord = self.config.coord.clone();
         let token = self.config.token.clone();
+        let tls = self.config.tls.clone();
         tokio::spawn(async move {
-            let Ok(mut client) = CoordClient::new(&coord, token.as_ref()) else {
+            let Ok(mut client) =
+                CoordClient::new(&coord, token.as_ref()).and_then(|c| c.with_tls(tls.clone()))
+            else {
                 return;
             };
             client.retry_for = Duration::from_secs(60);
             // Progress, every 200 ms, while receiving.
             let progress = {
                 let (bytes, ended, staged) = (bytes.clone(), ended.clone(), staged.clone());
-                let (plan_id, id, coord, token) =
-                    (plan_id.clone(), id.clone(), coord.clone(), token.clone());
+                let (plan_id, id, coord, token, tls) = (
+                    plan_id.clone(),
+                    id.clone(),
+                    coord.clone(),
+                    token.clone(),
+                    tls.clone(),
+                );
                 tokio::spawn(async move {
-                    let Ok(mut c) = CoordClient::new(&coord, token.as_ref()) else {
+                    let Ok(mut c) =
+                        CoordClient::new(&coord, token.as_ref()).and_then(|c| c.with_tls(tls))
+                    else {
                         return;
                     };
                     let mut last = u64::MAX;
@@ -685,7 +699,8 @@ where
         });
     }
     let work = async {
-        let mut client = CoordClient::new(&config.coord, config.token.as_ref())?;
+        let mut client =
+            CoordClient::new(&config.coord, config.token.as_ref())?.with_tls(config.tls.clone())?;
         client.retry_for = Duration::from_secs(3600);
         loop {
             if let Err(e) = session(&shared, &mut client).await {
@@ -729,6 +744,7 @@ async fn session(shared: &Arc<Shared>, client: &mut CoordClient) -> Result<()> {
     let beat = heartbeat_task(
         config.coord.clone(),
         config.token.clone(),
+        config.tls.clone(),
         register,
         Duration::from_millis(reply.heartbeat_ms.max(1)),
         Some((shared.beat.clone(), shared.poke.clone())),
