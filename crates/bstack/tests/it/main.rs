@@ -9,6 +9,7 @@ mod cli;
 mod common;
 mod demo_cmd;
 mod hotweights_cmd;
+mod hw_partition;
 mod hw_rollout_cmd;
 mod plan_convert;
 mod plan_show;
