@@ -7,8 +7,8 @@
 //! On one machine, loopback is as fast as memory: the two or three cores,
 //! not the network, would set the speed. So each worker runs in its own
 //! network namespace (`hwb{pid}w{i}`) behind a veth pair whose two
-//! directions are both shaped with `tc qdisc ... tbf` to [`LINK_RATE`]
-//! (1 Gbit/s): the host side limits traffic into the namespace, the
+//! directions are both shaped with `tc qdisc ... tbf` to 1 Gbit/s
+//! (`BSTACK_BENCH_LINK_MBIT=500` sets another rate, in Mbit/s): the host side limits traffic into the namespace, the
 //! namespace side traffic out of it. The broadcast chain
 //! source -> w0 -> w1 -> w2 -> w3 then pipelines as on real links: each
 //! worker receives on its link and forwards on the other direction of the
@@ -37,7 +37,11 @@
 //! over the same shaped link, until the receiver has read them all. Extras:
 //! `transfer_seconds` (submit to every precommit), `flip_ms` (the last
 //! precommit seen to the last worker flipped), `max_pause_ms` (the longest
-//! engine pause of any worker), `per_worker_bytes` (of the last run).
+//! engine pause of any worker), `per_worker_bytes` (of the last run), and
+//! `broadcast_seconds` with `broadcast_ratio`: the source's own time to
+//! send the bytes down the whole chain (from its log), and that time over
+//! the baseline's. The rest of `transfer_seconds` is the workers' staging
+//! of the received buckets into their stores, and the votes.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -55,10 +59,10 @@ use serde_json::{Value, json};
 use crate::bench::{Figure, emit, middle};
 use crate::output::Output;
 
-/// The shaped rate of every link, as `tc` spells it.
-pub const LINK_RATE: &str = "1gbit";
-/// [`LINK_RATE`] in bits per second.
-const LINK_BITS_PER_S: u64 = 1_000_000_000;
+/// The shaped rate of every link, Mbit/s, unless [`LINK_ENV`] says otherwise.
+const LINK_MBIT: u64 = 1000;
+/// The environment variable that sets another link rate, in Mbit/s.
+const LINK_ENV: &str = "BSTACK_BENCH_LINK_MBIT";
 /// Workers in the emulated cluster.
 const WORKERS: usize = 4;
 /// The checkpoint size at scale 1.
@@ -72,7 +76,20 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The bench.
 pub fn measure(runs: usize, scale: f64, out: &Output) -> Result<()> {
     let tmp = tempfile::tempdir().context("creating a temporary directory")?;
-    let net = match Net::create(WORKERS, 231) {
+    let mbit = match std::env::var(LINK_ENV) {
+        Ok(text) => match text.trim().parse::<u64>() {
+            Ok(m) if (1..=100_000).contains(&m) => m,
+            _ => bail!("{LINK_ENV}={text:?}: not a rate from 1 to 100000 Mbit/s"),
+        },
+        Err(_) => LINK_MBIT,
+    };
+    // As `tc` spells it.
+    let rate = if mbit % 1000 == 0 {
+        format!("{}gbit", mbit / 1000)
+    } else {
+        format!("{mbit}mbit")
+    };
+    let net = match Net::create(WORKERS, 231, &rate) {
         Ok(net) => Some(net),
         Err(e) => {
             eprintln!(
@@ -128,6 +145,12 @@ pub fn measure(runs: usize, scale: f64, out: &Output) -> Result<()> {
                 .fold(0.0, f64::max)
         })
         .collect();
+    let broadcast = result
+        .broadcasts
+        .iter()
+        .copied()
+        .collect::<Option<Vec<f64>>>()
+        .map(median_f64);
     let committed = result
         .reports
         .iter()
@@ -144,14 +167,16 @@ pub fn measure(runs: usize, scale: f64, out: &Output) -> Result<()> {
         .against("raw_tcp_one_receiver", baseline)
         .with(json!({
             "workers": WORKERS,
-            "network": if net.is_some() { format!("netns-tbf-{LINK_RATE}") } else { "loopback".into() },
-            "link_rate": if net.is_some() { json!(LINK_RATE) } else { json!(null) },
-            "link_bits_per_s": if net.is_some() { json!(LINK_BITS_PER_S) } else { json!(null) },
+            "network": if net.is_some() { format!("netns-tbf-{rate}") } else { "loopback".into() },
+            "link_rate": if net.is_some() { json!(rate) } else { json!(null) },
+            "link_bits_per_s": if net.is_some() { json!(mbit * 1_000_000) } else { json!(null) },
             "checkpoint_bytes": data.checkpoint_bytes,
             "changed_percent": data.changed_percent,
             "all_committed": committed,
             "total_seconds": median_f64(seconds("total_seconds")),
             "transfer_seconds": median_f64(seconds("transfer_seconds")),
+            "broadcast_seconds": broadcast,
+            "broadcast_ratio": broadcast.map(|b| b / baseline.as_secs_f64().max(1e-9)),
             "flip_ms": median_f64(seconds("flip_seconds")) * 1e3,
             "max_pause_ms": median_f64(max_pause),
             "per_worker_bytes": per_worker,
@@ -302,6 +327,10 @@ fn prepare(dir: &Path, runs: usize, scale: f64) -> Result<Data> {
         Ok(())
     })?;
     data.stores = stores;
+    // Gigabytes of checkpoints and stores were just written: flush them
+    // now, so that their writeback does not run under the rollouts (a
+    // cluster's checkpoints are on disk long before a rollout).
+    let _ = Command::new("sync").stdin(Stdio::null()).status();
     Ok(data)
 }
 
@@ -313,6 +342,17 @@ fn prev_manifest(path: &Path) -> Result<bstack_plan::WeightManifest> {
 struct Rollouts {
     totals: Vec<Duration>,
     reports: Vec<Value>,
+    /// The source's own time to send the plan's bytes down the chain.
+    broadcasts: Vec<Option<f64>>,
+}
+
+/// The seconds of the broadcast, from the source's log line
+/// `... sent N bytes to K receivers in T s ...`.
+fn broadcast_seconds(log: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text.lines().rev().find(|l| l.contains(" receivers in "))?;
+    let (_, rest) = line.split_once(" receivers in ")?;
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 /// Starts the coordinator and the workers, then per run a source for the
@@ -368,6 +408,7 @@ fn cluster_runs(
     let mut rollouts = Rollouts {
         totals: Vec::new(),
         reports: Vec::new(),
+        broadcasts: Vec::new(),
     };
     for r in 0..runs {
         let from = format!("v{}", r + 1);
@@ -428,6 +469,9 @@ fn cluster_runs(
             .map_or(wall, Duration::from_secs_f64);
         rollouts.totals.push(total);
         rollouts.reports.push(report);
+        rollouts
+            .broadcasts
+            .push(broadcast_seconds(&procs.logs.join(format!("{name}.log"))));
         procs.kill(&name);
     }
     Ok(rollouts)
@@ -541,8 +585,9 @@ pub struct Net {
 }
 
 impl Net {
-    /// Creates `n` namespaces in `10.{net}.x.0/30` subnets.
-    pub fn create(n: usize, net: u8) -> Result<Net> {
+    /// Creates `n` namespaces in `10.{net}.x.0/30` subnets, behind links
+    /// shaped to `rate` (as `tc` spells it) both ways.
+    pub fn create(n: usize, net: u8, rate: &str) -> Result<Net> {
         let pid = std::process::id();
         let mut this = Net {
             prefix: format!("hwb{pid}"),
@@ -584,8 +629,8 @@ impl Net {
                 &["-n", &ns, "route", "add", "default", "via", &gateway],
             )?;
             let shape = [
-                "qdisc", "add", "dev", "", "root", "tbf", "rate", LINK_RATE, "burst", "1mb",
-                "latency", "20ms",
+                "qdisc", "add", "dev", "", "root", "tbf", "rate", rate, "burst", "1mb", "latency",
+                "20ms",
             ];
             let mut host_shape = shape;
             host_shape[3] = &host;

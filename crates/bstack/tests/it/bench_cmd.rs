@@ -226,6 +226,7 @@ fn hotweights_cluster_rolls_out_to_every_worker() {
         "workers",
         "network",
         "transfer_seconds",
+        "broadcast_seconds",
         "flip_ms",
         "max_pause_ms",
         "per_worker_bytes",
@@ -257,6 +258,7 @@ fn hotweights_cluster_rolls_out_to_every_worker() {
         "baseline_ms",
         "ratio",
         "transfer_seconds",
+        "broadcast_seconds",
         "flip_ms",
     ] {
         assert!(
