@@ -27,15 +27,20 @@ pub struct BenchArgs {
     /// Component to measure: `plan` (contract encode, decode, JSON,
     /// validate), `hotweights` (publish against file reading and hashing)
     /// `bcache` (planning latency at 1k to 1M pending requests; the
-    /// shared trace under every policy, with hit rates and TTFT) or
-    /// `strata` (every tier against memcpy, raw file I/O or raw TCP).
+    /// shared trace under every policy, with hit rates and TTFT),
+    /// `strata` (every tier against memcpy, raw file I/O or raw TCP) or
+    /// `hotweights-cluster` (alias `hw-cluster`: a rollout to 4 workers,
+    /// each in a network namespace behind a 1 Gbit/s link, against one raw
+    /// TCP copy of the same bytes; needs root, else runs on loopback).
     component: String,
     /// Timed runs per figure, after one warm-up run.
     #[arg(long, default_value_t = 7)]
     runs: usize,
     /// Scale of the generated inputs, 1.0 = the reference size (plan:
     /// 20,000 tensors x 4 chunks and 100,000 ops; hotweights: a 512 MiB
-    /// checkpoint in 4 shards).
+    /// checkpoint in 4 shards; hotweights-cluster: a 2 GiB checkpoint, 10 %
+    /// of it changed per version). For hotweights-cluster `--runs` is the
+    /// number of rollouts, with no warm-up.
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
 }
@@ -53,7 +58,15 @@ pub fn run(args: BenchArgs, out: &Output) -> Result<Outcome> {
         "hotweights" | "hw" => bench_hotweights(&args, out)?,
         "bcache" => bench_bcache(&args, out)?,
         "strata" => crate::bench_strata::measure(args.runs, args.scale, out)?,
-        other => bail!("no benchmarks for {other:?}; available: plan, hotweights, bcache, strata"),
+        "hotweights-cluster" | "hw-cluster" => {
+            crate::bench_hw_cluster::measure(args.runs, args.scale, out)?
+        }
+        // The raw TCP receiver of the cluster bench's baseline, started by
+        // the bench inside a worker's network namespace.
+        "hotweights-cluster-sink" => crate::bench_hw_cluster::sink()?,
+        other => bail!(
+            "no benchmarks for {other:?}; available: plan, hotweights, bcache, strata, hotweights-cluster"
+        ),
     }
     Ok(Outcome::Ok)
 }

@@ -8,6 +8,7 @@
 mod bcache;
 mod bcache_serve;
 mod bench;
+mod bench_hw_cluster;
 mod bench_strata;
 mod demo;
 mod demo_cluster;

@@ -1,6 +1,8 @@
 //! `bstack bench`: the `plan` benches at a tiny scale print one JSON figure
 //! per line with its baseline; unknown components and bad `--runs` or
-//! `--scale` values are usage errors (exit 2).
+//! `--scale` values are usage errors (exit 2); the cluster bench rolls a
+//! tiny checkpoint out to four workers (in network namespaces as root, on
+//! loopback otherwise).
 
 use crate::common::Sandbox;
 
@@ -74,7 +76,7 @@ fn unknown_component_is_exit_2() {
     run.code(2).quiet_stdout();
     assert_eq!(
         run.error_line(),
-        "no benchmarks for \"nosuch\"; available: plan, hotweights, bcache, strata",
+        "no benchmarks for \"nosuch\"; available: plan, hotweights, bcache, strata, hotweights-cluster",
         "{run}"
     );
 }
@@ -194,4 +196,85 @@ fn strata_figures_come_with_their_limits() {
         let limitless = name.ends_with("reopen") || name.ends_with("get_4kib_2threads");
         assert_eq!(f["baseline"].is_null(), limitless, "{name}: {f}");
     }
+}
+
+#[test]
+fn hotweights_cluster_rolls_out_to_every_worker() {
+    let started = std::time::Instant::now();
+    let sandbox = Sandbox::empty();
+    let run = sandbox.run(&[
+        "bench",
+        "hotweights-cluster",
+        "--runs",
+        "1",
+        "--scale",
+        "0.01",
+    ]);
+    run.code(0);
+    let figures = run.json_lines();
+    assert_eq!(figures.len(), 1, "{run}");
+    let f = &figures[0];
+    for key in [
+        "bench",
+        "n",
+        "runs",
+        "bytes",
+        "median_ms",
+        "baseline",
+        "baseline_ms",
+        "ratio",
+        "workers",
+        "network",
+        "transfer_seconds",
+        "broadcast_seconds",
+        "flip_ms",
+        "max_pause_ms",
+        "per_worker_bytes",
+        "all_committed",
+    ] {
+        assert!(f.get(key).is_some(), "{f} lacks {key:?}{run}");
+    }
+    assert_eq!(f["bench"], "hotweights_cluster.rollout", "{run}");
+    assert_eq!(f["baseline"], "raw_tcp_one_receiver", "{run}");
+    assert_eq!((&f["runs"], &f["workers"]), (&1.into(), &4.into()), "{run}");
+    assert_eq!(f["all_committed"], true, "{run}");
+    let network = f["network"].as_str().unwrap_or_default();
+    assert!(
+        network == "loopback" || network == "netns-tbf-1gbit",
+        "network {network:?}{run}"
+    );
+    // About 20 MiB, 10 % of it staged.
+    let staged = f["bytes"].as_u64().unwrap_or_default();
+    assert!((1 << 20..4 << 20).contains(&staged), "staged {staged}{run}");
+    let per_worker = f["per_worker_bytes"]
+        .as_object()
+        .unwrap_or_else(|| panic!("per_worker_bytes is not an object{run}"));
+    assert_eq!(per_worker.len(), 4, "{run}");
+    for (id, bytes) in per_worker {
+        assert_eq!(bytes.as_u64(), Some(staged), "{id}{run}");
+    }
+    for key in [
+        "median_ms",
+        "baseline_ms",
+        "ratio",
+        "transfer_seconds",
+        "broadcast_seconds",
+        "flip_ms",
+    ] {
+        assert!(
+            f[key].as_f64().is_some_and(|v| v.is_finite() && v > 0.0),
+            "{key} is not a positive number{run}"
+        );
+    }
+    assert!(
+        f["max_pause_ms"].as_f64().is_some_and(|v| v >= 0.0),
+        "{run}"
+    );
+    if network == "loopback" {
+        assert!(run.stderr.contains("loopback"), "no note on stderr{run}");
+    }
+    eprintln!(
+        "cluster bench took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }

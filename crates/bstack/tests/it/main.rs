@@ -10,6 +10,7 @@ mod common;
 mod demo_cmd;
 mod hotweights_cmd;
 mod hw_cluster;
+mod hw_partition;
 mod hw_rollout_cmd;
 mod plan_convert;
 mod plan_show;
