@@ -84,6 +84,15 @@ pub struct State {
     pub retired: Vec<String>,
 }
 
+/// A commit written ahead by [`Store::prepare_commit`], made current by
+/// [`Store::flip`].
+#[derive(Debug)]
+#[must_use = "a prepared commit changes nothing until it is flipped"]
+pub struct PreparedCommit {
+    base: State,
+    state: State,
+}
+
 /// What an interrupted apply left: the content of `journal.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Journal {
@@ -450,6 +459,14 @@ impl Store {
     /// Makes `version` current, atomically. The previous current version
     /// goes to the front of the rollback history.
     pub fn commit(&mut self, version: &str) -> Result<()> {
+        match self.commit_state(version)? {
+            Some(next) => self.write_state(next, "commit"),
+            None => Ok(()),
+        }
+    }
+
+    /// The state after a commit of `version`; `None` when it is current.
+    fn commit_state(&mut self, version: &str) -> Result<Option<State>> {
         self.require_lock()?;
         let path = self.version_path(version)?;
         if !path.is_file() {
@@ -459,7 +476,7 @@ impl Store {
             ));
         }
         if self.state.current.as_deref() == Some(version) {
-            return Ok(());
+            return Ok(None);
         }
         let mut next = self.state.clone();
         next.history.retain(|v| v != version);
@@ -468,7 +485,54 @@ impl Store {
             next.history.insert(0, old);
         }
         next.current = Some(version.to_owned());
-        self.write_state(next, "commit")
+        Ok(Some(next))
+    }
+
+    /// The slow half of a commit of `version`, done ahead: the new state is
+    /// written and synced beside the live one, but nothing changes yet.
+    /// [`Store::flip`] then makes it current with one rename, so a serving
+    /// engine is paused only for that rename; [`Store::sync`] makes the flip
+    /// durable afterwards. A crash in between leaves the old or the new
+    /// version current, both whole. `None` when `version` is current.
+    pub fn prepare_commit(&mut self, version: &str) -> Result<Option<PreparedCommit>> {
+        let Some(next) = self.commit_state(version)? else {
+            return Ok(None);
+        };
+        let bytes = serde_json::to_vec_pretty(&next)
+            .map_err(|e| HotweightsError::Option(format!("state: {e}")))?;
+        let tmp = self.root.join(STATE_TMP);
+        let file = File::create(&tmp).map_err(|e| HotweightsError::io(&tmp, e))?;
+        file.write_all_at(&bytes, 0)
+            .map_err(|e| HotweightsError::io(&tmp, e))?;
+        file.sync_data().map_err(|e| HotweightsError::io(&tmp, e))?;
+        Ok(Some(PreparedCommit {
+            base: self.state.clone(),
+            state: next,
+        }))
+    }
+
+    /// Makes a prepared commit current: one rename. Fails, changing
+    /// nothing, when the state changed since it was prepared.
+    pub fn flip(&mut self, prepared: PreparedCommit) -> Result<()> {
+        self.require_lock()?;
+        let tmp = self.root.join(STATE_TMP);
+        let target = self.root.join(STATE);
+        if !tmp.is_file() || prepared.base != self.state {
+            return Err(store_error(
+                &self.root,
+                String::from(
+                    "the prepared commit is stale (another change came first); prepare it again",
+                ),
+            ));
+        }
+        fs::rename(&tmp, &target).map_err(|e| HotweightsError::io(&target, e))?;
+        self.state = prepared.state;
+        Ok(())
+    }
+
+    /// Makes the last flip durable (syncs the store's directory).
+    pub fn sync(&self) -> Result<()> {
+        sync_dir(&self.root.join(STATE))
     }
 
     /// Makes the previous version current again, atomically, in O(1).

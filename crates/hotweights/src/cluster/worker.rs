@@ -47,7 +47,7 @@ use super::{Token, now_unix_ns};
 use crate::dataplane::{AbortHandle, ReceiveReport, Receiver, ReceiverOptions};
 use crate::error::{HotweightsError, Result};
 use crate::source::{ChunkLoc, ChunkSource};
-use crate::store::{ApplySource, Store};
+use crate::store::{ApplySource, PreparedCommit, Store};
 use crate::wire::Decoder;
 
 /// How a worker runs.
@@ -163,6 +163,8 @@ struct Shared {
     poke: Arc<Notify>,
     metrics: WorkerMetrics,
     job: Mutex<Option<Job>>,
+    /// A commit written ahead, for the version staged last.
+    prepared: Mutex<Option<(String, PreparedCommit)>>,
     catching_up: AtomicBool,
     flipping: tokio::sync::Mutex<()>,
 }
@@ -235,17 +237,36 @@ impl Shared {
 
     /// Drops versions applied but never committed.
     fn discard_staging(&self) {
+        *lock(&self.prepared) = None;
         let mut store = lock(&self.store);
         if let Err(e) = store.gc(None, true) {
             eprintln!("hotweights worker: discarding staged versions: {e}");
         }
     }
 
-    /// Pauses the engine, makes `version` current, resumes; records the pause.
+    /// Writes the commit of `version` ahead (see [`Store::prepare_commit`]),
+    /// so that the flip itself is one rename.
+    fn prepare(&self, version: &str) -> Result<()> {
+        let prepared = lock(&self.store).prepare_commit(version)?;
+        *lock(&self.prepared) = prepared.map(|p| (version.to_owned(), p));
+        Ok(())
+    }
+
+    /// Pauses the engine, makes `version` current, resumes; records the
+    /// pause, which spans only the rename that makes the new version
+    /// current.
     async fn flip(self: &Arc<Self>, version: &str) -> Result<()> {
         let _one = self.flipping.lock().await;
         if self.current() == version {
             return Ok(());
+        }
+        let ready = matches!(lock(&self.prepared).as_ref(), Some((v, _)) if v == version);
+        if !ready {
+            let me = self.clone();
+            let v = version.to_owned();
+            tokio::task::spawn_blocking(move || me.prepare(&v))
+                .await
+                .map_err(|e| HotweightsError::Option(format!("the flip task failed: {e}")))??;
         }
         if let Some(h) = &self.config.hook {
             if let Err(e) = h.pause.run(version, h.timeout).await {
@@ -257,13 +278,19 @@ impl Shared {
                 );
             }
         }
+        // A rename, on this thread: a hand-off to the blocking pool would
+        // cost more than the work.
         let t0 = Instant::now();
-        let me = self.clone();
-        let v = version.to_owned();
-        let committed = tokio::task::spawn_blocking(move || lock(&me.store).commit(&v))
-            .await
-            .map_err(|e| HotweightsError::Option(format!("the flip task failed: {e}")))?;
+        let flipped = match lock(&self.prepared).take() {
+            Some((_, prepared)) => {
+                let mut store = lock(&self.store);
+                // Stale (the store changed since): the whole commit instead.
+                store.flip(prepared).or_else(|_| store.commit(version))
+            }
+            None => lock(&self.store).commit(version),
+        };
         let pause = t0.elapsed();
+        let flip_unix_ns = now_unix_ns();
         if let Some(h) = &self.config.hook {
             if let Err(e) = h.resume.run(version, h.timeout).await {
                 eprintln!(
@@ -272,13 +299,17 @@ impl Shared {
                 );
             }
         }
-        committed?;
+        flipped?;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || lock(&me.store).sync())
+            .await
+            .map_err(|e| HotweightsError::Option(format!("the sync task failed: {e}")))??;
         self.metrics.pause_seconds.observe(pause.as_secs_f64());
         {
             let mut b = lock(&self.beat);
             b.current_version = version.to_owned();
             b.last_pause_ns = u64::try_from(pause.as_nanos()).unwrap_or(u64::MAX);
-            b.last_flip_unix_ns = now_unix_ns();
+            b.last_flip_unix_ns = flip_unix_ns;
         }
         self.poke.notify_one();
         eprintln!(
@@ -392,8 +423,11 @@ impl Shared {
                     report.hash_failures,
                     report.resumes
                 );
-                let mut store = lock(&m.store);
-                store.apply(&plan, ApplySource::Buckets(&buckets), &|_| {})?;
+                lock(&m.store).apply(&plan, ApplySource::Buckets(&buckets), &|_| {})?;
+                // The flip on commit is then one rename.
+                if let Some(to) = plan.to.as_ref() {
+                    m.prepare(&to.version)?;
+                }
                 eprintln!(
                     "hotweights worker {}: staged {} ({report_text})",
                     m.config.id,
@@ -685,6 +719,7 @@ where
         poke: Arc::new(Notify::new()),
         metrics,
         job: Mutex::new(None),
+        prepared: Mutex::new(None),
         catching_up: AtomicBool::new(false),
         flipping: tokio::sync::Mutex::new(()),
     });

@@ -850,3 +850,37 @@ fn stray_temporary_files_are_reported_and_collected() {
     assert!(status.interrupted.is_empty(), "{:?}", status.interrupted);
     assert_eq!(unwrap(store.versions()), ["v1"]);
 }
+
+#[test]
+fn a_prepared_commit_flips_with_one_rename_and_refuses_when_stale() {
+    let v = edited();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let mut store = store_with_v1(&root, &v);
+    let planned = create(&v, &with_source(&v));
+    apply(&mut store, &planned.plan, ApplySource::PlanOps);
+
+    // Prepared but not flipped: nothing changed, on disk either.
+    let prepared = unwrap(store.prepare_commit("v2")).expect("v2 is not current");
+    assert_eq!(store.state().current.as_deref(), Some("v1"));
+    drop(store);
+    let mut store = unwrap(Store::open_or_create(&root));
+    assert_eq!(store.state().current.as_deref(), Some("v1"));
+    // That prepared commit was made against the same state: it still flips.
+    unwrap(store.flip(prepared));
+    unwrap(store.sync());
+    assert_eq!(store.state().current.as_deref(), Some("v2"));
+    assert_eq!(store.state().history, vec!["v1".to_owned()]);
+    drop(store);
+    let mut store = unwrap(Store::open_or_create(&root));
+    assert_eq!(store.state().current.as_deref(), Some("v2"));
+
+    // Another change after the prepare: the flip is refused, nothing moves.
+    let stale = unwrap(store.prepare_commit("v1")).expect("v1 is not current");
+    assert_eq!(unwrap(store.rollback()), "v1");
+    let err = store.flip(stale).unwrap_err().to_string();
+    assert!(err.contains("stale"), "{err}");
+    assert_eq!(store.state().current.as_deref(), Some("v1"));
+    // The current version needs no commit.
+    assert!(unwrap(store.prepare_commit("v1")).is_none());
+}
