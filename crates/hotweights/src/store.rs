@@ -845,17 +845,38 @@ impl Store {
     }
 
     /// Stores verified chunk bytes: written to `tmp/`, renamed into place.
-    /// False when the store already held the chunk.
+    /// False when the store already held the chunk (a chunk file exists
+    /// only complete and verified, so the bytes given are not needed then).
     fn put_chunk(&self, loc: &ChunkLoc<'_>, bytes: &[u8]) -> Result<bool> {
-        loc.verify(bytes, Path::new("the source"))?;
+        self.write_chunk(loc, bytes, false)
+    }
+
+    /// Stores one chunk ahead of the apply that will reference it, verified
+    /// and synced to disk, so that a receiver writes chunks while the rest
+    /// of a version still arrives and the apply's final sync has little
+    /// left to do. The chunk belongs to no version until that apply
+    /// finishes (a `gc` before then removes it, and the apply writes it
+    /// again). False when the store already held it.
+    pub fn stage_chunk(&self, loc: &ChunkLoc<'_>, bytes: &[u8]) -> Result<bool> {
+        self.require_lock()?;
+        self.write_chunk(loc, bytes, true)
+    }
+
+    fn write_chunk(&self, loc: &ChunkLoc<'_>, bytes: &[u8], sync: bool) -> Result<bool> {
         let path = self.chunk_path(loc);
         if fs::metadata(&path).is_ok_and(|m| m.len() == loc.length) {
             return Ok(false);
         }
+        loc.verify(bytes, Path::new("the source"))?;
         let tmp_dir = self.root.join("tmp");
         let tmp = tempfile::NamedTempFile::new_in(&tmp_dir)
             .map_err(|e| HotweightsError::io(&tmp_dir, e))?;
         write_sparse(tmp.as_file(), bytes).map_err(|e| HotweightsError::io(&path, e))?;
+        if sync {
+            tmp.as_file()
+                .sync_data()
+                .map_err(|e| HotweightsError::io(&path, e))?;
+        }
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(|e| HotweightsError::io(dir, e))?;
         }

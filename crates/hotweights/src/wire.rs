@@ -43,7 +43,7 @@ const HEADER: usize = 9;
 
 /// A chunk named by value, so encoders and decoders own what they need.
 #[derive(Debug, Clone)]
-struct OwnedChunk {
+pub struct OwnedChunk {
     name: String,
     is_file: bool,
     index: u32,
@@ -68,7 +68,8 @@ impl OwnedChunk {
         }
     }
 
-    fn loc(&self) -> ChunkLoc<'_> {
+    /// The chunk as a [`ChunkLoc`].
+    pub fn loc(&self) -> ChunkLoc<'_> {
         ChunkLoc {
             name: &self.name,
             is_file: self.is_file,
@@ -258,6 +259,8 @@ struct Slot {
 
 #[derive(Debug)]
 struct BucketState {
+    /// Whole chunks rebuilt and not yet taken: (slot index).
+    ready: Vec<usize>,
     slots: Vec<Slot>,
     next: usize,
     wire: u64,
@@ -314,6 +317,7 @@ impl Decoder {
             buckets.insert(
                 b.id,
                 BucketState {
+                    ready: Vec::new(),
                     slots,
                     next: 0,
                     wire: 0,
@@ -414,11 +418,39 @@ impl Decoder {
                 }
             }
             done += slot.length;
+            if slot.new.is_some() {
+                state.ready.push(state.next);
+            }
             state.next += 1;
             at += total;
         }
         state.pending.drain(..at);
         Ok(done)
+    }
+
+    /// The whole chunks of `bucket` rebuilt since the last call, with their
+    /// bytes (not yet checked against their hash: raw records are checked
+    /// by whoever stores them), so a receiver can store them while the
+    /// rest arrives.
+    pub fn take_ready(&mut self, bucket: u32) -> Vec<(OwnedChunk, Vec<u8>)> {
+        let Some(state) = self.buckets.get_mut(&bucket) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for i in std::mem::take(&mut state.ready) {
+            let Some(slot) = state.slots.get(i) else {
+                continue;
+            };
+            let Some(chunk) = &slot.new else {
+                continue;
+            };
+            let start = slot.bucket_offset as usize;
+            let end = start + slot.length as usize;
+            if let Some(bytes) = state.out.get(start..end) {
+                out.push((chunk.clone(), bytes.to_vec()));
+            }
+        }
+        out
     }
 
     /// Whether every item of `bucket` has been rebuilt.

@@ -48,7 +48,7 @@ use crate::dataplane::{AbortHandle, ReceiveReport, Receiver, ReceiverOptions};
 use crate::error::{HotweightsError, Result};
 use crate::source::{ChunkLoc, ChunkSource};
 use crate::store::{ApplySource, PreparedCommit, Store};
-use crate::wire::Decoder;
+use crate::wire::{Decoder, OwnedChunk};
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -193,17 +193,40 @@ impl Shared {
         let receiver = Receiver::from_listener(l)
             .with_options(self.config.receiver.clone())
             .with_abort(abort.clone());
-        let report = receiver.run(|piece| {
-            let first = *started.entry(piece.bucket).or_insert_with(Instant::now);
-            let done = decoder.feed(piece.bucket, piece.offset, &piece.bytes, &old)?;
-            if decoder.is_complete(piece.bucket) {
-                metrics
-                    .bucket_seconds
-                    .observe(first.elapsed().as_secs_f64());
-            }
-            bytes.fetch_add(done, Ordering::Relaxed);
-            metrics.bytes_staged.inc_by(done);
-            Ok(())
+        // Whole chunks go to the store while the rest still arrives, on
+        // their own thread, so the apply after the transfer finds them
+        // written and synced. A chunk that fails here is only logged: the
+        // apply stores it again from the bucket, and checks it.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(OwnedChunk, Vec<u8>)>(8);
+        let report = std::thread::scope(|scope| {
+            scope.spawn(move || {
+                for (chunk, data) in rx {
+                    let stored = lock(&self.store).stage_chunk(&chunk.loc(), &data);
+                    if let Err(e) = stored {
+                        eprintln!("hotweights worker {}: staging ahead: {e}", self.config.id);
+                    }
+                }
+            });
+            let tx = tx;
+            let report = receiver.run(|piece| {
+                let first = *started.entry(piece.bucket).or_insert_with(Instant::now);
+                let done = decoder.feed(piece.bucket, piece.offset, &piece.bytes, &old)?;
+                for ready in decoder.take_ready(piece.bucket) {
+                    // The writer gone means only that nothing is staged ahead.
+                    let _ = tx.send(ready);
+                }
+                if decoder.is_complete(piece.bucket) {
+                    metrics
+                        .bucket_seconds
+                        .observe(first.elapsed().as_secs_f64());
+                }
+                bytes.fetch_add(done, Ordering::Relaxed);
+                metrics.bytes_staged.inc_by(done);
+                Ok(())
+            });
+            // The writer finishes what it was given, then the scope ends.
+            drop(tx);
+            report
         })?;
         let buckets = decoder.finish()?;
         metrics.bytes_received.inc_by(report.bytes_received);
