@@ -50,6 +50,7 @@ pub mod coord;
 pub mod drive;
 pub mod hook;
 pub mod metrics;
+mod session;
 pub mod source;
 pub mod worker;
 

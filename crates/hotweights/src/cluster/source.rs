@@ -43,6 +43,7 @@ use prost::Message;
 use super::client::{ClientTls, CoordClient};
 use super::metrics::SourceMetrics;
 use super::proto::{self, Role};
+use super::session::{join, next_status};
 use super::{Token, transfer_id};
 use crate::dataplane::{BroadcastOptions, BroadcastReport, Payload, broadcast};
 use crate::error::{HotweightsError, Result};
@@ -462,43 +463,18 @@ async fn source_session(
         metrics_addr: config.metrics.map(|a| a.to_string()).unwrap_or_default(),
         holds_version: config.manifest.version.clone(),
     };
-    let reg = register.clone();
-    let reply = client
-        .call("Register", |mut s| {
-            let r = reg.clone();
-            async move { s.register(r).await }
-        })
-        .await?;
-    let beat = super::worker::heartbeat_task(
-        config.coord.clone(),
-        config.token.clone(),
-        config.tls.clone(),
+    let (mut stream, heartbeat) = join(
+        client,
+        &config.coord,
+        &config.token,
+        &config.tls,
         register,
-        Duration::from_millis(reply.heartbeat_ms.max(1)),
         None,
-    );
+    )
+    .await?;
     let result = async {
-        let mut stream = client
-            .call("Watch", |mut s| async move {
-                s.watch(proto::StatusRequest {}).await
-            })
-            .await?;
         loop {
-            let msg = stream
-                .message()
-                .await
-                .map_err(|s| super::client::rpc_error(client.endpoint(), "Watch", &s))?;
-            if msg.is_none() {
-                return Err(HotweightsError::Transfer {
-                    peer: client.endpoint().to_owned(),
-                    message: "the watch stream ended".into(),
-                });
-            }
-            let status = client
-                .call("Status", |mut s| async move {
-                    s.status(proto::StatusRequest {}).await
-                })
-                .await?;
+            let status = next_status(client, &mut stream).await?;
             let Some(active) = status.active else {
                 continue;
             };
@@ -513,6 +489,6 @@ async fn source_session(
         }
     }
     .await;
-    beat.abort();
+    heartbeat.abort();
     result
 }

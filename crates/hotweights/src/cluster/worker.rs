@@ -36,12 +36,12 @@ use bstack_plan::{SwapPlan, WeightManifest};
 use prometheus_client::registry::Registry;
 use prost::Message;
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 
 use super::client::{ClientTls, CoordClient};
 use super::hook::Hook;
 use super::metrics::WorkerMetrics;
 use super::proto::{self, Role};
+use super::session::{Beat, join, next_status};
 use super::source::{CATCH_UP_MAGIC, read_frame, write_frame};
 use super::{Token, now_unix_ns};
 use crate::dataplane::{AbortHandle, ReceiveReport, Receiver, ReceiverOptions};
@@ -73,72 +73,8 @@ pub struct WorkerConfig {
     pub receiver: ReceiverOptions,
 }
 
-/// What a heartbeat reports.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Beat {
-    current_version: String,
-    last_pause_ns: u64,
-    last_flip_unix_ns: u64,
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Heartbeats every `period` (and whenever `poke` is notified), registering
-/// again when the coordinator no longer knows this process.
-pub(crate) fn heartbeat_task(
-    coord: String,
-    token: Option<Token>,
-    tls: Option<ClientTls>,
-    register: proto::RegisterRequest,
-    period: Duration,
-    beat: Option<(Arc<Mutex<Beat>>, Arc<Notify>)>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let Ok(mut client) = CoordClient::new(&coord, token.as_ref()).and_then(|c| c.with_tls(tls))
-        else {
-            return;
-        };
-        client.retry_for = period;
-        loop {
-            let b = beat
-                .as_ref()
-                .map(|(b, _)| lock(b).clone())
-                .unwrap_or_default();
-            let req = proto::HeartbeatRequest {
-                id: register.id.clone(),
-                current_version: b.current_version.clone(),
-                last_pause_ns: b.last_pause_ns,
-                last_flip_unix_ns: b.last_flip_unix_ns,
-            };
-            let known = client
-                .call("Heartbeat", |mut s| {
-                    let r = req.clone();
-                    async move { s.heartbeat(r).await }
-                })
-                .await;
-            if let Ok(proto::HeartbeatReply { known: false }) = known {
-                let mut r = register.clone();
-                r.current_version = b.current_version.clone();
-                let _ = client
-                    .call("Register", |mut s| {
-                        let r = r.clone();
-                        async move { s.register(r).await }
-                    })
-                    .await;
-            }
-            match &beat {
-                Some((_, poke)) => {
-                    tokio::select! {
-                        () = tokio::time::sleep(period) => {}
-                        () = poke.notified() => {}
-                    }
-                }
-                None => tokio::time::sleep(period).await,
-            }
-        }
-    })
 }
 
 /// A rollout the worker takes part in.
@@ -780,8 +716,8 @@ where
     result
 }
 
-/// One connection to the coordinator: register, heartbeat, watch and
-/// reconcile until the stream breaks.
+/// One connection to the coordinator: join, then reconcile with every
+/// state the stream brings until it breaks.
 async fn session(shared: &Arc<Shared>, client: &mut CoordClient) -> Result<()> {
     let config = &shared.config;
     let register = proto::RegisterRequest {
@@ -792,59 +728,23 @@ async fn session(shared: &Arc<Shared>, client: &mut CoordClient) -> Result<()> {
         metrics_addr: config.metrics.map(|a| a.to_string()).unwrap_or_default(),
         holds_version: String::new(),
     };
-    let reg = register.clone();
-    let reply = client
-        .call("Register", |mut s| {
-            let r = reg.clone();
-            async move { s.register(r).await }
-        })
-        .await?;
-    let beat = heartbeat_task(
-        config.coord.clone(),
-        config.token.clone(),
-        config.tls.clone(),
+    let beat = Some((shared.beat.clone(), shared.poke.clone()));
+    let (mut stream, heartbeat) = join(
+        client,
+        &config.coord,
+        &config.token,
+        &config.tls,
         register,
-        Duration::from_millis(reply.heartbeat_ms.max(1)),
-        Some((shared.beat.clone(), shared.poke.clone())),
-    );
+        beat,
+    )
+    .await?;
     let result = async {
-        let mut stream = client
-            .call("Watch", |mut s| async move {
-                s.watch(proto::StatusRequest {}).await
-            })
-            .await?;
         loop {
-            let msg = stream
-                .message()
-                .await
-                .map_err(|s| super::client::rpc_error(client.endpoint(), "Watch", &s))?;
-            let Some(msg) = msg else {
-                return Err(HotweightsError::Transfer {
-                    peer: client.endpoint().to_owned(),
-                    message: "the watch stream ended".into(),
-                });
-            };
-            // Progress events need no action; every other one is a reason
-            // to look at the whole state again.
-            if let Some(proto::watch_message::Kind::Event(e)) = &msg.kind {
-                if e.kind == "progress" {
-                    continue;
-                }
-            }
-            let status = match msg.kind {
-                Some(proto::watch_message::Kind::Status(s)) => s,
-                _ => {
-                    client
-                        .call("Status", |mut s| async move {
-                            s.status(proto::StatusRequest {}).await
-                        })
-                        .await?
-                }
-            };
+            let status = next_status(client, &mut stream).await?;
             shared.reconcile(client, &status).await?;
         }
     }
     .await;
-    beat.abort();
+    heartbeat.abort();
     result
 }
