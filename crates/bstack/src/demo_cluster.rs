@@ -25,7 +25,7 @@ use hotweights::source::DirSource;
 use hotweights::store::Store;
 use serde_json::json;
 
-use crate::output::{bytes, table};
+use crate::output::bytes;
 
 /// A child process, killed when dropped.
 struct Proc {
@@ -200,29 +200,10 @@ pub fn cluster_stage(dir: &Path) -> Result<(Table, serde_json::Value)> {
             here.display()
         );
     }
-    let mut t = table(
-        &[
-            "cluster rollout",
-            "received",
-            "version",
-            "pause",
-            "flip after last vote",
-        ],
-        &[1, 3, 4],
-    );
-    for c in &report.consumers {
-        t.add_row(vec![
-            c.id.clone(),
-            bytes(c.bytes),
-            c.version.clone(),
-            format!("{:.3} ms", c.pause_ns as f64 / 1e6),
-            c.flip_after_ready_ns
-                .map(|n| format!("{:.3} ms", n as f64 / 1e6))
-                .unwrap_or_else(|| "-".into()),
-        ]);
-    }
+    let mut t = crate::hw_cluster::consumers_table(&report, "cluster rollout");
     t.add_row(vec![
         "total".to_owned(),
+        report.phase.clone(),
         format!(
             "{} x {}",
             bytes(report.staged_bytes),

@@ -678,6 +678,38 @@ pub fn serve_source(args: SourceArgs, out: &Output) -> Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
+/// A table of a driven rollout's consumers, one row each; the first
+/// column's header is `first`.
+pub fn consumers_table(report: &DriveReport, first: &str) -> comfy_table::Table {
+    let mut t = table(
+        &[
+            first,
+            "state",
+            "bytes",
+            "version",
+            "pause",
+            "flip after last vote",
+        ],
+        &[2, 4, 5],
+    );
+    let ms = |ns: u64| format!("{:.3} ms", ns as f64 / 1e6);
+    for c in &report.consumers {
+        t.add_row(vec![
+            c.id.clone(),
+            if c.reason.is_empty() {
+                c.state.clone()
+            } else {
+                format!("{} ({})", c.state, c.reason)
+            },
+            bytes(c.bytes),
+            c.version.clone(),
+            ms(c.pause_ns),
+            c.flip_after_ready_ns.map(ms).unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    t
+}
+
 /// `rollout`.
 pub fn rollout(args: RolloutArgs, out: &Output, quiet: bool) -> Result<Outcome> {
     let plan = crate::hotweights::read_valid::<SwapPlan>(&args.plan)?;
@@ -725,33 +757,7 @@ pub fn rollout(args: RolloutArgs, out: &Output, quiet: bool) -> Result<Outcome> 
     if out.json {
         out.json_line(&serde_json::to_value(&report)?)?;
     } else {
-        let mut t = table(
-            &[
-                "consumer",
-                "state",
-                "bytes",
-                "version",
-                "pause",
-                "flip after ready",
-            ],
-            &[2, 4, 5],
-        );
-        for c in &report.consumers {
-            t.add_row(vec![
-                c.id.clone(),
-                if c.reason.is_empty() {
-                    c.state.clone()
-                } else {
-                    format!("{} ({})", c.state, c.reason)
-                },
-                bytes(c.bytes),
-                c.version.clone(),
-                format!("{:.3} ms", c.pause_ns as f64 / 1e6),
-                c.flip_after_ready_ns
-                    .map(|n| format!("{:.3} ms", n as f64 / 1e6))
-                    .unwrap_or_else(|| "-".into()),
-            ]);
-        }
+        let t = consumers_table(&report, "consumer");
         out.line(t)?;
         let mut line = format!(
             "rollout {} to {}: {} in {:.2} s (transfer {:.2} s",
