@@ -738,6 +738,10 @@ fn forward(
     let mut base = 0u64; // seq of retained[0]
     let mut acked = 0u64;
     let mut next_send = 0u64;
+    // Pieces below this one the current downstream already holds (it
+    // resumed past what this sender had fed, e.g. after the source
+    // restarted): they are fed and counted, not sent or kept.
+    let mut skip_until = 0u64;
     let mut total: Option<u64> = None;
     let mut pending: VecDeque<Piece> = VecDeque::new(); // receivers: queued, not yet fed
     let mut queued_done: Option<u64> = None;
@@ -868,6 +872,14 @@ fn forward(
                     stats.bytes += p.bytes.len() as u64;
                     retained.push_back(p);
                     stats.peak_in_flight = stats.peak_in_flight.max(retained.len());
+                    if fed_end < skip_until && retained.len() == 1 {
+                        retained.clear();
+                        base = fed_end + 1;
+                        acked = base;
+                        next_send = next_send.max(base);
+                        on_ack(acked);
+                        continue;
+                    }
                     if link.is_none() && idx >= rest.len() {
                         // Nobody downstream: nothing to keep.
                         retained.clear();
@@ -911,7 +923,17 @@ fn forward(
             match open_link(addr, &rest[idx..], cfg) {
                 Ok((stream, resume)) => {
                     let fed_end = base + retained.len() as u64;
-                    if resume < base || resume > fed_end {
+                    if resume > fed_end && matches!(feed, Feed::Source(_)) {
+                        // A fresh source (restarted) meets a receiver that
+                        // holds more than it has read: read up to there
+                        // and go on, instead of sending it all again.
+                        retained.clear();
+                        base = fed_end;
+                        acked = base;
+                        skip_until = resume;
+                    }
+                    let fed_end = base + retained.len() as u64;
+                    if resume < base || resume > fed_end.max(skip_until) {
                         excluded.push(Excluded {
                             addr,
                             reason: err(

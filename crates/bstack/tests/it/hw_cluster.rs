@@ -766,6 +766,40 @@ fn a_coordinator_killed_mid_rollout_resumes_from_its_state() {
     }
 }
 
+#[test]
+fn a_source_killed_mid_transfer_and_restarted_finishes_the_rollout() {
+    let (sandbox, staged) = fixture();
+    store_on_v1(&sandbox, "S0");
+    store_on_v1(&sandbox, "S1");
+    let coord = coordinator(&sandbox, "coord", "c.redb", "127.0.0.1:0");
+    let mut src = source(&sandbox, &coord.addr, Some(staged / 8), &[]);
+    let _w0 = worker(&sandbox, &coord.addr, 0, &[]);
+    let w1 = worker(&sandbox, &coord.addr, 1, &[]);
+    wait_registered(&sandbox, &coord.addr, 3);
+    let rollout = start_rollout(&sandbox, &coord.addr, &["--deadline", "60s"]);
+    wait_for("rank1 to receive", PATIENCE, || received(&w1) > 0.0);
+    assert!(
+        received(&w1) < staged as f64,
+        "rank1 finished before the kill"
+    );
+    src.kill();
+    // Back within the workers' idle timeout (2 s): they resume from their
+    // last verified piece.
+    let src = source(&sandbox, &coord.addr, None, &[]);
+    let (code, report, text) = finish(rollout);
+    assert_eq!(code, Some(0), "{text}\nsource:\n{}", src.log());
+    assert_eq!(report["phase"], "committed", "{text}");
+    for s in ["S0", "S1"] {
+        assert_eq!(current(&sandbox.path(s)).as_deref(), Some("v2"), "{s}");
+    }
+    // The new source sent only what the workers lacked.
+    assert!(
+        sample(&src.metrics(), "hotweights_source_bytes_sent_total") < staged as f64,
+        "{}",
+        src.log()
+    );
+}
+
 /// A private `redis-server`, killed on drop.
 struct Redis {
     child: Child,

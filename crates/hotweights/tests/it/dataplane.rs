@@ -472,3 +472,49 @@ fn link_that_keeps_corrupting_a_piece_is_dropped() {
         assert!(e.contains("no upstream"), "{e}");
     }
 }
+
+/// A source that dies mid-transfer and is started again (a fresh
+/// `broadcast` of the same payloads under the same transfer id) finds its
+/// receivers ahead of it: it reads up to where they are and sends only the
+/// rest; every piece is delivered once.
+#[test]
+fn a_restarted_source_resumes_where_the_receivers_are() {
+    let data = buckets(40);
+    let all = payloads(&data);
+    let total = all.len();
+    let running: Vec<_> = (0..2)
+        .map(|_| spawn_receiver(test_options(), |_, _| Ok(())))
+        .collect();
+    let chain: Vec<SocketAddr> = running.iter().map(|r| r.0).collect();
+    let options = BroadcastOptions {
+        transfer_id: 42,
+        window: 4,
+        ..BroadcastOptions::default()
+    };
+    // The first source fails after 20 pieces, as a crash would.
+    let first: Vec<Result<Payload>> = payloads(&data)
+        .into_iter()
+        .take(20)
+        .chain(std::iter::once(Err(hotweights::HotweightsError::Option(
+            "the source died".into(),
+        ))))
+        .collect();
+    assert!(broadcast(first, &chain, &options).is_err());
+    // Let the receivers see the upstream go and wait for the next one.
+    thread::sleep(Duration::from_millis(200));
+    let report = broadcast(all, &chain, &options).unwrap();
+    assert_eq!(report.completed, chain, "{:?}", report.excluded);
+    assert_eq!(report.pieces, total as u64);
+    assert!(
+        report.pieces_sent < total as u64,
+        "sent {} of {total} again",
+        report.pieces_sent
+    );
+    for (i, (_, _, r)) in running.into_iter().enumerate() {
+        let (rr, got) = r.join().unwrap().unwrap();
+        // The first receiver took the new source; the second kept its
+        // upstream.
+        assert_eq!(rr.resumes >= 1, i == 0, "receiver {i}: {rr:?}");
+        assert_exact(&got, &data);
+    }
+}
