@@ -542,13 +542,65 @@ fn a_corrupted_piece_is_rejected_and_sent_again() {
     store_on_v1(&sandbox, "S0");
     let coord = coordinator(&sandbox, "coord", "c.redb", "127.0.0.1:0");
     let src = source(&sandbox, &coord.addr, None, &["--corrupt-seq", "1"]);
-    let w0 = worker(&sandbox, &coord.addr, 0, &[]);
+    // The engine's pause and resume as HTTP endpoints.
+    let engine = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let url = |path: &str| {
+        format!(
+            "http://{}/{path}",
+            engine
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        )
+    };
+    let (pause, resume) = (url("pause"), url("resume"));
+    let calls = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for stream in engine.incoming().take(2) {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            // Headers and body may come in separate segments: read until
+            // the body (the version) is in.
+            let mut text = String::new();
+            let mut buf = [0u8; 4096];
+            while !(text.contains("\r\n\r\n") && text.ends_with("v2")) {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+                }
+            }
+            let line = text.lines().next().unwrap_or_default().to_owned();
+            let body = text
+                .rsplit("\r\n\r\n")
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            seen.push(format!("{line} {body}"));
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+        seen
+    });
+    let w0 = worker(
+        &sandbox,
+        &coord.addr,
+        0,
+        &["--pause", &pause, "--resume", &resume],
+    );
     wait_registered(&sandbox, &coord.addr, 2);
     let (code, report, text) = finish(start_rollout(&sandbox, &coord.addr, &[]));
     assert_eq!(code, Some(0), "{text}");
     assert_eq!(report["all_committed"], true, "{text}");
     assert_eq!(current(&sandbox.path("S0")).as_deref(), Some("v2"));
     assert!(sample(&w0.metrics(), "hotweights_worker_hash_failures_total") >= 1.0);
+    let seen = calls.join().unwrap_or_default();
+    assert_eq!(
+        seen,
+        vec![
+            "POST /pause HTTP/1.1 v2".to_owned(),
+            "POST /resume HTTP/1.1 v2".to_owned()
+        ]
+    );
     assert!(sample(&src.metrics(), "hotweights_source_retries_total") >= 1.0);
 }
 
