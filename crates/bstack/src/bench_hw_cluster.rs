@@ -437,7 +437,7 @@ fn cluster_runs(
         wait_registered(&coord, &from, Some(&to))?;
         let plan = data.plans[r].display().to_string();
         let started = Instant::now();
-        let output = Command::new(std::env::current_exe()?)
+        let output = Command::new(crate::demo_cluster::self_exe()?)
             .args([
                 "--json",
                 "hw",
@@ -483,7 +483,7 @@ fn wait_registered(coord: &str, on: &str, source: Option<&str>) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut last = String::new();
     while Instant::now() < deadline {
-        let output = Command::new(std::env::current_exe()?)
+        let output = Command::new(crate::demo_cluster::self_exe()?)
             .args(["--json", "hw", "coord", "workers", "--coord", coord])
             .stdin(Stdio::null())
             .stderr(Stdio::null())
@@ -716,6 +716,8 @@ impl Procs {
         env: &[(&str, &str)],
         ready: &str,
     ) -> Result<String> {
+        // A real path: `ip netns exec` runs it, and /proc/self/exe there
+        // would be `ip`.
         let exe = std::env::current_exe().context("finding the bstack executable")?;
         let mut command = match ns {
             Some(ns) => {

@@ -40,10 +40,21 @@ impl Drop for Proc {
     }
 }
 
+/// This running binary, to start again as the cluster's processes. On
+/// Linux `/proc/self/exe`, which stays valid when the file on disk is
+/// replaced (a rebuild) while the demo runs.
+pub fn self_exe() -> Result<std::path::PathBuf> {
+    let proc_exe = Path::new("/proc/self/exe");
+    if proc_exe.exists() {
+        return Ok(proc_exe.to_owned());
+    }
+    std::env::current_exe().context("finding the bstack binary")
+}
+
 /// Starts `bstack ARGS`, logging stderr to `log`, and waits for the address
 /// it prints first (`... on ADDR`).
 fn start(name: &'static str, args: &[&str], log: &Path) -> Result<Proc> {
-    let exe = std::env::current_exe().context("finding the bstack binary")?;
+    let exe = self_exe()?;
     let stderr = File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let mut child = Command::new(exe)
         .args(args)

@@ -686,29 +686,59 @@ fn a_wrong_or_missing_token_changes_nothing_and_is_never_logged() {
     assert_eq!(current(&sandbox.path("S0")).as_deref(), Some("v1"));
 }
 
-#[test]
-fn a_worker_killed_mid_transfer_aborts_the_rollout_and_nobody_switches() {
+/// A cluster in the middle of a rollout: a coordinator on `listen` (redb
+/// state), a source paced to about 8 s of transfer, rank0 and rank1 on v1,
+/// and `hw rollout` running with `extra` flags; returned once rank1 has
+/// received some of the bytes, not all.
+struct MidRollout {
+    sandbox: Sandbox,
+    staged: u64,
+    coord: Proc,
+    src: Proc,
+    w0: Proc,
+    w1: Proc,
+    rollout: Child,
+}
+
+fn mid_rollout(listen: &str, extra: &[&str]) -> MidRollout {
     let (sandbox, staged) = fixture();
     store_on_v1(&sandbox, "S0");
     store_on_v1(&sandbox, "S1");
-    let coord = coordinator(&sandbox, "coord", "c.redb", "127.0.0.1:0");
-    // About 8 s of transfer.
+    let coord = coordinator(&sandbox, "coord", "c.redb", listen);
     let src = source(&sandbox, &coord.addr, Some(staged / 8), &[]);
     let w0 = worker(&sandbox, &coord.addr, 0, &[]);
-    let mut w1 = worker(&sandbox, &coord.addr, 1, &[]);
+    let w1 = worker(&sandbox, &coord.addr, 1, &[]);
     wait_registered(&sandbox, &coord.addr, 3);
-    let rollout = start_rollout(&sandbox, &coord.addr, &[]);
+    let rollout = start_rollout(&sandbox, &coord.addr, extra);
     wait_or_show(
         "rank1 to receive",
         PATIENCE,
         || received(&w1) > 0.0,
         &[&coord, &src, &w0, &w1],
     );
-    // Mid-transfer: some bytes in, not all.
-    assert!(
-        received(&w1) < staged as f64,
-        "rank1 finished before the kill"
-    );
+    assert!(received(&w1) < staged as f64, "rank1 finished too soon");
+    MidRollout {
+        sandbox,
+        staged,
+        coord,
+        src,
+        w0,
+        w1,
+        rollout,
+    }
+}
+
+#[test]
+fn a_worker_killed_mid_transfer_aborts_the_rollout_and_nobody_switches() {
+    let MidRollout {
+        sandbox,
+        staged: _staged,
+        coord,
+        src: _src,
+        w0: _w0,
+        mut w1,
+        rollout,
+    } = mid_rollout("127.0.0.1:0", &[]);
     w1.kill();
     let (code, report, text) = finish(rollout);
     assert_eq!(code, Some(1), "{text}");
@@ -727,16 +757,15 @@ fn a_worker_killed_mid_transfer_aborts_the_rollout_and_nobody_switches() {
 
 #[test]
 fn an_excluded_worker_catches_up_when_it_comes_back() {
-    let (sandbox, staged) = fixture();
-    store_on_v1(&sandbox, "S0");
-    store_on_v1(&sandbox, "S1");
-    let coord = coordinator(&sandbox, "coord", "c.redb", "127.0.0.1:0");
-    let _src = source(&sandbox, &coord.addr, Some(staged / 8), &[]);
-    let _w0 = worker(&sandbox, &coord.addr, 0, &[]);
-    let mut w1 = worker(&sandbox, &coord.addr, 1, &[]);
-    wait_registered(&sandbox, &coord.addr, 3);
-    let rollout = start_rollout(&sandbox, &coord.addr, &["--on-lost", "exclude"]);
-    wait_for("rank1 to receive", PATIENCE, || received(&w1) > 0.0);
+    let MidRollout {
+        sandbox,
+        staged: _staged,
+        coord,
+        src: _src,
+        w0: _w0,
+        mut w1,
+        rollout,
+    } = mid_rollout("127.0.0.1:0", &["--on-lost", "exclude"]);
     w1.kill();
     let (code, report, text) = finish(rollout);
     // Committed, but not on every consumer: exit 1.
@@ -791,22 +820,21 @@ fn a_late_worker_with_an_empty_store_catches_up() {
 
 #[test]
 fn a_coordinator_killed_mid_rollout_resumes_from_its_state() {
-    let (sandbox, staged) = fixture();
-    store_on_v1(&sandbox, "S0");
-    store_on_v1(&sandbox, "S1");
     // A fixed port, so that everyone finds the restarted coordinator.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or_else(|e| panic!("{e}"));
     let listen = format!("127.0.0.1:{port}");
-    let mut coord = coordinator(&sandbox, "coord", "c.redb", &listen);
-    let _src = source(&sandbox, &listen, Some(staged / 8), &[]);
-    let _w0 = worker(&sandbox, &listen, 0, &[]);
-    let w1 = worker(&sandbox, &listen, 1, &[]);
-    wait_registered(&sandbox, &listen, 3);
-    let rollout = start_rollout(&sandbox, &listen, &[]);
-    wait_for("rank1 to receive", PATIENCE, || received(&w1) > 0.0);
+    let MidRollout {
+        sandbox,
+        staged: _staged,
+        mut coord,
+        src: _src,
+        w0: _w0,
+        w1: _w1,
+        rollout,
+    } = mid_rollout(&listen, &[]);
     coord.kill();
     std::thread::sleep(Duration::from_millis(500));
     let _coord = coordinator(&sandbox, "coord2", "c.redb", &listen);
@@ -820,20 +848,15 @@ fn a_coordinator_killed_mid_rollout_resumes_from_its_state() {
 
 #[test]
 fn a_source_killed_mid_transfer_and_restarted_finishes_the_rollout() {
-    let (sandbox, staged) = fixture();
-    store_on_v1(&sandbox, "S0");
-    store_on_v1(&sandbox, "S1");
-    let coord = coordinator(&sandbox, "coord", "c.redb", "127.0.0.1:0");
-    let mut src = source(&sandbox, &coord.addr, Some(staged / 8), &[]);
-    let _w0 = worker(&sandbox, &coord.addr, 0, &[]);
-    let w1 = worker(&sandbox, &coord.addr, 1, &[]);
-    wait_registered(&sandbox, &coord.addr, 3);
-    let rollout = start_rollout(&sandbox, &coord.addr, &["--deadline", "60s"]);
-    wait_for("rank1 to receive", PATIENCE, || received(&w1) > 0.0);
-    assert!(
-        received(&w1) < staged as f64,
-        "rank1 finished before the kill"
-    );
+    let MidRollout {
+        sandbox,
+        staged,
+        coord,
+        mut src,
+        w0: _w0,
+        w1: _w1,
+        rollout,
+    } = mid_rollout("127.0.0.1:0", &["--deadline", "60s"]);
     src.kill();
     // Back within the workers' idle timeout (2 s): they resume from their
     // last verified piece.
