@@ -32,8 +32,10 @@
 //!   rollout; a committed one cannot be aborted.
 //!
 //! Every change yields an [`Event`], in the order a `watch` stream sends
-//! them; [`Rollout::events`] keeps them all, so a late watcher can be sent
-//! the whole story.
+//! them; [`Rollout::events`] keeps them all but progress, so a late watcher
+//! can be sent the whole story. Progress reports come every fraction of a
+//! second from every consumer: kept, they would grow the saved rollout
+//! without bound, and the latest figure is in each consumer's state.
 
 use std::collections::BTreeMap;
 
@@ -266,7 +268,8 @@ impl Rollout {
     }
 
     /// A consumer reports `bytes` staged so far. Reports of fewer bytes
-    /// than already known (reordered or retried) change nothing.
+    /// than already known (reordered or retried) change nothing. The
+    /// returned event is not kept in [`Rollout::events`].
     pub fn progress(&mut self, consumer: &str, bytes: u64) -> Result<Change> {
         if self.phase != Phase::Transferring {
             return match self.phase {
@@ -285,7 +288,8 @@ impl Rollout {
         }
         self.consumers
             .insert(consumer.to_owned(), ConsumerState::Transferring { bytes });
-        Ok(self.record(vec![Event::Progress {
+        // Not kept in the event log: see the module documentation.
+        Ok(Change::Changed(vec![Event::Progress {
             consumer: consumer.to_owned(),
             bytes,
         }]))

@@ -478,9 +478,21 @@ impl CoordService {
                     Err(_) => (Phase::Submitted, events.len()),
                 };
                 metrics.rollout_phase.set(phase_gauge(phase));
-                let first = all.saturating_sub(events.len());
+                // Progress is not kept in the log: it takes the position of
+                // the next kept event; the others their own.
+                let kept = events
+                    .iter()
+                    .filter(|e| !matches!(e, Event::Progress { .. }))
+                    .count();
+                let mut next = all.saturating_sub(kept);
                 let mut out = Vec::new();
-                for (i, e) in events.iter().enumerate() {
+                for e in &events {
+                    let index = if matches!(e, Event::Progress { .. }) {
+                        all
+                    } else {
+                        next += 1;
+                        next - 1
+                    };
                     match e {
                         Event::Precommitted { .. } => {
                             metrics.precommits.inc();
@@ -504,7 +516,7 @@ impl CoordService {
                         }
                         _ => {}
                     }
-                    out.push(event_proto(&pid, first + i, e, phase));
+                    out.push(event_proto(&pid, index, e, phase));
                 }
                 inner.last_plan = Some(pid);
                 Ok(proto::ChangeReply {

@@ -182,3 +182,21 @@ proptest! {
         }
     }
 }
+
+/// Progress changes the consumer's state but stays out of the event log:
+/// a rollout's saved story does not grow with every report.
+#[test]
+fn progress_is_state_not_story() {
+    let mut r = Rollout::submit(spec(&["w0"], LostPolicy::Abort)).unwrap();
+    r.begin().unwrap();
+    let before = r.events().len();
+    for b in 1..=100u64 {
+        let change = r.progress("w0", b * 10).unwrap();
+        assert!(matches!(change, Change::Changed(ref e) if e.len() == 1));
+    }
+    assert_eq!(r.events().len(), before);
+    assert_eq!(
+        r.consumers().get("w0"),
+        Some(&ConsumerState::Transferring { bytes: 1000 })
+    );
+}
