@@ -420,14 +420,16 @@ impl Shared {
                         consumer: id.clone(),
                         digest: vote.clone(),
                     };
-                    let r = client
+                    // Staged before the vote goes out: the commit it makes
+                    // possible can arrive before the vote's reply.
+                    staged.store(true, Ordering::SeqCst);
+                    client
                         .call("Precommit", |mut s| {
                             let r = req.clone();
                             async move { s.precommit(r).await }
                         })
-                        .await;
-                    staged.store(true, Ordering::SeqCst);
-                    r.map(|_| ())
+                        .await
+                        .map(|_| ())
                 }
                 Err(e) => Err(e),
             };
