@@ -934,8 +934,9 @@ fn with_redis_state_a_standby_takes_over_a_rollout_from_a_killed_leader() {
     wait_for("the standby to lead", PATIENCE, || {
         sample(&b.metrics(), "hotweights_coord_leader") == 1.0
     });
-    // Within the lease time (1.5 s) and a renewal period.
-    assert!(killed_at.elapsed() < Duration::from_secs(4));
+    // Within the lease time (1.5 s), a renewal period (0.5 s) and the time
+    // to read the metrics on a loaded machine.
+    assert!(killed_at.elapsed() < Duration::from_secs(5));
     let (code, report, text) = finish(rollout);
     assert_eq!(code, Some(0), "{text}\ncoordB:\n{}", b.log());
     assert_eq!(report["phase"], "committed", "{text}");
