@@ -205,10 +205,14 @@ pub struct WorkerArgs {
     /// Its id, the consumer name plans use.
     #[arg(long)]
     id: Option<String>,
-    /// Data-plane address, reachable by the source and the other workers;
-    /// port 0 picks a free port.
+    /// Data-plane address to listen on; port 0 picks a free port.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// The data-plane address the source and the other workers reach this
+    /// worker at, when not --listen (required with --listen 0.0.0.0:PORT;
+    /// port 0 means the port bound).
+    #[arg(long, value_name = "ADDR")]
+    advertise: Option<SocketAddr>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
@@ -258,6 +262,10 @@ pub struct SourceArgs {
     /// Address for catch-up requests from workers that missed a rollout.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// The catch-up address workers reach this source at, when not
+    /// --listen (required with --listen 0.0.0.0:PORT).
+    #[arg(long, value_name = "ADDR")]
+    advertise: Option<SocketAddr>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
@@ -600,6 +608,7 @@ pub fn worker(args: WorkerArgs, out: &Output) -> Result<Outcome> {
         id: args.id.unwrap_or_else(|| format!("rank{}", args.rank)),
         store: args.store,
         listen: args.listen,
+        advertise: args.advertise,
         metrics: args.metrics,
         hook,
         receiver: ReceiverOptions {
@@ -654,6 +663,7 @@ pub fn serve_source(args: SourceArgs, out: &Output) -> Result<Outcome> {
         manifest,
         prev,
         listen: args.listen,
+        advertise: args.advertise,
         metrics: args.metrics,
         broadcast: BroadcastOptions {
             window: args.window.max(1),

@@ -66,7 +66,7 @@ enum Command {
 
     /// Weight rollouts: chunk-level manifests of safetensors checkpoints.
     #[command(subcommand, visible_alias = "hw")]
-    Hotweights(hotweights::HotweightsCommand),
+    Hotweights(Box<hotweights::HotweightsCommand>),
 
     /// KV-cache planning: plan a window, replay a trace under LRU / FIFO /
     /// Belady / bcache, tune the planner.
@@ -108,7 +108,7 @@ fn main() -> ExitCode {
     let out = output::Output { json: cli.json };
     let result = match cli.command {
         Command::Plan(cmd) => plan::run(cmd, &out),
-        Command::Hotweights(cmd) => hotweights::run(cmd, &out, cli.quiet),
+        Command::Hotweights(cmd) => hotweights::run(*cmd, &out, cli.quiet),
         Command::Bcache(cmd) => bcache::run(cmd, &out, cli.quiet),
         Command::Strata(cmd) => strata::run(cmd, &out, cli.quiet),
         Command::Demo(args) => demo::run(args, &out),

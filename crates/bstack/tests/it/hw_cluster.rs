@@ -785,12 +785,34 @@ fn a_late_worker_with_an_empty_store_catches_up() {
     let (sandbox, _) = fixture();
     store_on_v1(&sandbox, "S0");
     let coord = coordinator(&sandbox, "coord", "c.redb", "127.0.0.1:0");
-    let _src = source(&sandbox, &coord.addr, None, &[]);
-    let _w0 = worker(&sandbox, &coord.addr, 0, &[]);
+    // Listening on every interface, reached at one address.
+    let all = ["--listen", "0.0.0.0:0", "--advertise", "127.0.0.1:0"];
+    let _src = source(&sandbox, &coord.addr, None, &all);
+    let _w0 = worker(&sandbox, &coord.addr, 0, &all);
     wait_registered(&sandbox, &coord.addr, 2);
     let (code, _, text) = finish(start_rollout(&sandbox, &coord.addr, &[]));
     assert_eq!(code, Some(0), "{text}");
-    let w5 = worker(&sandbox, &coord.addr, 5, &[]);
+    // Every interface without an address to be reached at: refused.
+    let unreachable = sandbox.run(&[
+        "hw",
+        "worker",
+        "--coord",
+        &coord.addr,
+        "--token-file",
+        "tok",
+        "--store",
+        "S6",
+        "--rank",
+        "6",
+        "--listen",
+        "0.0.0.0:0",
+    ]);
+    unreachable.code(2);
+    assert!(
+        unreachable.error_line().contains("--advertise"),
+        "{unreachable}"
+    );
+    let w5 = worker(&sandbox, &coord.addr, 5, &all);
     wait_for("rank5 to catch up", PATIENCE, || {
         current(&sandbox.path("S5")).as_deref() == Some("v2")
     });

@@ -54,6 +54,7 @@ mod session;
 pub mod source;
 pub mod worker;
 
+use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Types and gRPC stubs generated from
@@ -134,4 +135,29 @@ pub fn transfer_id(digest: &str) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&h.as_bytes()[..8]);
     u64::from_le_bytes(b)
+}
+
+/// The address other processes reach a listener at: `advertise` when given
+/// (its port 0 standing for the port bound), else the bound address itself,
+/// which must then name one interface: an address bound to all of them
+/// (`0.0.0.0`) cannot be dialled, so it needs `--advertise`.
+pub fn advertised(bound: SocketAddr, advertise: Option<SocketAddr>) -> crate::Result<SocketAddr> {
+    match advertise {
+        Some(mut a) => {
+            if a.ip().is_unspecified() {
+                return Err(crate::HotweightsError::Option(format!(
+                    "--advertise {a}: give the address others reach this process at, not an unspecified one"
+                )));
+            }
+            if a.port() == 0 {
+                a.set_port(bound.port());
+            }
+            Ok(a)
+        }
+        None if bound.ip().is_unspecified() => Err(crate::HotweightsError::Option(format!(
+            "listening on {bound}, all interfaces: pass --advertise HOST:PORT, the address the \
+             source, the other workers and the coordinator's clients reach this process at"
+        ))),
+        None => Ok(bound),
+    }
 }

@@ -74,8 +74,11 @@ pub struct SourceConfig {
     /// changed chunks whose old bytes it holds go as sparse deltas when
     /// that is smaller ([`crate::wire`]).
     pub prev: Option<(WeightManifest, PathBuf)>,
-    /// Catch-up address.
+    /// Catch-up address to listen on.
     pub listen: SocketAddr,
+    /// The catch-up address workers reach it at, when not `listen` (see
+    /// [`super::advertised`]).
+    pub advertise: Option<SocketAddr>,
     /// Prometheus endpoint.
     pub metrics: Option<SocketAddr>,
     /// Data-plane options (window, timeouts); the transfer id is set per plan.
@@ -384,6 +387,7 @@ where
     let bound = listener
         .local_addr()
         .map_err(|e| HotweightsError::Option(format!("reading the bound address: {e}")))?;
+    let advertised = super::advertised(bound, config.advertise)?.to_string();
     let metrics = SourceMetrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
@@ -421,7 +425,6 @@ where
             }
         });
     }
-    let advertised = bound.to_string();
     let work = async {
         let mut client =
             CoordClient::new(&config.coord, config.token.as_ref())?.with_tls(config.tls.clone())?;

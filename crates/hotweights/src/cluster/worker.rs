@@ -63,8 +63,11 @@ pub struct WorkerConfig {
     pub id: String,
     /// Its versioned store.
     pub store: PathBuf,
-    /// Data-plane address (an address the source and other workers reach).
+    /// Data-plane address to listen on.
     pub listen: SocketAddr,
+    /// The data-plane address others reach it at, when not `listen` (see
+    /// [`super::advertised`]).
+    pub advertise: Option<SocketAddr>,
     /// Prometheus endpoint.
     pub metrics: Option<SocketAddr>,
     /// Pause and resume around the flip.
@@ -659,7 +662,8 @@ where
         .local_addr()
         .map_err(|e| HotweightsError::Option(format!("reading the bound address: {e}")))?;
     let mut config = config;
-    config.listen = bound;
+    // From here on `listen` is the address others dial.
+    config.listen = super::advertised(bound, config.advertise)?;
     let metrics = WorkerMetrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
