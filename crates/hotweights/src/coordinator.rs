@@ -251,7 +251,10 @@ impl<S: StateStore> Coordinator<S> {
         let plan_id = plan.plan_id.clone();
         self.change(|s| {
             s.rollouts.insert(plan_id.clone(), rollout);
+            s.order.retain(|p| *p != plan_id);
+            s.order.push(plan_id.clone());
             s.active = Some(plan_id);
+            s.prune();
             Ok(Change::Changed(vec![Event::Submitted]))
         })
     }

@@ -34,10 +34,41 @@ pub struct CoordState {
     pub revision: u64,
     /// The version every worker runs, once a rollout committed it.
     pub current_version: Option<String>,
-    /// Every rollout, by plan id.
+    /// The rollouts kept (the active one and the most recent ended ones,
+    /// see [`KEEP_ENDED`]), by plan id.
     pub rollouts: BTreeMap<String, Rollout>,
     /// The rollout in progress, if any.
     pub active: Option<String>,
+    /// Plan ids in the order they were submitted: which ended rollouts
+    /// are the oldest.
+    #[serde(default)]
+    pub order: Vec<String>,
+}
+
+/// Ended rollouts kept in the state (every save writes the whole state, so
+/// it must not grow with every rollout); older ones are forgotten, and
+/// submitting their plan id again is a new rollout.
+pub const KEEP_ENDED: usize = 64;
+
+impl CoordState {
+    /// Forgets the oldest ended rollouts beyond [`KEEP_ENDED`].
+    pub fn prune(&mut self) {
+        let ended: Vec<String> = self
+            .order
+            .iter()
+            .filter(|p| {
+                self.rollouts
+                    .get(*p)
+                    .is_some_and(|r| r.phase().is_terminal())
+            })
+            .cloned()
+            .collect();
+        let excess = ended.len().saturating_sub(KEEP_ENDED);
+        for p in ended.into_iter().take(excess) {
+            self.rollouts.remove(&p);
+            self.order.retain(|o| *o != p);
+        }
+    }
 }
 
 /// Where a coordinator keeps its [`CoordState`].

@@ -184,3 +184,38 @@ fn a_change_that_cannot_be_saved_does_not_happen() {
     assert!(err.contains("disk full"), "{err}");
     assert_eq!(failing.state(), &before);
 }
+
+/// The state keeps the active rollout and the most recent ended ones: it is
+/// written whole on every save, so it must not grow with every rollout.
+#[test]
+fn only_the_most_recent_ended_rollouts_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbState::open(&dir.path().join("c.redb")).unwrap();
+    let mut c = Coordinator::open(store, options()).unwrap();
+    let n = hotweights::coordstate::KEEP_ENDED + 6;
+    for i in 0..n {
+        let id = format!("p{i:03}");
+        c.submit(&plan(&id), workers(), 0, LostPolicy::Abort)
+            .unwrap();
+        c.abort(&id, "next").unwrap();
+    }
+    c.submit(&plan("last"), workers(), 0, LostPolicy::Abort)
+        .unwrap();
+    let s = c.state();
+    assert_eq!(s.rollouts.len(), hotweights::coordstate::KEEP_ENDED + 1);
+    assert!(!s.rollouts.contains_key("p000") && !s.rollouts.contains_key("p005"));
+    assert!(s.rollouts.contains_key("p006") && s.rollouts.contains_key("last"));
+    assert_eq!(s.active.as_deref(), Some("last"));
+    assert_eq!(s.order.len(), s.rollouts.len());
+    // And so after a restart.
+    drop(c);
+    let c = Coordinator::open(
+        RedbState::open(&dir.path().join("c.redb")).unwrap(),
+        options(),
+    )
+    .unwrap();
+    assert_eq!(
+        c.state().rollouts.len(),
+        hotweights::coordstate::KEEP_ENDED + 1
+    );
+}
