@@ -339,6 +339,22 @@ fn shutdown_signal() -> Result<impl Future<Output = ()>> {
     })
 }
 
+/// Runs a cluster process until Ctrl-C or SIGTERM (the handlers are
+/// installed before it binds, so a signal sent as soon as its address is
+/// printed already stops it cleanly).
+fn serve_until_signal<M, Fut>(make: M) -> Result<Outcome>
+where
+    M: FnOnce(std::pin::Pin<Box<dyn Future<Output = ()>>>) -> Fut,
+    Fut: Future<Output = hotweights::Result<()>>,
+{
+    let rt = runtime()?;
+    rt.block_on(async {
+        let signal = shutdown_signal()?;
+        make(Box::pin(signal)).await.map_err(anyhow::Error::from)
+    })?;
+    Ok(Outcome::Ok)
+}
+
 fn announce(out: &Output, what: &str, addr: SocketAddr, metrics: Option<SocketAddr>) {
     let metrics_url = metrics.map(|a| format!("http://{a}/metrics"));
     let r = if out.json {
@@ -396,18 +412,13 @@ fn coord_serve(args: CoordServeArgs, out: &Output) -> Result<Outcome> {
         worker_lease: args.lease,
         id: args.id.unwrap_or_else(default_id),
     };
-    let rt = runtime()?;
-    rt.block_on(async {
-        let signal = shutdown_signal()?;
+    serve_until_signal(|signal| {
         hotweights::cluster::coord::serve(
             config,
             |addr, metrics| announce(out, "listening", addr, metrics),
             signal,
         )
-        .await
-        .map_err(anyhow::Error::from)
-    })?;
-    Ok(Outcome::Ok)
+    })
 }
 
 fn coord_status(args: CoordArg, out: &Output) -> Result<Outcome> {
@@ -617,18 +628,13 @@ pub fn worker(args: WorkerArgs, out: &Output) -> Result<Outcome> {
             ..ReceiverOptions::default()
         },
     };
-    let rt = runtime()?;
-    rt.block_on(async {
-        let signal = shutdown_signal()?;
+    serve_until_signal(|signal| {
         hotweights::cluster::worker::run(
             config,
             |addr, metrics| announce(out, "receiving", addr, metrics),
             signal,
         )
-        .await
-        .map_err(anyhow::Error::from)
-    })?;
-    Ok(Outcome::Ok)
+    })
 }
 
 /// `serve-source`.
@@ -674,18 +680,13 @@ pub fn serve_source(args: SourceArgs, out: &Output) -> Result<Outcome> {
         piece_bytes: usize::try_from(args.piece_mib << 20).unwrap_or(DEFAULT_PIECE_BYTES),
         max_rate: args.max_rate,
     };
-    let rt = runtime()?;
-    rt.block_on(async {
-        let signal = shutdown_signal()?;
+    serve_until_signal(|signal| {
         hotweights::cluster::source::run(
             config,
             |addr, metrics| announce(out, "serving", addr, metrics),
             signal,
         )
-        .await
-        .map_err(anyhow::Error::from)
-    })?;
-    Ok(Outcome::Ok)
+    })
 }
 
 /// A table of a driven rollout's consumers, one row each; the first
