@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use bstack_plan::{SwapPlan, WeightManifest};
 use clap::{Args, Subcommand, ValueEnum};
-use hotweights::cluster::client::{ClientTls, CoordClient};
+use hotweights::cluster::client::{ClientTls, CoordClient, CoordTarget};
 use hotweights::cluster::coord::{CoordConfig, ServerTls, StateSpec};
 use hotweights::cluster::drive::{DriveOptions, DriveReport};
 use hotweights::cluster::hook::{Action, Hook};
@@ -98,8 +98,16 @@ impl CoordArg {
             .map_err(Into::into)
     }
 
+    fn target(&self) -> Result<CoordTarget> {
+        Ok(CoordTarget {
+            addrs: self.coord.clone(),
+            token: self.token()?,
+            tls: self.tls()?,
+        })
+    }
+
     fn client(&self) -> Result<CoordClient> {
-        Ok(CoordClient::new(&self.coord, self.token()?.as_ref())?.with_tls(self.tls()?)?)
+        Ok(self.target()?.client()?)
     }
 }
 
@@ -613,9 +621,7 @@ pub fn worker(args: WorkerArgs, out: &Output) -> Result<Outcome> {
         _ => None,
     };
     let config = WorkerConfig {
-        coord: args.coord.coord.clone(),
-        token: args.coord.token()?,
-        tls: args.coord.tls()?,
+        target: args.coord.target()?,
         id: args.id.unwrap_or_else(|| format!("rank{}", args.rank)),
         store: args.store,
         listen: args.listen,
@@ -661,9 +667,7 @@ pub fn serve_source(args: SourceArgs, out: &Output) -> Result<Outcome> {
         _ => None,
     };
     let config = SourceConfig {
-        coord: args.coord.coord.clone(),
-        token: args.coord.token()?,
-        tls: args.coord.tls()?,
+        target: args.coord.target()?,
         id: args.id,
         checkpoint: args.checkpoint,
         manifest,

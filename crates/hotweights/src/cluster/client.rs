@@ -137,6 +137,26 @@ fn host(url: &str) -> &str {
     authority.rsplit_once(':').map_or(authority, |(h, _)| h)
 }
 
+/// How a process reaches its coordinators: their addresses, the token and
+/// the TLS settings. Every task that needs its own client makes one from
+/// it ([`CoordTarget::client`]).
+#[derive(Debug, Clone)]
+pub struct CoordTarget {
+    /// Coordinator addresses, comma-separated.
+    pub addrs: String,
+    /// Bearer token.
+    pub token: Option<Token>,
+    /// TLS to the coordinators; `None` for plaintext.
+    pub tls: Option<ClientTls>,
+}
+
+impl CoordTarget {
+    /// A new client of these coordinators.
+    pub fn client(&self) -> Result<CoordClient> {
+        CoordClient::new(&self.addrs, self.token.as_ref())?.with_tls(self.tls.clone())
+    }
+}
+
 /// A client of one coordinator group. See the module documentation.
 pub struct CoordClient {
     /// The addresses as given (`host:port` or a URL).

@@ -9,8 +9,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tonic::Streaming;
 
-use super::Token;
-use super::client::{ClientTls, CoordClient, rpc_error};
+use super::client::{CoordClient, CoordTarget, rpc_error};
 use super::proto;
 use crate::error::{HotweightsError, Result};
 
@@ -29,16 +28,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Heartbeats every `period` (and whenever `poke` is notified), registering
 /// again when the coordinator no longer knows this process.
 pub(crate) fn heartbeat_task(
-    coord: String,
-    token: Option<Token>,
-    tls: Option<ClientTls>,
+    target: CoordTarget,
     register: proto::RegisterRequest,
     period: Duration,
     beat: Option<(Arc<Mutex<Beat>>, Arc<Notify>)>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let Ok(mut client) = CoordClient::new(&coord, token.as_ref()).and_then(|c| c.with_tls(tls))
-        else {
+        let Ok(mut client) = target.client() else {
             return;
         };
         client.retry_for = period;
@@ -87,9 +83,7 @@ pub(crate) fn heartbeat_task(
 /// when the session ends.
 pub(crate) async fn join(
     client: &mut CoordClient,
-    coord: &str,
-    token: &Option<Token>,
-    tls: &Option<ClientTls>,
+    target: &CoordTarget,
     register: proto::RegisterRequest,
     beat: Option<(Arc<Mutex<Beat>>, Arc<Notify>)>,
 ) -> Result<(Streaming<proto::WatchMessage>, JoinHandle<()>)> {
@@ -101,9 +95,7 @@ pub(crate) async fn join(
         })
         .await?;
     let heartbeat = heartbeat_task(
-        coord.to_owned(),
-        token.clone(),
-        tls.clone(),
+        target.clone(),
         register,
         Duration::from_millis(reply.heartbeat_ms.max(1)),
         beat,

@@ -40,11 +40,11 @@ use bstack_plan::{SwapPlan, WeightManifest};
 use prometheus_client::registry::Registry;
 use prost::Message;
 
-use super::client::{ClientTls, CoordClient};
+use super::client::{CoordClient, CoordTarget};
 use super::metrics::SourceMetrics;
 use super::proto::{self, Role};
 use super::session::{join, next_status};
-use super::{Token, transfer_id};
+use super::transfer_id;
 use crate::dataplane::{BroadcastOptions, BroadcastReport, Payload, broadcast};
 use crate::error::{HotweightsError, Result};
 use crate::plan::PlanOptions;
@@ -58,12 +58,8 @@ const MAX_FRAME: u64 = 1 << 30;
 /// How a source runs.
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
-    /// Coordinator addresses, comma-separated.
-    pub coord: String,
-    /// Bearer token.
-    pub token: Option<Token>,
-    /// TLS to the coordinator; `None` for plaintext.
-    pub tls: Option<ClientTls>,
+    /// Where its coordinators are.
+    pub target: CoordTarget,
     /// Its id.
     pub id: String,
     /// The next version's checkpoint directory.
@@ -426,8 +422,7 @@ where
         });
     }
     let work = async {
-        let mut client =
-            CoordClient::new(&config.coord, config.token.as_ref())?.with_tls(config.tls.clone())?;
+        let mut client = config.target.client()?;
         client.retry_for = Duration::from_secs(3600);
         let mut served: std::collections::HashSet<String> = Default::default();
         loop {
@@ -466,15 +461,7 @@ async fn source_session(
         metrics_addr: config.metrics.map(|a| a.to_string()).unwrap_or_default(),
         holds_version: config.manifest.version.clone(),
     };
-    let (mut stream, heartbeat) = join(
-        client,
-        &config.coord,
-        &config.token,
-        &config.tls,
-        register,
-        None,
-    )
-    .await?;
+    let (mut stream, heartbeat) = join(client, &config.target, register, None).await?;
     let result = async {
         loop {
             let status = next_status(client, &mut stream).await?;

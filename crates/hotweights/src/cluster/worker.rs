@@ -37,13 +37,13 @@ use prometheus_client::registry::Registry;
 use prost::Message;
 use tokio::sync::Notify;
 
-use super::client::{ClientTls, CoordClient};
+use super::client::{CoordClient, CoordTarget};
 use super::hook::Hook;
 use super::metrics::WorkerMetrics;
+use super::now_unix_ns;
 use super::proto::{self, Role};
 use super::session::{Beat, join, next_status};
 use super::source::{CATCH_UP_MAGIC, read_frame, write_frame};
-use super::{Token, now_unix_ns};
 use crate::dataplane::{AbortHandle, ReceiveReport, Receiver, ReceiverOptions};
 use crate::error::{HotweightsError, Result};
 use crate::source::{ChunkLoc, ChunkSource};
@@ -53,12 +53,8 @@ use crate::wire::{Decoder, OwnedChunk};
 /// How a worker runs.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// Coordinator addresses, comma-separated.
-    pub coord: String,
-    /// Bearer token.
-    pub token: Option<Token>,
-    /// TLS to the coordinator; `None` for plaintext.
-    pub tls: Option<ClientTls>,
+    /// Where its coordinators are.
+    pub target: CoordTarget,
     /// Its id: the consumer name plans use.
     pub id: String,
     /// Its versioned store.
@@ -313,30 +309,18 @@ impl Shared {
         let expected = active.digest.clone();
         let vote = expected.clone();
         let id = self.config.id.clone();
-        let coord = self.config.coord.clone();
-        let token = self.config.token.clone();
-        let tls = self.config.tls.clone();
+        let target = self.config.target.clone();
         tokio::spawn(async move {
-            let Ok(mut client) =
-                CoordClient::new(&coord, token.as_ref()).and_then(|c| c.with_tls(tls.clone()))
-            else {
+            let Ok(mut client) = target.client() else {
                 return;
             };
             client.retry_for = Duration::from_secs(60);
             // Progress, every 200 ms, while receiving.
             let progress = {
                 let (bytes, ended, staged) = (bytes.clone(), ended.clone(), staged.clone());
-                let (plan_id, id, coord, token, tls) = (
-                    plan_id.clone(),
-                    id.clone(),
-                    coord.clone(),
-                    token.clone(),
-                    tls.clone(),
-                );
+                let (plan_id, id, target) = (plan_id.clone(), id.clone(), target.clone());
                 tokio::spawn(async move {
-                    let Ok(mut c) =
-                        CoordClient::new(&coord, token.as_ref()).and_then(|c| c.with_tls(tls))
-                    else {
+                    let Ok(mut c) = target.client() else {
                         return;
                     };
                     let mut last = u64::MAX;
@@ -699,8 +683,7 @@ where
         });
     }
     let work = async {
-        let mut client =
-            CoordClient::new(&config.coord, config.token.as_ref())?.with_tls(config.tls.clone())?;
+        let mut client = config.target.client()?;
         client.retry_for = Duration::from_secs(3600);
         loop {
             if let Err(e) = session(&shared, &mut client).await {
@@ -735,15 +718,7 @@ async fn session(shared: &Arc<Shared>, client: &mut CoordClient) -> Result<()> {
         holds_version: String::new(),
     };
     let beat = Some((shared.beat.clone(), shared.poke.clone()));
-    let (mut stream, heartbeat) = join(
-        client,
-        &config.coord,
-        &config.token,
-        &config.tls,
-        register,
-        beat,
-    )
-    .await?;
+    let (mut stream, heartbeat) = join(client, &config.target, register, beat).await?;
     let result = async {
         loop {
             let status = next_status(client, &mut stream).await?;
