@@ -691,14 +691,15 @@ fn a_sigkilled_writer_loses_nothing_it_acknowledged() {
     for &(i, len) in &acked {
         assert_intact(&tier, i, len);
     }
-    // Whatever else is there (a put in flight when killed) is whole.
+    // Whatever else is there is whole: puts the child finished after the
+    // 300th acknowledgement was read, before the kill landed (it keeps
+    // writing meanwhile, so how many is a race), and one in flight.
     let listed = tier.list().unwrap();
     for (k, meta) in listed {
         let ArtifactKey::Custom(c) = &k else {
             panic!("{k}")
         };
         let i: u64 = c.name[1..].parse().unwrap();
-        assert!(i <= acked.len() as u64 + 1, "{k}");
         let got = tier.get(&k).unwrap().unwrap();
         assert_eq!(got.bytes.len() as u64, meta.length);
         assert!(
