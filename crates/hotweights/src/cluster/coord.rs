@@ -38,7 +38,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
-use super::metrics::{ConsumerLabel, CoordMetrics};
+use super::metrics::{ConsumerLabel, CoordMetrics, Endpoint};
 use super::proto::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
 use super::proto::{self, Role};
 use super::{Token, now_unix_ns};
@@ -1015,11 +1015,8 @@ where
     let bound = listener
         .local_addr()
         .map_err(|e| HotweightsError::Option(format!("reading the bound address: {e}")))?;
-    let metrics_listener = match config.metrics {
-        Some(addr) => Some(super::metrics::bind(addr).await?),
-        None => None,
-    };
-    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let endpoint = Endpoint::bind(config.metrics).await?;
+    let metrics_addr = endpoint.as_ref().map(Endpoint::addr);
 
     let cfg = config.clone();
     let (coord, lease) = tokio::task::spawn_blocking(move || open(&cfg))
@@ -1065,13 +1062,8 @@ where
             config.worker_lease,
         ));
     }
-    if let Some(l) = metrics_listener {
-        let registry = Arc::new(registry);
-        tasks.spawn(async move {
-            if let Err(e) = super::metrics::serve(l, registry).await {
-                eprintln!("hotweights coord: {e}");
-            }
-        });
+    if let Some(endpoint) = endpoint {
+        endpoint.spawn(registry, &mut tasks, "hotweights coord");
     }
     let result = server
         .add_service(

@@ -304,19 +304,54 @@ pub fn encode(registry: &Registry) -> Result<String> {
     Ok(text)
 }
 
-/// Binds `addr` for a metrics endpoint, so a bad address fails at start.
-pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| HotweightsError::Transfer {
+/// A process's metrics endpoint: bound at start, so that a bad address
+/// fails before anything runs, and served once the process is up.
+#[derive(Debug)]
+pub struct Endpoint {
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+}
+
+impl Endpoint {
+    /// Binds `addr`, if given.
+    pub async fn bind(addr: Option<SocketAddr>) -> Result<Option<Endpoint>> {
+        let Some(addr) = addr else {
+            return Ok(None);
+        };
+        let fail = |e: std::io::Error| HotweightsError::Transfer {
             peer: addr.to_string(),
             message: format!("cannot listen for metrics: {e}"),
-        })
+        };
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(fail)?;
+        let addr = listener.local_addr().map_err(fail)?;
+        Ok(Some(Endpoint { listener, addr }))
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves `GET /metrics` from `registry` as one of `tasks`; a failure
+    /// is logged under `who`.
+    pub fn spawn(
+        self,
+        registry: Registry,
+        tasks: &mut tokio::task::JoinSet<()>,
+        who: &'static str,
+    ) {
+        let registry = Arc::new(registry);
+        tasks.spawn(async move {
+            if let Err(e) = serve(self.listener, registry).await {
+                eprintln!("{who}: {e}");
+            }
+        });
+    }
 }
 
 /// Serves `GET /metrics` from `registry` on `listener` until the task is
 /// dropped.
-pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>) -> Result<()> {
+async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>) -> Result<()> {
     use axum::http::{StatusCode, header};
     let app = axum::Router::new()
         .route(

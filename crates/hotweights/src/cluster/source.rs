@@ -33,7 +33,6 @@ use std::future::Future;
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bstack_plan::{SwapPlan, WeightManifest};
@@ -41,7 +40,7 @@ use prometheus_client::registry::Registry;
 use prost::Message;
 
 use super::client::{CoordClient, CoordTarget};
-use super::metrics::SourceMetrics;
+use super::metrics::{Endpoint, SourceMetrics};
 use super::proto::{self, Role};
 use super::session::{join, next_status};
 use super::transfer_id;
@@ -387,21 +386,13 @@ where
     let metrics = SourceMetrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
-    let metrics_listener = match config.metrics {
-        Some(a) => Some(super::metrics::bind(a).await?),
-        None => None,
-    };
-    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let endpoint = Endpoint::bind(config.metrics).await?;
+    let metrics_addr = endpoint.as_ref().map(Endpoint::addr);
     ready(bound, metrics_addr);
 
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(l) = metrics_listener {
-        let registry = Arc::new(registry);
-        tasks.spawn(async move {
-            if let Err(e) = super::metrics::serve(l, registry).await {
-                eprintln!("hotweights source: {e}");
-            }
-        });
+    if let Some(endpoint) = endpoint {
+        endpoint.spawn(registry, &mut tasks, "hotweights source");
     }
     {
         let config = config.clone();

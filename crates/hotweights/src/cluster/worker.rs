@@ -39,7 +39,7 @@ use tokio::sync::Notify;
 
 use super::client::{CoordClient, CoordTarget};
 use super::hook::Hook;
-use super::metrics::WorkerMetrics;
+use super::metrics::{Endpoint, WorkerMetrics};
 use super::now_unix_ns;
 use super::proto::{self, Role};
 use super::session::{Beat, join, next_status};
@@ -651,11 +651,8 @@ where
     let metrics = WorkerMetrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
-    let metrics_listener = match config.metrics {
-        Some(a) => Some(super::metrics::bind(a).await?),
-        None => None,
-    };
-    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let endpoint = Endpoint::bind(config.metrics).await?;
+    let metrics_addr = endpoint.as_ref().map(Endpoint::addr);
     let current = store.state().current.clone().unwrap_or_default();
     let shared = Arc::new(Shared {
         config: config.clone(),
@@ -674,13 +671,8 @@ where
     });
     ready(bound, metrics_addr);
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(l) = metrics_listener {
-        let registry = Arc::new(registry);
-        tasks.spawn(async move {
-            if let Err(e) = super::metrics::serve(l, registry).await {
-                eprintln!("hotweights worker: {e}");
-            }
-        });
+    if let Some(endpoint) = endpoint {
+        endpoint.spawn(registry, &mut tasks, "hotweights worker");
     }
     let work = async {
         let mut client = config.target.client()?;
