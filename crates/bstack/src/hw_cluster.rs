@@ -303,9 +303,12 @@ pub struct RolloutArgs {
     /// The sealed swap plan (JSON or protobuf).
     #[arg(long)]
     plan: PathBuf,
-    /// Abort unless every consumer precommitted within this time.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    deadline: Option<Duration>,
+    /// Abort unless every consumer precommitted within this time of the
+    /// submission (the coordinator enforces it, so a stuck consumer can
+    /// never hold a rollout open). Raise it for checkpoints that take
+    /// longer to move.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10m")]
+    deadline: Duration,
     /// Consumers (worker ids), comma-separated; default every registered
     /// worker.
     #[arg(long, value_delimiter = ',')]
@@ -730,7 +733,7 @@ pub fn rollout(args: RolloutArgs, out: &Output, quiet: bool) -> Result<Outcome> 
     let plan = crate::hotweights::read_valid::<SwapPlan>(&args.plan)?;
     let options = DriveOptions {
         consumers: args.consumers,
-        deadline: args.deadline,
+        deadline: Some(args.deadline),
         on_lost: match args.on_lost {
             LostArg::Abort => "abort".into(),
             LostArg::Exclude => "exclude".into(),

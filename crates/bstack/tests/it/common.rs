@@ -3,8 +3,10 @@
 //! its exit code, stdout and stderr; plus the demo and broken-plan fixtures.
 
 use std::fmt;
+use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tempfile::TempDir;
@@ -21,6 +23,70 @@ pub const KINDS: [&str; 5] = [
     "swap_plan",
     "wave_spec",
 ];
+
+/// The longest any one command of the suite may run. A command still
+/// running then is killed and its test fails with what it printed, so that
+/// a hang shows up as a failure with its evidence, never as a suite that
+/// runs until the CI limit.
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(240);
+
+/// Runs `command` to completion with stdout and stderr captured, as
+/// [`Command::output`] does, but kills it after `limit` and panics with
+/// everything it printed (`what` names it).
+#[track_caller]
+pub fn output_within(command: &mut Command, limit: Duration, what: &str) -> Output {
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+    wait_within(child, limit, what)
+}
+
+/// Waits for `child` (with piped stdout and stderr) as
+/// [`Child::wait_with_output`] does, but kills it after `limit` and panics
+/// with everything it printed.
+#[track_caller]
+pub fn wait_within(mut child: Child, limit: Duration, what: &str) -> Output {
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let until = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            Err(e) => panic!("waiting for {what}: {e}"),
+        }
+    };
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    match status {
+        Some(status) => Output {
+            status,
+            stdout,
+            stderr,
+        },
+        None => panic!(
+            "{what} still ran after {limit:?} and was killed\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        ),
+    }
+}
 
 /// What one run of the binary did.
 pub struct Run {
@@ -151,13 +217,15 @@ impl Sandbox {
     /// stdin, and the log filter left at its default.
     #[track_caller]
     pub fn run(&self, args: &[&str]) -> Run {
-        let output = Command::new(env!("CARGO_BIN_EXE_bstack"))
-            .args(args)
-            .current_dir(self.dir.path())
-            .env_remove("BSTACK_LOG")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("running bstack {args:?}: {e}"));
+        let output = output_within(
+            Command::new(env!("CARGO_BIN_EXE_bstack"))
+                .args(args)
+                .current_dir(self.dir.path())
+                .env_remove("BSTACK_LOG")
+                .stdin(Stdio::null()),
+            COMMAND_LIMIT,
+            &format!("bstack {args:?}"),
+        );
         Run {
             command: args.join(" "),
             code: output.status.code(),
@@ -178,9 +246,7 @@ impl Sandbox {
             .env_remove("BSTACK_LOG")
             .envs(env.iter().copied())
             .stdin(Stdio::null());
-        let output = command
-            .output()
-            .unwrap_or_else(|e| panic!("running bstack {args:?}: {e}"));
+        let output = output_within(&mut command, COMMAND_LIMIT, &format!("bstack {args:?}"));
         let shown: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let run = Run {
             command: format!("{} (with {})", args.join(" "), shown.join(" ")),
@@ -198,14 +264,16 @@ impl Sandbox {
     /// binary: for limits that only a shell sets (`ulimit`).
     #[track_caller]
     pub fn run_shell(&self, script: &str) -> Run {
-        let output = Command::new("bash")
-            .args(["-c", script])
-            .current_dir(self.dir.path())
-            .env_remove("BSTACK_LOG")
-            .env("BSTACK", env!("CARGO_BIN_EXE_bstack"))
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("running bash -c {script:?}: {e}"));
+        let output = output_within(
+            Command::new("bash")
+                .args(["-c", script])
+                .current_dir(self.dir.path())
+                .env_remove("BSTACK_LOG")
+                .env("BSTACK", env!("CARGO_BIN_EXE_bstack"))
+                .stdin(Stdio::null()),
+            COMMAND_LIMIT,
+            &format!("bash -c {script:?}"),
+        );
         Run {
             command: format!("(bash -c) {script}"),
             code: output.status.code(),

@@ -19,7 +19,7 @@ use hotweights::synth::SynthModel;
 use hotweights::{PlanOptions, PublishOptions, Store};
 use serde_json::Value;
 
-use crate::common::Sandbox;
+use crate::common::{COMMAND_LIMIT, Sandbox, wait_within};
 
 /// How long a process may take to start.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -125,6 +125,10 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
+        // A failing test shows every process's side of the story.
+        if std::thread::panicking() {
+            eprintln!("--- {} stderr ---\n{}", self.name, self.log());
+        }
     }
 }
 
@@ -398,9 +402,7 @@ fn start_rollout(sandbox: &Sandbox, coord: &str, extra: &[&str]) -> Child {
 /// Waits for a background rollout; returns its exit code and report.
 #[track_caller]
 fn finish(child: Child) -> (Option<i32>, Value, String) {
-    let out = child
-        .wait_with_output()
-        .unwrap_or_else(|e| panic!("waiting for the rollout: {e}"));
+    let out = wait_within(child, COMMAND_LIMIT, "the rollout");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let report = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);

@@ -466,9 +466,7 @@ fn partition_mid_transfer_leaves_no_worker_half_way() {
     tool("ip", &["link", "set", &link, "down"]).unwrap_or_else(|e| panic!("{e}"));
     std::thread::sleep(Duration::from_millis(1500));
     tool("ip", &["link", "set", &link, "up"]).unwrap_or_else(|e| panic!("{e}"));
-    let output = rollout
-        .wait_with_output()
-        .unwrap_or_else(|e| panic!("waiting for the rollout: {e}"));
+    let output = crate::common::wait_within(rollout, crate::common::COMMAND_LIMIT, "the rollout");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     let report: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {

@@ -321,7 +321,7 @@ fn one_served_store_is_shared_by_many_processes() {
         })
         .collect();
     for (r, child) in gets {
-        let out = child.wait_with_output().unwrap();
+        let out = crate::common::wait_within(child, crate::common::COMMAND_LIMIT, "strata get");
         assert!(out.status.success());
         assert_eq!(
             out.stdout,

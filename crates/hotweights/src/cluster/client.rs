@@ -7,6 +7,14 @@
 //! other answer (a refused rollout call, a wrong token) returns at once. All
 //! calls are idempotent, so retrying one whose reply was lost is safe.
 //!
+//! Nothing waits forever on a coordinator that stopped answering: a call
+//! with no reply within [`CALL_TIMEOUT`] counts as unreachable (and is
+//! retried), and HTTP/2 pings every [`KEEPALIVE`] close a connection whose
+//! peer vanished without a FIN (a partition, a host gone), which ends any
+//! watch stream on it so that its owner reconnects. A TLS mismatch (an
+//! untrusted certificate, or plaintext against a TLS coordinator) fails at
+//! once: retrying cannot fix a configuration.
+//!
 //! # TLS
 //!
 //! TLS is optional. With a [`ClientTls`] ([`CoordClient::with_tls`];
@@ -31,6 +39,15 @@ use tonic::{Code, Request, Response, Status};
 
 use super::Token;
 use super::proto::coordinator_client::CoordinatorClient;
+
+/// How long one call may wait for its reply (for a watch: for the stream to
+/// open) before it counts as unreachable. Plans up to 1 GiB go through
+/// `GetPlan`, hence the generous bound.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The HTTP/2 ping period on coordinator connections; a ping unanswered for
+/// as long again closes the connection.
+pub const KEEPALIVE: Duration = Duration::from_secs(5);
 use crate::error::{HotweightsError, Result};
 
 /// Adds the bearer token to every call.
@@ -280,6 +297,9 @@ impl CoordClient {
         let mut endpoint = Endpoint::from_shared(self.endpoint().to_owned())
             .map_err(|e| Status::invalid_argument(e.to_string()))?
             .connect_timeout(Duration::from_secs(2))
+            .http2_keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE)
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true);
         if let Some(tls) = &self.tls {
             endpoint = tls
@@ -313,21 +333,25 @@ impl CoordClient {
         let start = Instant::now();
         loop {
             let status = match self.stub().await {
-                Ok(stub) => match call(stub).await {
-                    Ok(r) => return Ok(r.into_inner()),
-                    Err(s) => s,
+                Ok(stub) => match tokio::time::timeout(CALL_TIMEOUT, call(stub)).await {
+                    Ok(Ok(r)) => return Ok(r.into_inner()),
+                    Ok(Err(s)) => s,
+                    Err(_) => {
+                        Status::unavailable(format!("no reply within {}s", CALL_TIMEOUT.as_secs()))
+                    }
                 },
                 Err(s) => s,
             };
-            let retry = matches!(
+            let transport = matches!(
                 status.code(),
                 Code::Unavailable | Code::Unknown | Code::Cancelled
             );
+            let retry = transport && !tls_mismatch(&status);
             if !retry || start.elapsed() >= self.retry_for {
                 let mut err = rpc_error(self.endpoint(), what, &status);
                 if let HotweightsError::Transfer { message, .. } = &mut err {
                     // A transport failure: perhaps TLS on one side only.
-                    if retry {
+                    if transport {
                         message.push_str(if self.tls.is_some() {
                             "; this client uses TLS (--tls-ca): does the coordinator serve TLS \
                              (--tls-cert/--tls-key) with a certificate the CA signed, for this host \
@@ -343,6 +367,14 @@ impl CoordClient {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Whether `status` says the two ends disagree about TLS: the client
+/// distrusts the certificate, or spoke plaintext HTTP/2 to a TLS listener
+/// (whose handshake alert reads as an HTTP/2 protocol error).
+fn tls_mismatch(status: &Status) -> bool {
+    let m = status.message();
+    m.contains("certificate") || m.contains("h2 protocol error")
 }
 
 /// The crate error for a failed call.

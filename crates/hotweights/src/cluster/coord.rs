@@ -1002,9 +1002,13 @@ where
     F: FnOnce(SocketAddr, Option<SocketAddr>),
     S: Future<Output = ()>,
 {
+    // Pings find watchers whose host vanished, so their streams end.
+    let builder = Server::builder()
+        .http2_keepalive_interval(Some(super::client::KEEPALIVE))
+        .http2_keepalive_timeout(Some(super::client::KEEPALIVE));
     let mut server = match &config.tls {
-        Some(tls) => tls.apply(Server::builder())?,
-        None => Server::builder(),
+        Some(tls) => tls.apply(builder)?,
+        None => builder,
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

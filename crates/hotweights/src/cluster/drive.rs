@@ -162,7 +162,12 @@ pub async fn rollout(
         loop {
             match stream.message().await {
                 Ok(Some(_)) => {}
-                Ok(None) | Err(_) => continue 'watch, // reconnect (another coordinator)
+                Ok(None) | Err(_) => {
+                    // Reconnect (perhaps to another coordinator), without
+                    // spinning on one that keeps ending the stream.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue 'watch;
+                }
             }
             let status = client
                 .call("Status", |mut s| async move {
