@@ -8,8 +8,8 @@
 
 use crate::{
     Bucket, BucketItem, CachePlan, Chunk, ClusterShape, FileEntry, HashAlgorithm, IoExtent,
-    KvPageRef, PlanWindow, SCHEMA_VERSION, SwapPlan, SwapWindow, TensorEntry, TileCoord,
-    TransferKind, TransferOp, WaveSpec, WeightManifest,
+    KvPageRef, PlanWindow, PrefixCohort, PrefixDepth, ReuseBucket, SCHEMA_VERSION, SwapPlan,
+    SwapWindow, TensorEntry, TileCoord, TransferKind, TransferOp, WaveSpec, WeightManifest,
 };
 use crate::{Contract, Document, dtype::tensor_bytes};
 
@@ -305,8 +305,15 @@ pub fn swap_plan() -> SwapPlan {
     plan
 }
 
+/// Bytes of the KV cache of one 512-token block of a Llama-3-8B-like model in
+/// BF16: keys and values, 32 layers, 8 KV heads of 128 dims, 2 bytes each.
+pub const KV_BLOCK_BYTES: u64 = 2 * 32 * 8 * 128 * 2 * 512;
+
 /// A wave spec for a 256 x 256 BF16 GEMM in 128 x 128 x 64 tiles, 16 waves,
-/// weights swappable in waves [8, 12).
+/// weights swappable in waves [8, 12), with the request-log statistics of a
+/// conversation trace in 512-token KV blocks: a system prompt shared by 38
+/// requests, two shorter shared prefixes, prefix reuse at depths 1, 4 and 12,
+/// and a four-bucket reuse-distance histogram.
 pub fn wave_spec() -> WaveSpec {
     WaveSpec {
         schema_version: SCHEMA_VERSION,
@@ -340,6 +347,71 @@ pub fn wave_spec() -> WaveSpec {
         num_waves: 16,
         dtype: "BF16".into(),
         wave_budget_ns: 2_000_000,
+        cohorts: vec![
+            PrefixCohort {
+                block: 46,
+                depth: 12,
+                requests: 38,
+                bytes: 12 * KV_BLOCK_BYTES,
+                first_ms: 0,
+                last_ms: 179_642,
+            },
+            PrefixCohort {
+                block: 1_207,
+                depth: 4,
+                requests: 9,
+                bytes: 4 * KV_BLOCK_BYTES,
+                first_ms: 12_118,
+                last_ms: 95_870,
+            },
+            PrefixCohort {
+                block: 3_518,
+                depth: 2,
+                requests: 3,
+                bytes: 2 * KV_BLOCK_BYTES,
+                first_ms: 140_002,
+                last_ms: 141_377,
+            },
+        ],
+        prefix_histogram: vec![
+            PrefixDepth {
+                depth: 1,
+                requests: 212,
+                prefixes: 41,
+            },
+            PrefixDepth {
+                depth: 4,
+                requests: 141,
+                prefixes: 66,
+            },
+            PrefixDepth {
+                depth: 12,
+                requests: 37,
+                prefixes: 58,
+            },
+        ],
+        reuse_distances: vec![
+            ReuseBucket {
+                max_distance: 16,
+                count: 1_840,
+            },
+            ReuseBucket {
+                max_distance: 256,
+                count: 2_215,
+            },
+            ReuseBucket {
+                max_distance: 4_096,
+                count: 960,
+            },
+            ReuseBucket {
+                max_distance: u64::MAX,
+                count: 311,
+            },
+        ],
+        block_bytes: KV_BLOCK_BYTES,
+        block_tokens: 512,
+        cold_references: 1_024,
+        source: "conversation_trace.jsonl".into(),
     }
 }
 

@@ -935,5 +935,96 @@ impl Validate for WaveSpec {
                 ),
             );
         }
+        check_trace_statistics(c, self);
     }
+}
+
+/// The request-log statistics of a wave spec (fields 17-23): cohorts,
+/// prefix histogram, reuse distances and the block shape they are counted in.
+fn check_trace_statistics(c: &mut Checker, w: &WaveSpec) {
+    if w.block_bytes > 0 && w.block_tokens == 0 {
+        c.report_at(
+            "block_tokens",
+            format!("must be > 0 when block_bytes is set ({})", w.block_bytes),
+        );
+    }
+    if w.block_tokens > 0 && w.block_bytes == 0 {
+        c.report_at(
+            "block_bytes",
+            format!("must be > 0 when block_tokens is set ({})", w.block_tokens),
+        );
+    }
+    c.field("cohorts", |c| {
+        for (i, cohort) in w.cohorts.iter().enumerate() {
+            c.index(i, |c| {
+                if cohort.depth == 0 {
+                    c.report_at("depth", "must be >= 1");
+                }
+                if cohort.requests < 2 {
+                    c.report_at("requests", "must be >= 2");
+                }
+                check_order(c, "last_ms", cohort.last_ms, "first_ms", cohort.first_ms);
+                if w.block_bytes > 0 {
+                    match u64::from(cohort.depth).checked_mul(w.block_bytes) {
+                        Some(expected) if expected == cohort.bytes => {}
+                        Some(expected) => c.report_at(
+                            "bytes",
+                            format!(
+                                "{} is not depth {} x block_bytes {} = {expected}",
+                                cohort.bytes, cohort.depth, w.block_bytes
+                            ),
+                        ),
+                        None => c.report_at(
+                            "bytes",
+                            format!(
+                                "depth {} x block_bytes {} overflows u64",
+                                cohort.depth, w.block_bytes
+                            ),
+                        ),
+                    }
+                }
+            });
+        }
+    });
+    c.field("prefix_histogram", |c| {
+        for (i, d) in w.prefix_histogram.iter().enumerate() {
+            if d.depth == 0 {
+                c.index(i, |c| c.report_at("depth", "must be >= 1"));
+            }
+        }
+        for (i, pair) in w.prefix_histogram.windows(2).enumerate() {
+            let [p, d] = pair else { continue };
+            c.index(i + 1, |c| {
+                if d.depth <= p.depth {
+                    let message = format!(
+                        "{} is not above prefix_histogram[{i}].depth {}: \
+                         depths strictly increase",
+                        d.depth, p.depth
+                    );
+                    c.report_at("depth", message);
+                }
+                if d.requests > p.requests {
+                    let message = format!(
+                        "{} is more than prefix_histogram[{i}].requests {}: \
+                         a deeper prefix cannot be reused by more requests",
+                        d.requests, p.requests
+                    );
+                    c.report_at("requests", message);
+                }
+            });
+        }
+    });
+    c.field("reuse_distances", |c| {
+        for (i, pair) in w.reuse_distances.windows(2).enumerate() {
+            let [before, bucket] = pair else { continue };
+            if bucket.max_distance <= before.max_distance {
+                let message = format!(
+                    "{} is not above reuse_distances[{i}].max_distance {}: \
+                     bounds strictly increase",
+                    bucket.max_distance, before.max_distance
+                );
+                c.index(i + 1, |c| c.report_at("max_distance", message));
+            }
+        }
+    });
 }

@@ -509,6 +509,20 @@ fn summarise_wave_spec(s: &mut Summary, w: &WaveSpec) {
         json!(w.io_extents.len()),
     );
     s.add(
+        "cohorts",
+        w.cohorts.len().to_string(),
+        json!(w.cohorts.len()),
+    );
+    let deepest = w.prefix_histogram.last().map_or(0, |d| d.depth);
+    s.add(
+        "prefix histogram",
+        match w.prefix_histogram.len() {
+            0 => "none".into(),
+            n => format!("{}, deepest {deepest} blocks", plural(n as u64, "depth")),
+        },
+        json!({"depths": w.prefix_histogram.len(), "deepest": deepest}),
+    );
+    s.add(
         "stage depth",
         w.stage_depth.to_string(),
         json!(w.stage_depth),

@@ -262,3 +262,151 @@ fn every_problem_is_reported_at_once() {
         ]
     );
 }
+
+/// The request-log statistics of a wave spec (cohorts, prefix histogram,
+/// reuse distances, block shape), each rule broken on its own.
+mod wave_spec_statistics {
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn cohort_of_no_blocks(mut w in strategies::wave_spec(), pick in any::<prop::sample::Index>()) {
+            prop_assume!(!w.cohorts.is_empty());
+            let i = pick.index(w.cohorts.len());
+            w.cohorts[i].depth = 0;
+            w.cohorts[i].bytes = 0;
+            expect(&w.problems(), &format!("cohorts[{i}].depth"), "must be >= 1")?;
+        }
+
+        #[test]
+        fn cohort_of_one_request(mut w in strategies::wave_spec(), pick in any::<prop::sample::Index>(), requests in 0u64..2) {
+            prop_assume!(!w.cohorts.is_empty());
+            let i = pick.index(w.cohorts.len());
+            w.cohorts[i].requests = requests;
+            expect(&w.problems(), &format!("cohorts[{i}].requests"), "must be >= 2")?;
+        }
+
+        #[test]
+        fn cohort_that_ends_before_it_starts(mut w in strategies::wave_spec(), pick in any::<prop::sample::Index>(), back in 1u64..1000) {
+            prop_assume!(!w.cohorts.is_empty());
+            let i = pick.index(w.cohorts.len());
+            let c = &mut w.cohorts[i];
+            c.first_ms = c.first_ms.max(back);
+            c.last_ms = c.first_ms - back;
+            expect(&w.problems(), &format!("cohorts[{i}].last_ms"), "before first_ms")?;
+        }
+
+        #[test]
+        fn cohort_bytes_not_its_blocks(mut w in strategies::wave_spec(), pick in any::<prop::sample::Index>(), off in 1u64..1 << 20) {
+            prop_assume!(!w.cohorts.is_empty() && w.block_bytes > 0);
+            let i = pick.index(w.cohorts.len());
+            let c = &mut w.cohorts[i];
+            let expected = u64::from(c.depth) * w.block_bytes;
+            c.bytes = expected.wrapping_add(off);
+            let bytes = c.bytes;
+            let both = format!("{bytes} is not depth {} x block_bytes {} = {expected}", c.depth, w.block_bytes);
+            expect(&w.problems(), &format!("cohorts[{i}].bytes"), &both)?;
+        }
+
+        #[test]
+        fn histogram_depth_zero(mut w in strategies::wave_spec()) {
+            prop_assume!(!w.prefix_histogram.is_empty());
+            w.prefix_histogram[0].depth = 0;
+            expect(&w.problems(), "prefix_histogram[0].depth", "must be >= 1")?;
+        }
+
+        #[test]
+        fn histogram_depths_that_do_not_increase(mut w in strategies::wave_spec(), pick in any::<prop::sample::Index>()) {
+            prop_assume!(!w.prefix_histogram.is_empty());
+            let i = pick.index(w.prefix_histogram.len());
+            let mut again = w.prefix_histogram[i];
+            again.requests = w.prefix_histogram.last().map_or(0, |d| d.requests);
+            w.prefix_histogram.push(again);
+            let n = w.prefix_histogram.len() - 1;
+            expect(&w.problems(), &format!("prefix_histogram[{n}].depth"), "strictly increase")?;
+        }
+
+        #[test]
+        fn histogram_requests_that_grow_with_depth(mut w in strategies::wave_spec(), more in 1u64..1000) {
+            prop_assume!(w.prefix_histogram.last().is_some_and(|d| d.depth < u32::MAX && d.requests < u64::MAX - 1000));
+            let last = w.prefix_histogram[w.prefix_histogram.len() - 1];
+            w.prefix_histogram.push(bstack_plan::PrefixDepth {
+                depth: last.depth + 1,
+                requests: last.requests + more,
+                prefixes: last.prefixes,
+            });
+            let n = w.prefix_histogram.len() - 1;
+            expect(&w.problems(), &format!("prefix_histogram[{n}].requests"), "cannot be reused by more requests")?;
+        }
+
+        #[test]
+        fn reuse_bounds_that_do_not_increase(mut w in strategies::wave_spec(), pick in any::<prop::sample::Index>()) {
+            prop_assume!(!w.reuse_distances.is_empty());
+            let i = pick.index(w.reuse_distances.len());
+            let again = w.reuse_distances[i];
+            w.reuse_distances.push(again);
+            let n = w.reuse_distances.len() - 1;
+            expect(&w.problems(), &format!("reuse_distances[{n}].max_distance"), "strictly increase")?;
+        }
+
+        #[test]
+        fn block_bytes_without_block_tokens(mut w in strategies::wave_spec(), bytes in 1u64..1 << 40) {
+            w.block_bytes = bytes;
+            w.block_tokens = 0;
+            expect(&w.problems(), "block_tokens", "must be > 0 when block_bytes is set")?;
+        }
+
+        #[test]
+        fn block_tokens_without_block_bytes(mut w in strategies::wave_spec(), tokens in 1u32..4096) {
+            w.block_bytes = 0;
+            w.block_tokens = tokens;
+            expect(&w.problems(), "block_bytes", "must be > 0 when block_tokens is set")?;
+        }
+    }
+
+    #[test]
+    fn every_statistics_problem_is_reported_at_once() {
+        let mut w = bstack_plan::example::wave_spec();
+        w.block_tokens = 0;
+        w.cohorts[0].depth = 0;
+        w.cohorts[1].requests = 1;
+        w.cohorts[1].bytes = 5;
+        w.cohorts[2].last_ms = 0;
+        w.prefix_histogram[1].depth = 1;
+        w.prefix_histogram[2].requests = 500;
+        w.reuse_distances[3].max_distance = 4_096;
+        let text: Vec<String> = w.problems().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            [
+                "block_tokens: must be > 0 when block_bytes is set (67108864)",
+                "cohorts[0].depth: must be >= 1",
+                "cohorts[0].bytes: 805306368 is not depth 0 x block_bytes 67108864 = 0",
+                "cohorts[1].requests: must be >= 2",
+                "cohorts[1].bytes: 5 is not depth 4 x block_bytes 67108864 = 268435456",
+                "cohorts[2].last_ms: 0 is before first_ms 140002",
+                "prefix_histogram[1].depth: 1 is not above prefix_histogram[0].depth 1: \
+                 depths strictly increase",
+                "prefix_histogram[2].requests: 500 is more than prefix_histogram[1].requests \
+                 141: a deeper prefix cannot be reused by more requests",
+                "reuse_distances[3].max_distance: 4096 is not above \
+                 reuse_distances[2].max_distance 4096: bounds strictly increase",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_example_statistics_are_consistent() {
+        let w = bstack_plan::example::wave_spec();
+        assert_eq!(w.problems(), vec![]);
+        assert_eq!(w.block_bytes, 2 * 32 * 8 * 128 * 2 * 512);
+        assert_eq!(w.block_tokens, 512);
+        assert!(!w.cohorts.is_empty() && !w.prefix_histogram.is_empty());
+        assert_eq!(
+            w.reuse_distances.last().map(|b| b.max_distance),
+            Some(u64::MAX)
+        );
+    }
+}

@@ -10,8 +10,8 @@ use std::collections::{BTreeSet, HashMap};
 use bstack_plan::dtype::{DTYPES, tensor_bytes};
 use bstack_plan::{
     Bucket, BucketItem, CachePlan, Chunk, ClusterShape, FileEntry, HashAlgorithm, IoExtent,
-    KvPageRef, PlanWindow, SCHEMA_VERSION, SwapPlan, SwapWindow, TensorEntry, TileCoord,
-    TransferKind, TransferOp, WaveSpec, WeightManifest,
+    KvPageRef, PlanWindow, PrefixCohort, PrefixDepth, ReuseBucket, SCHEMA_VERSION, SwapPlan,
+    SwapWindow, TensorEntry, TileCoord, TransferKind, TransferOp, WaveSpec, WeightManifest,
 };
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -379,6 +379,105 @@ pub fn swap_plan() -> impl Strategy<Value = SwapPlan> {
         })
 }
 
+/// The request-log statistics of a wave spec (fields 17-23).
+#[derive(Debug, Clone)]
+pub struct TraceStatistics {
+    cohorts: Vec<PrefixCohort>,
+    prefix_histogram: Vec<PrefixDepth>,
+    reuse_distances: Vec<ReuseBucket>,
+    block_bytes: u64,
+    block_tokens: u32,
+    cold_references: u64,
+    source: String,
+}
+
+/// Valid request-log statistics: none at all, or any mix of cohorts,
+/// histogram and reuse buckets, with or without a known block shape.
+pub fn trace_statistics() -> impl Strategy<Value = TraceStatistics> {
+    // Both 0 (unknown) or both set; block_bytes stays below 2^31 so that
+    // depth * block_bytes fits in u64 for any u32 depth.
+    let shape = prop_oneof![
+        Just((0u64, 0u32)),
+        (1u64..1 << 31, 1u32..=u32::MAX),
+        Just((67_108_864u64, 512u32)),
+    ];
+    shape.prop_flat_map(|(block_bytes, block_tokens)| {
+        let cohort = (
+            any::<u64>(),
+            prop_oneof![1u32..64, 1u32..=u32::MAX],
+            2u64..=u64::MAX,
+            any::<u64>(),
+            any::<u64>(),
+        )
+            .prop_map(move |(block, depth, requests, a, b)| PrefixCohort {
+                block,
+                depth,
+                requests,
+                bytes: u64::from(depth) * block_bytes,
+                first_ms: a.min(b),
+                last_ms: a.max(b),
+            });
+        let histogram = (1usize..6)
+            .prop_flat_map(|n| {
+                (
+                    prop::collection::btree_set(1u32..=u32::MAX, 0..n),
+                    prop::collection::vec(any::<u64>(), n),
+                    prop::collection::vec(any::<u64>(), n),
+                )
+            })
+            .prop_map(|(depths, mut requests, prefixes)| {
+                requests.sort_unstable_by(|a, b| b.cmp(a));
+                depths
+                    .into_iter()
+                    .zip(requests)
+                    .zip(prefixes)
+                    .map(|((depth, requests), prefixes)| PrefixDepth {
+                        depth,
+                        requests,
+                        prefixes,
+                    })
+                    .collect::<Vec<_>>()
+            });
+        let reuse = (
+            prop::collection::btree_set(0u64..1 << 40, 0..5),
+            any::<bool>(),
+            prop::collection::vec(any::<u64>(), 6),
+        )
+            .prop_map(|(bounds, open, counts)| {
+                let open = open.then_some(u64::MAX);
+                bounds
+                    .into_iter()
+                    .chain(open)
+                    .zip(counts)
+                    .map(|(max_distance, count)| ReuseBucket {
+                        max_distance,
+                        count,
+                    })
+                    .collect::<Vec<_>>()
+            });
+        (
+            prop::collection::vec(cohort, 0..4),
+            histogram,
+            reuse,
+            any::<u64>(),
+            prop_oneof![Just(String::new()), "[a-zA-Z0-9_./ \"é-]{1,24}"],
+        )
+            .prop_map(
+                move |(cohorts, prefix_histogram, reuse_distances, cold_references, source)| {
+                    TraceStatistics {
+                        cohorts,
+                        prefix_histogram,
+                        reuse_distances,
+                        block_bytes,
+                        block_tokens,
+                        cold_references,
+                        source,
+                    }
+                },
+            )
+    })
+}
+
 /// A valid wave spec.
 pub fn wave_spec() -> impl Strategy<Value = WaveSpec> {
     let extent =
@@ -398,6 +497,7 @@ pub fn wave_spec() -> impl Strategy<Value = WaveSpec> {
         (0u64..100, 0u64..100, 0u64..100, any::<bool>()),
         (0u32..5, any::<u64>(), any::<u64>()),
         select(vec!["", "F32", "BF16", "F16", "F8_E4M3"]),
+        trace_statistics(),
     )
         .prop_map(
             |(
@@ -409,6 +509,7 @@ pub fn wave_spec() -> impl Strategy<Value = WaveSpec> {
                 (begin, len, extra, bounded),
                 (stage_depth, deadline_ns, wave_budget_ns),
                 dtype,
+                stats,
             )| WaveSpec {
                 schema_version: SCHEMA_VERSION,
                 pack_order,
@@ -425,6 +526,13 @@ pub fn wave_spec() -> impl Strategy<Value = WaveSpec> {
                 num_waves: if bounded { begin + len + extra } else { 0 },
                 dtype: dtype.into(),
                 wave_budget_ns,
+                cohorts: stats.cohorts,
+                prefix_histogram: stats.prefix_histogram,
+                reuse_distances: stats.reuse_distances,
+                block_bytes: stats.block_bytes,
+                block_tokens: stats.block_tokens,
+                cold_references: stats.cold_references,
+                source: stats.source,
             },
         )
 }

@@ -104,6 +104,27 @@ fn manifest_and_swap_plan_figures() {
 }
 
 #[test]
+fn wave_spec_figures_include_its_prefix_statistics() {
+    let sandbox = Sandbox::with_demo();
+    let spec = example::wave_spec();
+    let deepest = spec.prefix_histogram.last().map(|d| d.depth);
+    let run = sandbox.run(&["--json", "plan", "show", &format!("{DEMO}/wave_spec.pb")]);
+    run.code(0);
+    let summary = run.json();
+    assert_eq!(summary["cohorts"], spec.cohorts.len(), "{run}");
+    assert_eq!(
+        summary["prefix_histogram"],
+        json!({"depths": spec.prefix_histogram.len(), "deepest": deepest}),
+        "{run}"
+    );
+
+    let run = sandbox.run(&["plan", "show", &format!("{DEMO}/wave_spec.json")]);
+    run.code(0)
+        .stdout_has("cohorts")
+        .stdout_has("3 depths, deepest 12 blocks");
+}
+
+#[test]
 fn top_limits_the_table_of_operations() {
     let sandbox = Sandbox::with_demo();
     let file = format!("{DEMO}/cache_plan.json");
