@@ -263,12 +263,12 @@ struct Bounds {
 
 /// Checks every point and returns the extent of the data.
 fn data_bounds(chart: &LineChart, series: &[Series]) -> std::result::Result<Bounds, String> {
-    if let Some((low, high)) = chart.y_range {
-        if !(low.is_finite() && high.is_finite() && low < high) {
-            return Err(format!(
-                "y_range ({low}, {high}) must be finite with low < high"
-            ));
-        }
+    if let Some((low, high)) = chart.y_range
+        && !(low.is_finite() && high.is_finite() && low < high)
+    {
+        return Err(format!(
+            "y_range ({low}, {high}) must be finite with low < high"
+        ));
     }
     let mut bounds: Option<Bounds> = None;
     for s in series {
@@ -285,13 +285,13 @@ fn data_bounds(chart: &LineChart, series: &[Series]) -> std::result::Result<Boun
                     s.name
                 ));
             }
-            if let Some((low, high)) = chart.y_range {
-                if y < low || y > high {
-                    return Err(format!(
-                        "series {:?}: point {i} has y = {y}, outside the y range [{low}, {high}]",
-                        s.name
-                    ));
-                }
+            if let Some((low, high)) = chart.y_range
+                && (y < low || y > high)
+            {
+                return Err(format!(
+                    "series {:?}: point {i} has y = {y}, outside the y range [{low}, {high}]",
+                    s.name
+                ));
             }
             bounds = Some(match bounds {
                 None => Bounds {

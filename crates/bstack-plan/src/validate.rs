@@ -789,10 +789,10 @@ fn check_buckets(
     // Every chunk of the target that is new or changed must be staged; a
     // `from` given by identity only (no entries) leaves this to whoever
     // holds the full manifest (SwapPlan::unstaged_changes).
-    if let (Some(from), Some(to)) = (from, to) {
-        if !from.tensors.is_empty() || !from.files.is_empty() {
-            check_changes_staged(c, &staged, from, to);
-        }
+    if let (Some(from), Some(to)) = (from, to)
+        && (!from.tensors.is_empty() || !from.files.is_empty())
+    {
+        check_changes_staged(c, &staged, from, to);
     }
 }
 

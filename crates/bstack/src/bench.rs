@@ -28,7 +28,10 @@ pub struct BenchArgs {
     /// validate), `hotweights` (publish against file reading and hashing)
     /// `bcache` (planning latency at 1k to 1M pending requests; the
     /// shared trace under every policy, with hit rates and TTFT),
-    /// `strata` (every tier against memcpy, raw file I/O or raw TCP) or
+    /// `strata` (every tier against memcpy, raw file I/O or raw TCP),
+    /// `datajax` (a 10-million-row feature pipeline against pandas in the
+    /// same run, trace + lower of 20 operations, a djit cache hit, WaveSpec
+    /// export of the shared trace) or
     /// `hotweights-cluster` (alias `hw-cluster`: a rollout to 4 workers,
     /// each in a network namespace behind a 1 Gbit/s link, against one raw
     /// TCP copy of the same bytes; needs root, else runs on loopback).
@@ -39,7 +42,7 @@ pub struct BenchArgs {
     /// Scale of the generated inputs, 1.0 = the reference size (plan:
     /// 20,000 tensors x 4 chunks and 100,000 ops; hotweights: a 512 MiB
     /// checkpoint in 4 shards; hotweights-cluster: a 2 GiB checkpoint, 10 %
-    /// of it changed per version). For hotweights-cluster `--runs` is the
+    /// of it changed per version; datajax: 10 million rows). For hotweights-cluster `--runs` is the
     /// number of rollouts, with no warm-up.
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
@@ -58,6 +61,7 @@ pub fn run(args: BenchArgs, out: &Output) -> Result<Outcome> {
         "hotweights" | "hw" => bench_hotweights(&args, out)?,
         "bcache" => bench_bcache(&args, out)?,
         "strata" => crate::bench_strata::measure(args.runs, args.scale, out)?,
+        "datajax" => crate::bench_datajax::measure(args.runs, args.scale, out)?,
         "hotweights-cluster" | "hw-cluster" => {
             crate::bench_hw_cluster::measure(args.runs, args.scale, out)?
         }
@@ -65,7 +69,7 @@ pub fn run(args: BenchArgs, out: &Output) -> Result<Outcome> {
         // the bench inside a worker's network namespace.
         "hotweights-cluster-sink" => crate::bench_hw_cluster::sink()?,
         other => bail!(
-            "no benchmarks for {other:?}; available: plan, hotweights, bcache, strata, hotweights-cluster"
+            "no benchmarks for {other:?}; available: plan, hotweights, bcache, strata, datajax, hotweights-cluster"
         ),
     }
     Ok(Outcome::Ok)
@@ -299,7 +303,7 @@ fn bench_plan_million(args: &BenchArgs, out: &Output) -> Result<()> {
         let mut k = 0usize;
         for t in &mut next.tensors {
             for c in &mut t.chunks {
-                if k % every == 0 {
+                if k.is_multiple_of(every) {
                     c.hash = hex_hash(u64::MAX - k as u64);
                 }
                 k += 1;

@@ -62,6 +62,7 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
         crate::demo_cluster::cluster_stage(&args.out.join("hotweights"))?;
     let (cache_rows, cache_summary) = bcache_stage(&args.out.join("bcache"))?;
     let (strata_text, strata_summary) = strata_stage(&args.out.join("strata"))?;
+    let (datajax_text, datajax_summary) = datajax_stage(&args.out.join("datajax"))?;
 
     if out.json {
         let stages: Vec<_> = rows
@@ -83,6 +84,7 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
             "cluster": cluster_summary,
             "bcache": cache_summary,
             "strata": strata_summary,
+            "datajax": datajax_summary,
         }))?;
     } else {
         let mut t = table(
@@ -107,6 +109,7 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
         out.line(cluster_table)?;
         out.line(cache_rows)?;
         out.line(strata_text)?;
+        out.line(datajax_text)?;
         out.line(format_args!(
             "wrote {} files to {}; inspect one with `bstack plan show {}`",
             rows.len() * 2,
@@ -595,5 +598,80 @@ fn strata_stage(dir: &Path) -> Result<(String, serde_json::Value)> {
             text
         );
     }
+    Ok((text, summary))
+}
+
+/// The datajax stage: a WaveSpec exported from the first 2,000 requests of
+/// the shared trace (or a generated trace when it is absent), validated and
+/// read back; plus the traced wave-load program, written as IR and replayed.
+fn datajax_stage(dir: &Path) -> Result<(String, serde_json::Value)> {
+    use datajax::wavespec::{ExportOptions, Request, export, read_trace, wave_load_program};
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let shared = Path::new(crate::bcache::SHARED_TRACE);
+    let (requests, source) = if shared.exists() {
+        (
+            read_trace(shared, Some(2000))?,
+            format!("{} (first 2,000 requests)", shared.display()),
+        )
+    } else {
+        // Chained prefixes: 50 conversations, each turn extending the last.
+        let mut requests = Vec::new();
+        let mut next_id = 0u64;
+        for conv in 0..50u64 {
+            let mut ids: Vec<u64> = Vec::new();
+            for turn in 0..8u64 {
+                for _ in 0..(2 + turn % 3) {
+                    ids.push(next_id);
+                    next_id += 1;
+                }
+                requests.push(Request {
+                    timestamp: conv * 900 + turn * 4000,
+                    input_length: ids.len() as u64 * 512,
+                    output_length: 200,
+                    hash_ids: ids.clone(),
+                });
+            }
+        }
+        (
+            requests,
+            format!("a generated trace ({} was not found)", shared.display()),
+        )
+    };
+    let engine = datajax::Engine::new()?;
+    let options = ExportOptions {
+        source: if shared.exists() {
+            "conversation_trace.jsonl"
+        } else {
+            "generated"
+        }
+        .into(),
+        ..Default::default()
+    };
+    let (spec, report) = export(&engine, &requests, &options)?;
+    let doc = Document::WaveSpec(spec);
+    let path = dir.join("wave_spec.json");
+    doc.write(&path, Format::Json)?;
+    read_back(&path, &doc)?;
+    let program = wave_load_program(options.wave_ms)?;
+    let program_path = dir.join("wave_load.ir.json");
+    bstack_plan::write_atomic(&program_path, program.to_json().as_bytes())?;
+    datajax::Ir::load(&program_path)?;
+    let text = format!(
+        "datajax: {} requests of {source}: {} block references, {:.1} % reused, {} cohorts kept of {}, \
+         {} io extents, swap window waves [{}, {}) of {}; wrote {} and the traced program {}",
+        report.requests,
+        report.references,
+        100.0 * report.reused_references as f64 / report.references.max(1) as f64,
+        report.cohorts_kept,
+        report.cohorts_found,
+        report.extents,
+        report.swap_window.0,
+        report.swap_window.1,
+        report.waves,
+        path.display(),
+        program_path.display(),
+    );
+    let summary =
+        json!({"trace": source, "report": report, "wave_spec": path, "program": program_path});
     Ok((text, summary))
 }

@@ -8,8 +8,10 @@
 mod bcache;
 mod bcache_serve;
 mod bench;
+mod bench_datajax;
 mod bench_hw_cluster;
 mod bench_strata;
+mod datajax;
 mod demo;
 mod demo_cluster;
 mod hotweights;
@@ -78,6 +80,12 @@ enum Command {
     #[command(subcommand)]
     Strata(strata::StrataCommand),
 
+    /// Traced DataFrame programs on DataFusion: run, explain and export
+    /// pipelines (IR JSON or Substrait), and export WaveSpecs from serving
+    /// traces.
+    #[command(subcommand)]
+    Datajax(datajax::DatajaxCommand),
+
     /// Run the whole stack on built-in examples and write every contract to a
     /// directory as JSON and protobuf.
     Demo(demo::DemoArgs),
@@ -111,6 +119,7 @@ fn main() -> ExitCode {
         Command::Hotweights(cmd) => hotweights::run(*cmd, &out, cli.quiet),
         Command::Bcache(cmd) => bcache::run(cmd, &out, cli.quiet),
         Command::Strata(cmd) => strata::run(cmd, &out, cli.quiet),
+        Command::Datajax(cmd) => datajax::run(cmd, &out),
         Command::Demo(args) => demo::run(args, &out),
         Command::Bench(args) => bench::run(args, &out),
     };

@@ -1008,20 +1008,22 @@ fn forward(
                 }
                 continue;
             }
-            if let Some(t) = total {
-                if next_send == t && fed_end == t && !l.done_sent {
-                    let mut w = &l.stream;
-                    if let Err(e) = write_u64_frame(&mut w, T_DONE, t) {
-                        excluded.push(Excluded {
-                            addr: l.addr,
-                            reason: err(l.addr, format!("sending DONE: {e}")).to_string(),
-                        });
-                        link = None;
-                    } else {
-                        l.done_sent = true;
-                    }
-                    continue;
+            if let Some(t) = total
+                && next_send == t
+                && fed_end == t
+                && !l.done_sent
+            {
+                let mut w = &l.stream;
+                if let Err(e) = write_u64_frame(&mut w, T_DONE, t) {
+                    excluded.push(Excluded {
+                        addr: l.addr,
+                        reason: err(l.addr, format!("sending DONE: {e}")).to_string(),
+                    });
+                    link = None;
+                } else {
+                    l.done_sent = true;
                 }
+                continue;
             }
         }
         idle = true;
@@ -1117,12 +1119,12 @@ struct UpState {
 impl UpState {
     fn push_ack(&mut self) {
         let n = self.delivered.min(self.downstream);
-        if n > self.sent {
-            if let Some(s) = self.stream.as_ref() {
-                let mut w = s;
-                if write_u64_frame(&mut w, T_ACK, n).is_ok() {
-                    self.sent = n;
-                }
+        if n > self.sent
+            && let Some(s) = self.stream.as_ref()
+        {
+            let mut w = s;
+            if write_u64_frame(&mut w, T_ACK, n).is_ok() {
+                self.sent = n;
             }
         }
     }

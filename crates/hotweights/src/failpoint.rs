@@ -48,10 +48,11 @@ fn armed() -> Option<&'static (String, u64)> {
 /// Aborts the process if the failpoint `name` is armed and this is the
 /// N-th time it is reached.
 pub fn hit(name: &str) {
-    if let Some((armed, at)) = armed() {
-        if armed == name && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *at {
-            eprintln!("failpoint {name} reached: aborting");
-            std::process::abort();
-        }
+    if let Some((armed, at)) = armed()
+        && armed == name
+        && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *at
+    {
+        eprintln!("failpoint {name} reached: aborting");
+        std::process::abort();
     }
 }

@@ -393,14 +393,13 @@ pub fn transfer_ops(plan: &SwapPlan, source: &Path) -> Result<Vec<TransferOp>> {
                 )));
             };
             let src = format!("file://{root}/{file}");
-            if let Some(last) = ops[first..].last_mut() {
-                if last.src == src
-                    && last.src_offset + last.length == offset
-                    && last.dst_offset + last.length == item.bucket_offset
-                {
-                    last.length += item.length;
-                    continue;
-                }
+            if let Some(last) = ops[first..].last_mut()
+                && last.src == src
+                && last.src_offset + last.length == offset
+                && last.dst_offset + last.length == item.bucket_offset
+            {
+                last.length += item.length;
+                continue;
             }
             ops.push(TransferOp {
                 kind: TransferKind::Storage2h as i32,
@@ -580,13 +579,13 @@ pub fn wire_report(
             "the plan lacks its `to` manifest".into(),
         ));
     };
-    if let Some(f) = &plan.from {
-        if f.model_id != prev.model_id || f.version != prev.version {
-            return Err(HotweightsError::Mismatch(format!(
-                "the plan starts from {} {}, not from the manifest given ({} {})",
-                f.model_id, f.version, prev.model_id, prev.version
-            )));
-        }
+    if let Some(f) = &plan.from
+        && (f.model_id != prev.model_id || f.version != prev.version)
+    {
+        return Err(HotweightsError::Mismatch(format!(
+            "the plan starts from {} {}, not from the manifest given ({} {})",
+            f.model_id, f.version, prev.model_id, prev.version
+        )));
     }
     let delta = delta::compute(prev, to);
     let (old_index, new_index) = (EntryIndex::new(prev), EntryIndex::new(to));

@@ -167,13 +167,13 @@ pub fn decode(old: &[u8], delta: &[u8]) -> Result<Vec<u8>> {
     }
     // The frame header states its content size; refuse a disagreeing one
     // before decompressing anything.
-    if let Ok(Some(content)) = zstd::zstd_safe::get_frame_content_size(frame) {
-        if content != old.len() as u64 {
-            return Err(HotweightsError::Delta(format!(
-                "zstd frame holds {content} bytes, the chunk has {}",
-                old.len()
-            )));
-        }
+    if let Ok(Some(content)) = zstd::zstd_safe::get_frame_content_size(frame)
+        && content != old.len() as u64
+    {
+        return Err(HotweightsError::Delta(format!(
+            "zstd frame holds {content} bytes, the chunk has {}",
+            old.len()
+        )));
     }
     // Capacity is the exact chunk length: a frame that would decompress to
     // more fails instead of growing the buffer.

@@ -1005,21 +1005,21 @@ impl Store {
                 let entry = partial.entry(key).or_default();
                 entry.0.push((item.chunk_offset, piece.into_owned()));
                 entry.1 = entry.1.saturating_add(item.length);
-                if entry.1 == loc.length {
-                    if let Some((mut pieces, _)) = partial.remove(&key) {
-                        pieces.sort_unstable_by_key(|p| p.0);
-                        // As long as the bytes received: no crafted length
-                        // is ever allocated.
-                        let mut bytes = Vec::with_capacity(loc.length as usize);
-                        for (_, piece) in pieces {
-                            bytes.extend_from_slice(&piece);
-                        }
-                        if self.put_chunk(&loc, &bytes)? {
-                            report.chunks_written += 1;
-                            report.bytes_written += loc.length;
-                        }
-                        progress(loc.length);
+                if entry.1 == loc.length
+                    && let Some((mut pieces, _)) = partial.remove(&key)
+                {
+                    pieces.sort_unstable_by_key(|p| p.0);
+                    // As long as the bytes received: no crafted length
+                    // is ever allocated.
+                    let mut bytes = Vec::with_capacity(loc.length as usize);
+                    for (_, piece) in pieces {
+                        bytes.extend_from_slice(&piece);
                     }
+                    if self.put_chunk(&loc, &bytes)? {
+                        report.chunks_written += 1;
+                        report.bytes_written += loc.length;
+                    }
+                    progress(loc.length);
                 }
             }
             let written = whole

@@ -509,7 +509,7 @@ impl Resolver<'_> {
         let pages = page_count(op)
             .filter(|&n| n <= MAX_PAGES_PER_OP)
             .ok_or_else(|| format!("more than {MAX_PAGES_PER_OP} pages in one operation"))?;
-        if op.length % pages != 0 {
+        if !op.length.is_multiple_of(pages) {
             return Err(format!(
                 "length {} is not a whole number of bytes per page over {pages} pages",
                 op.length

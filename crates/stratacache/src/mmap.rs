@@ -355,7 +355,7 @@ fn parse_region_header(h: &[u8; 64]) -> std::result::Result<u64, String> {
         return Err(format!("block alignment {align}, expected {ALIGN}"));
     }
     let len = u64_at(h, 16);
-    if len % ALIGN != 0 || len < DATA_START + ALIGN {
+    if !len.is_multiple_of(ALIGN) || len < DATA_START + ALIGN {
         return Err(format!("region size {len} is not a valid region size"));
     }
     Ok(len)
@@ -677,7 +677,7 @@ impl Inner {
         let off = u64_at(&slot, 0);
         let valid = checksum(&slot[0..48]) == u64_at(&slot, 48)
             && off >= DATA_START
-            && off % ALIGN == 0
+            && off.is_multiple_of(ALIGN)
             && off
                 .checked_add(HEADER_LEN_U64)
                 .is_some_and(|end| end <= self.region_len)
@@ -880,11 +880,11 @@ impl Inner {
     fn release(&mut self, off: u64, len: u64) {
         let mut start = off;
         let mut total = len;
-        if let Some((&p, &plen)) = self.free.by_off.range(..off).next_back() {
-            if p + plen == off {
-                start = p;
-                total += plen;
-            }
+        if let Some((&p, &plen)) = self.free.by_off.range(..off).next_back()
+            && p + plen == off
+        {
+            start = p;
+            total += plen;
         }
         let next = self.free.by_off.get(&(off + len)).copied();
         if let Some(nlen) = next {

@@ -335,14 +335,13 @@ pub fn serve(
         // A connection thread that panicked has nothing left to clean.
         let _ = t.join();
     }
-    if let Listener::Unix(l) = &listener {
-        if let Some(p) = l
+    if let Listener::Unix(l) = &listener
+        && let Some(p) = l
             .local_addr()
             .ok()
             .and_then(|a| a.as_pathname().map(PathBuf::from))
-        {
-            let _ = std::fs::remove_file(p);
-        }
+    {
+        let _ = std::fs::remove_file(p);
     }
     Ok(())
 }

@@ -393,10 +393,10 @@ impl Sim<'_> {
             return;
         }
         let gate = self.config.sim.ssd_admit_after_hits;
-        if let Some(p) = self.planner.as_ref().filter(|_| gate > 0.0) {
-            if p.heat_table().get((0, block), self.busy_until) < gate {
-                return;
-            }
+        if let Some(p) = self.planner.as_ref().filter(|_| gate > 0.0)
+            && p.heat_table().get((0, block), self.busy_until) < gate
+        {
+            return;
         }
         self.out.ssd_write_bytes += self.block_bytes;
         while self.ssd.is_full() {

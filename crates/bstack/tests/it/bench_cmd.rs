@@ -76,7 +76,7 @@ fn unknown_component_is_exit_2() {
     run.code(2).quiet_stdout();
     assert_eq!(
         run.error_line(),
-        "no benchmarks for \"nosuch\"; available: plan, hotweights, bcache, strata, hotweights-cluster",
+        "no benchmarks for \"nosuch\"; available: plan, hotweights, bcache, strata, datajax, hotweights-cluster",
         "{run}"
     );
 }

@@ -7,6 +7,7 @@ mod bcache_serve;
 mod bench_cmd;
 mod cli;
 mod common;
+mod datajax_cmd;
 mod demo_cmd;
 mod hotweights_cmd;
 mod hw_cluster;

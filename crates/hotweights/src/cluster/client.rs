@@ -100,12 +100,12 @@ impl ClientTls {
                 "TLS CA bundle {origin}: no PEM certificate (-----BEGIN CERTIFICATE-----) in it"
             )));
         }
-        if let Some(d) = &domain {
-            if d.trim().is_empty() {
-                return Err(HotweightsError::Option(
-                    "the TLS domain name is empty".into(),
-                ));
-            }
+        if let Some(d) = &domain
+            && d.trim().is_empty()
+        {
+            return Err(HotweightsError::Option(
+                "the TLS domain name is empty".into(),
+            ));
         }
         Ok(ClientTls {
             origin: origin.to_owned(),

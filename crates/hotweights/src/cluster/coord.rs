@@ -1085,10 +1085,10 @@ where
             message: format!("serving the coordinator: {}", super::client::chain(&e)),
         });
     tasks.abort_all();
-    if let Some(lease) = lease {
-        if lock(&service.inner).coord.is_some() {
-            let _ = tokio::task::spawn_blocking(move || lease.release()).await;
-        }
+    if let Some(lease) = lease
+        && lock(&service.inner).coord.is_some()
+    {
+        let _ = tokio::task::spawn_blocking(move || lease.release()).await;
     }
     result
 }

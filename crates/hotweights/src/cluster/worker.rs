@@ -226,15 +226,15 @@ impl Shared {
                 .await
                 .map_err(|e| HotweightsError::Option(format!("the flip task failed: {e}")))??;
         }
-        if let Some(h) = &self.config.hook {
-            if let Err(e) = h.pause.run(version, h.timeout).await {
-                // The cluster committed: switching anyway keeps it on one
-                // version; the engine may serve a moment longer unpaused.
-                eprintln!(
-                    "hotweights worker {}: pause hook failed: {e}; switching anyway",
-                    self.config.id
-                );
-            }
+        if let Some(h) = &self.config.hook
+            && let Err(e) = h.pause.run(version, h.timeout).await
+        {
+            // The cluster committed: switching anyway keeps it on one
+            // version; the engine may serve a moment longer unpaused.
+            eprintln!(
+                "hotweights worker {}: pause hook failed: {e}; switching anyway",
+                self.config.id
+            );
         }
         // A rename, on this thread: a hand-off to the blocking pool would
         // cost more than the work.
@@ -249,13 +249,13 @@ impl Shared {
         };
         let pause = t0.elapsed();
         let flip_unix_ns = now_unix_ns();
-        if let Some(h) = &self.config.hook {
-            if let Err(e) = h.resume.run(version, h.timeout).await {
-                eprintln!(
-                    "hotweights worker {}: resume hook failed: {e}",
-                    self.config.id
-                );
-            }
+        if let Some(h) = &self.config.hook
+            && let Err(e) = h.resume.run(version, h.timeout).await
+        {
+            eprintln!(
+                "hotweights worker {}: resume hook failed: {e}",
+                self.config.id
+            );
         }
         flipped?;
         let me = self.clone();
