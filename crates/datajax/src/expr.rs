@@ -861,40 +861,17 @@ impl Expr {
     }
 }
 
-impl std::ops::Add for Expr {
-    type Output = Expr;
-    fn add(self, rhs: Expr) -> Expr {
-        self.binary(BinOp::Add, rhs)
-    }
+macro_rules! operator {
+    ($($trait:ident :: $method:ident => $op:ident),* $(,)?) => {$(
+        impl std::ops::$trait for Expr {
+            type Output = Expr;
+            fn $method(self, rhs: Expr) -> Expr {
+                self.binary(BinOp::$op, rhs)
+            }
+        }
+    )*};
 }
-
-impl std::ops::Sub for Expr {
-    type Output = Expr;
-    fn sub(self, rhs: Expr) -> Expr {
-        self.binary(BinOp::Sub, rhs)
-    }
-}
-
-impl std::ops::Mul for Expr {
-    type Output = Expr;
-    fn mul(self, rhs: Expr) -> Expr {
-        self.binary(BinOp::Mul, rhs)
-    }
-}
-
-impl std::ops::Div for Expr {
-    type Output = Expr;
-    fn div(self, rhs: Expr) -> Expr {
-        self.binary(BinOp::Div, rhs)
-    }
-}
-
-impl std::ops::Rem for Expr {
-    type Output = Expr;
-    fn rem(self, rhs: Expr) -> Expr {
-        self.binary(BinOp::Mod, rhs)
-    }
-}
+operator!(Add::add => Add, Sub::sub => Sub, Mul::mul => Mul, Div::div => Div, Rem::rem => Mod);
 
 impl std::ops::Neg for Expr {
     type Output = Expr;

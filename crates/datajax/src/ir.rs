@@ -746,8 +746,14 @@ pub struct IrNode {
     pub inputs: Vec<usize>,
     /// The operation.
     pub op: Op,
-    /// Its output schema.
+    /// Its output schema. A hand-written document may leave it out (or
+    /// empty): loading infers it.
+    #[serde(default, skip_serializing_if = "is_unset")]
     pub schema: Schema,
+}
+
+fn is_unset(s: &Schema) -> bool {
+    s.fields.is_empty()
 }
 
 /// A whole traced program. See the module documentation.
@@ -855,8 +861,48 @@ impl Ir {
                 ),
             }
         })?;
+        let mut ir = ir;
+        ir.fill_schemas(origin)?;
         ir.check(origin)?;
         Ok(ir)
+    }
+
+    /// Infers the schema of every node that has none (a hand-written
+    /// document need only declare its inputs' schemas).
+    fn fill_schemas(&mut self, origin: &str) -> Result<()> {
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].schema.fields.is_empty() {
+                continue;
+            }
+            let n = &self.nodes[i];
+            let at = format!("nodes[{i}] ({})", n.op.name());
+            let bad = |message: String| DatajaxError::Ir {
+                origin: origin.to_owned(),
+                message,
+            };
+            let schema = match &n.op {
+                Op::Input { name } => self
+                    .inputs
+                    .iter()
+                    .find(|d| d.name == *name)
+                    .map(|d| d.schema.clone())
+                    .ok_or_else(|| {
+                        bad(format!("{at}: input {name:?} is not declared in inputs"))
+                    })?,
+                op => {
+                    if let Some(j) = n.inputs.iter().find(|&&j| j >= i) {
+                        return Err(bad(format!(
+                            "{at}: input {j} does not come before it (nodes are in topological order)"
+                        )));
+                    }
+                    let schemas: Vec<&Schema> =
+                        n.inputs.iter().map(|&j| &self.nodes[j].schema).collect();
+                    infer(op, &schemas).map_err(|e| bad(format!("{at}: {e}")))?
+                }
+            };
+            self.nodes[i].schema = schema;
+        }
+        Ok(())
     }
 
     /// Reads an IR file.

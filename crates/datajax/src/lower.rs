@@ -306,7 +306,7 @@ pub fn lower(
                 }
                 LogicalPlanBuilder::from(input(0)?).project(out)?.build()?
             }
-            Op::Rename { mapping } => {
+            Op::Rename { .. } => {
                 let s = in_schema(0);
                 let out: Vec<DfExpr> = s
                     .fields
@@ -321,7 +321,6 @@ pub fn lower(
                         }
                     })
                     .collect();
-                let _ = mapping;
                 LogicalPlanBuilder::from(input(0)?).project(out)?.build()?
             }
             Op::Join {
@@ -436,7 +435,6 @@ pub fn lower(
             } => crate::scan::lower_scan(
                 input(0)?,
                 in_schema(0),
-                &n.schema,
                 init,
                 updates,
                 order_by,

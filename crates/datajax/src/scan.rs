@@ -202,7 +202,6 @@ fn window_form(name: &str, e: &Expr) -> Option<Form> {
 pub(crate) fn lower_scan(
     input: LogicalPlan,
     in_schema: &Schema,
-    out_schema: &Schema,
     init: &[CarryInit],
     updates: &[CarryUpdate],
     order_by: &[SortKey],
@@ -288,7 +287,6 @@ pub(crate) fn lower_scan(
             }
         }
     }
-    let _ = out_schema;
     let b = if windows.is_empty() {
         LogicalPlanBuilder::from(input)
     } else {

@@ -24,7 +24,7 @@ use datafusion::arrow::row::{RowConverter, SortField};
 
 use crate::engine::{Backend, Engine, Explain, Source, Table};
 use crate::error::{DatajaxError, Result};
-use crate::expr::{Expr, SortKey, asc, col, lit, row_number};
+use crate::expr::{Expr, SortKey, WindowExpr, asc, col, lit, row_number};
 use crate::frame::Frame;
 use crate::ir::{Ir, JoinHow, Op, Sharding};
 use crate::types::Schema;
@@ -187,6 +187,16 @@ where
     move |frame: &Frame| batch(&f, &axis, frame).unwrap_or_else(Frame::from_error)
 }
 
+/// `columns` with `axis` in front, unless it is already among them.
+fn axis_first(columns: &[String], axis: &str) -> Vec<String> {
+    if columns.iter().any(|c| c == axis) {
+        return columns.to_vec();
+    }
+    std::iter::once(axis.to_owned())
+        .chain(columns.iter().cloned())
+        .collect()
+}
+
 fn batch<F: Fn(Frame) -> Frame>(f: &F, axis: &str, frame: &Frame) -> Result<Frame> {
     let schema = frame.schema()?;
     schema.require("vmap", axis)?;
@@ -228,22 +238,16 @@ fn batch<F: Fn(Frame) -> Frame>(f: &F, axis: &str, frame: &Frame) -> Result<Fram
                     format!("the function renames over the axis column {axis:?}"),
                 ));
             }
-            Op::Aggregate { keys, aggs } => {
-                let mut keys = keys.clone();
-                if !keys.iter().any(|k| k == axis) {
-                    keys.insert(0, axis.to_owned());
-                }
-                (
-                    ins[0].push(
-                        Op::Aggregate {
-                            keys,
-                            aggs: aggs.clone(),
-                        },
-                        &[],
-                    ),
-                    true,
-                )
-            }
+            Op::Aggregate { keys, aggs } => (
+                ins[0].push(
+                    Op::Aggregate {
+                        keys: axis_first(keys, axis),
+                        aggs: aggs.clone(),
+                    },
+                    &[],
+                ),
+                true,
+            ),
             Op::Sort { keys } => {
                 let mut keys = keys.clone();
                 keys.insert(0, asc(axis));
@@ -271,12 +275,9 @@ fn batch<F: Fn(Frame) -> Frame>(f: &F, axis: &str, frame: &Frame) -> Result<Fram
             Op::Window { exprs } => {
                 let exprs = exprs
                     .iter()
-                    .map(|w| {
-                        let mut w = w.clone();
-                        if !w.partition_by.iter().any(|c| c == axis) {
-                            w.partition_by.insert(0, axis.to_owned());
-                        }
-                        w
+                    .map(|w| WindowExpr {
+                        partition_by: axis_first(&w.partition_by, axis),
+                        ..w.clone()
                     })
                     .collect();
                 (ins[0].push(Op::Window { exprs }, &[]), true)
@@ -287,15 +288,11 @@ fn batch<F: Fn(Frame) -> Frame>(f: &F, axis: &str, frame: &Frame) -> Result<Fram
                 order_by,
                 partition_by,
             } => {
-                let mut partition_by = partition_by.clone();
-                if !partition_by.iter().any(|c| c == axis) {
-                    partition_by.insert(0, axis.to_owned());
-                }
                 let op = Op::Scan {
                     init: init.clone(),
                     updates: updates.clone(),
                     order_by: order_by.clone(),
-                    partition_by,
+                    partition_by: axis_first(partition_by, axis),
                 };
                 (ins[0].push(op, &[]), true)
             }
@@ -548,13 +545,9 @@ impl Pjit {
             .iter()
             .zip(&self.in_shardings)
             .enumerate()
-            .map(|(i, (s, sh))| {
-                let f = Frame::input(arg_name(i), s.clone());
-                match sh {
-                    Sharding::Replicated => f,
-                    sh => f.repartition(sh.clone()),
-                }
-            })
+            // A replicated input's repartition moves nothing (see the
+            // lowering); it is recorded so that propagation knows it.
+            .map(|(i, (s, sh))| Frame::input(arg_name(i), s.clone()).repartition(sh.clone()))
             .collect();
         let out = (self.f)(&frames);
         let schema = out.schema()?;

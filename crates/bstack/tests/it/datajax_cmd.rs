@@ -186,3 +186,37 @@ fn export_wavespec_writes_a_spec_that_validates() {
     bad.code(2);
     assert!(bad.error_line().contains("missing.jsonl"), "{bad}");
 }
+
+#[test]
+fn the_wave_load_program_runs_on_the_shared_trace_as_json_lines() {
+    let trace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/data/traces/conversation_trace.jsonl");
+    if !trace.exists() {
+        eprintln!("skipped: {} is absent", trace.display());
+        return;
+    }
+    let s = Sandbox::empty();
+    let program = datajax::wavespec::wave_load_program(60_000).unwrap_or_else(|e| panic!("{e}"));
+    s.write("load.json", program.to_json());
+    let input = format!("requests={}", trace.display());
+    let r = s.run(&[
+        "--json",
+        "datajax",
+        "run",
+        "load.json",
+        "-i",
+        &input,
+        "--show",
+        "1000",
+    ]);
+    r.code(0);
+    let v = r.json();
+    let rows = v["preview"].as_array().cloned().unwrap_or_default();
+    // One row per minute of the hour-long trace; every request counted once.
+    assert!((55..=61).contains(&rows.len()), "{v}");
+    let total: i64 = rows
+        .iter()
+        .map(|r| r["requests"].as_i64().unwrap_or(0))
+        .sum();
+    assert_eq!(total, 12_031);
+}

@@ -181,3 +181,40 @@ fn explain_shows_the_ir_and_both_plans() {
     );
     assert!(x.to_string().contains("== physical plan =="));
 }
+
+/// A pipeline written by hand: only the inputs carry schemas.
+pub const HAND_WRITTEN: &str = r#"{
+  "ir_version": 1,
+  "inputs": [{"name": "events", "schema": [{"name": "user", "dtype": "utf8"}, {"name": "v", "dtype": "int64"}]}],
+  "nodes": [
+    {"id": 0, "inputs": [], "op": {"kind": "input", "name": "events"}},
+    {"id": 1, "inputs": [0], "op": {"kind": "filter", "predicate":
+      {"kind": "binary", "op": "gt", "left": {"kind": "col", "name": "v"}, "right": {"kind": "lit", "value": {"type": "int64", "value": 6}}}}},
+    {"id": 2, "inputs": [1], "op": {"kind": "aggregate", "keys": ["user"],
+      "aggs": [{"func": "sum", "expr": {"kind": "col", "name": "v"}, "name": "total"}]}}
+  ],
+  "output": 2
+}"#;
+
+#[test]
+fn a_hand_written_pipeline_needs_schemas_only_for_its_inputs() {
+    let ir = Ir::from_json(HAND_WRITTEN, "hand.json").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ir.output_schema().names(), ["user", "total"]);
+    let out = engine()
+        .run(&ir, &HashMap::from([("events".to_owned(), src(events()))]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        crate::common::sorted_rows(&out),
+        crate::common::expect(r#"[{"user":"a","total":60},{"user":"b","total":7}]"#)
+    );
+    // A mistake in it is named by node.
+    let bad = HAND_WRITTEN.replace(r#""name": "v"}, "right""#, r#""name": "w"}, "right""#);
+    let e = Ir::from_json(&bad, "hand.json")
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.starts_with("hand.json: nodes[1] (filter)") && e.contains("unknown column \"w\""),
+        "{e}"
+    );
+}

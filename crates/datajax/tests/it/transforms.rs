@@ -10,8 +10,8 @@ use datajax::datafusion::arrow::array::{
     ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray,
 };
 use datajax::{
-    Backend, DType, Frame, JoinHow, Scalar, Schema, Sharding, Source, col, count_rows, desc, djit,
-    djit_n, lit, pjit, scan, shard, sum, vmap, when,
+    Backend, Frame, JoinHow, Scalar, Schema, col, count_rows, desc, djit, djit_n, lit, pjit, scan,
+    shard, sum, vmap, when,
 };
 
 use crate::common::{canonical, engine, events, expect, rows, sorted_rows, src, users};
@@ -324,7 +324,6 @@ fn scan_folds_in_window_form_and_in_sequential_form_alike() {
         .map(|e| e.to_string())
         .unwrap_or_default();
     assert!(err.contains("needs an order"), "{err}");
-    let _ = DType::Int64;
 }
 
 #[test]
@@ -372,8 +371,6 @@ fn pjit_shards_inputs_and_checks_the_output_partitions() {
     datajax::transform::check_sharding(&out.schema, &out.partitions, &shard::by_key(["country"]))
         .unwrap_or_else(|e| panic!("{e}"));
     // The check itself catches a key split across partitions.
-    let t = datajax::Engine::with_partitions(1).unwrap_or_else(|e| panic!("{e}"));
-    let _ = t;
     let b = events();
     let split = vec![vec![b.slice(0, 3)], vec![b.slice(3, 4)]];
     let err = datajax::transform::check_sharding(&b.schema(), &split, &shard::by_key(["user"]))
@@ -396,6 +393,4 @@ fn pjit_shards_inputs_and_checks_the_output_partitions() {
         err.starts_with("sharding:") && err.contains("user"),
         "{err}"
     );
-    let _: Option<Sharding> = None;
-    let _: Option<Source> = None;
 }
