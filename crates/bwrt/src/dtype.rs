@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 
 /// Element type of a tensor. The discriminants are the C ABI's
 /// `BwrtDtype` codes and never change.
-#[repr(C)]
+#[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
     /// IEEE 754 binary32.

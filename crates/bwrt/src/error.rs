@@ -129,7 +129,7 @@ impl Error {
 /// Status code returned by every C ABI function.
 ///
 /// Values are stable: new codes are only ever appended.
-#[repr(C)]
+#[repr(i32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Status {
     /// Success.

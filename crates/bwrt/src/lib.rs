@@ -14,7 +14,8 @@
 //! - weight swaps ([`Runtime::set_weights`]) that only land inside
 //!   `[swap_begin, swap_end)`;
 //! - counters ([`Runtime::sample`]);
-//! - phased barriers for host threads ([`Barrier`], [`MBarrier`]).
+//! - phased barriers for host threads ([`Barrier`], [`MBarrier`]);
+//! - the same, as a versioned C ABI ([`ffi`], `include/bwrt.h`).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -34,6 +35,7 @@
 pub mod barrier;
 pub mod dtype;
 pub mod error;
+pub mod ffi;
 mod kernel;
 pub mod runtime;
 pub mod semaphore;

@@ -181,6 +181,29 @@ impl Tensor {
         out
     }
 
+    /// A row-major copy of the view in new memory (same dtype).
+    pub fn to_contiguous(&self) -> Tensor {
+        let size = self.dtype.size();
+        let guard = self.buffer.read();
+        let src = guard.bytes();
+        let mut bytes = Vec::with_capacity(self.elements() * size);
+        for r in 0..self.shape[0] {
+            for c in 0..self.shape[1] {
+                let at = self.index(r, c) * size;
+                match src.get(at..at + size) {
+                    Some(e) => bytes.extend_from_slice(e),
+                    None => bytes.extend(std::iter::repeat_n(0, size)),
+                }
+            }
+        }
+        Tensor::row_major(
+            Buffer::from_bytes(bytes),
+            self.dtype,
+            self.shape[0],
+            self.shape[1],
+        )
+    }
+
     /// Number of elements.
     pub fn elements(&self) -> usize {
         self.shape[0] * self.shape[1]

@@ -6,6 +6,7 @@
 
 mod barrier;
 mod gemm;
+mod header;
 mod ring;
 mod semaphore;
 mod swap;
