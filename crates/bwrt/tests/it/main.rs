@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod barrier;
+mod c_abi;
 mod gemm;
 mod header;
 mod ring;
