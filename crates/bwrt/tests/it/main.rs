@@ -8,6 +8,7 @@ mod barrier;
 mod c_abi;
 mod gemm;
 mod header;
+mod python;
 mod ring;
 mod semaphore;
 mod swap;
