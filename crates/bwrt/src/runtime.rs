@@ -14,7 +14,10 @@
 //! # Waves and swap windows
 //!
 //! The runtime holds one [`WaveSpec`]: its `(bm, bn, bk)` tile every GEMM
-//! wave, and its `[swap_begin, swap_end)` is the swap window. The **current
+//! wave, and its `[swap_begin, swap_end)` is the swap window. Its `dtype`
+//! must be F32, F16 or BF16 (waves carry their own dtypes); `tile_order`,
+//! `pack_order`, `stage_depth`, the deadlines and the trace statistics are
+//! validated but not used by the CPU backend. The **current
 //! wave index** is the number of waves *completed* successfully so far (it
 //! starts at 0; failed waves do not advance it). [`Runtime::set_weights`]
 //! replaces a weight slot only while the index is inside the window:
