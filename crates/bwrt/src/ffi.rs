@@ -739,9 +739,8 @@ pub unsafe extern "C" fn bwrt_runtime_create(
             ring_depth: c.ring_depth as usize,
             wave_spec,
         })?;
-        let handle = Box::into_raw(Box::new(BwrtRuntime { rt }));
-        // SAFETY: `out` is non-NULL and writable by contract.
-        unsafe { out.write(handle) };
+        // SAFETY: `out` was checked non-NULL and is writable by contract.
+        unsafe { hand_out(out, BwrtRuntime { rt }) };
         Ok(())
     })
 }
@@ -757,10 +756,8 @@ pub unsafe extern "C" fn bwrt_runtime_create(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bwrt_runtime_destroy(rt: *mut BwrtRuntime) -> Status {
     entry("bwrt_runtime_destroy", || {
-        if !rt.is_null() {
-            // SAFETY: the handle came from Box::into_raw and is destroyed once.
-            drop(unsafe { Box::from_raw(rt) });
-        }
+        // SAFETY: the caller's contract (a live handle or NULL, not used again).
+        unsafe { take_back(rt) };
         Ok(())
     })
 }
@@ -940,11 +937,11 @@ pub unsafe extern "C" fn bwrt_semaphore_create(
         if out.is_null() {
             return Err(null("out"));
         }
-        let handle = Box::into_raw(Box::new(BwrtSemaphore {
+        let handle = BwrtSemaphore {
             sem: Arc::new(Semaphore::new(initial)),
-        }));
-        // SAFETY: non-NULL and writable by contract.
-        unsafe { out.write(handle) };
+        };
+        // SAFETY: `out` was checked non-NULL and is writable by contract.
+        unsafe { hand_out(out, handle) };
         Ok(())
     })
 }
@@ -959,10 +956,8 @@ pub unsafe extern "C" fn bwrt_semaphore_create(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bwrt_semaphore_destroy(sem: *mut BwrtSemaphore) -> Status {
     entry("bwrt_semaphore_destroy", || {
-        if !sem.is_null() {
-            // SAFETY: from Box::into_raw, destroyed once.
-            drop(unsafe { Box::from_raw(sem) });
-        }
+        // SAFETY: the caller's contract (a live handle or NULL, not used again).
+        unsafe { take_back(sem) };
         Ok(())
     })
 }
@@ -1039,9 +1034,8 @@ pub unsafe extern "C" fn bwrt_mbarrier_create(
             return Err(null("out"));
         }
         let mb = MBarrier::new(expected)?;
-        let handle = Box::into_raw(Box::new(BwrtMBarrier { mb }));
-        // SAFETY: non-NULL and writable by contract.
-        unsafe { out.write(handle) };
+        // SAFETY: `out` was checked non-NULL and is writable by contract.
+        unsafe { hand_out(out, BwrtMBarrier { mb }) };
         Ok(())
     })
 }
@@ -1055,10 +1049,8 @@ pub unsafe extern "C" fn bwrt_mbarrier_create(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bwrt_mbarrier_destroy(mb: *mut BwrtMBarrier) -> Status {
     entry("bwrt_mbarrier_destroy", || {
-        if !mb.is_null() {
-            // SAFETY: from Box::into_raw, destroyed once.
-            drop(unsafe { Box::from_raw(mb) });
-        }
+        // SAFETY: the caller's contract (a live handle or NULL, not used again).
+        unsafe { take_back(mb) };
         Ok(())
     })
 }
@@ -1105,4 +1097,25 @@ pub unsafe extern "C" fn bwrt_mbarrier_wait(
         unsafe { handle(mb, "mb") }?.mb.wait(phase, timeout_ns)?;
         Ok(())
     })
+}
+
+/// Moves `value` to the heap and writes its handle to `out`.
+///
+/// # Safety
+/// `out` is non-NULL and valid for a write.
+unsafe fn hand_out<T>(out: *mut *mut T, value: T) {
+    let handle = Box::into_raw(Box::new(value));
+    // SAFETY: guaranteed by the caller.
+    unsafe { out.write(handle) };
+}
+
+/// Frees a handle made by [`hand_out`]; NULL is a no-op.
+///
+/// # Safety
+/// `handle` is NULL or came from [`hand_out`] and is not used again.
+unsafe fn take_back<T>(handle: *mut T) {
+    if !handle.is_null() {
+        // SAFETY: guaranteed by the caller: from Box::into_raw, freed once.
+        drop(unsafe { Box::from_raw(handle) });
+    }
 }
