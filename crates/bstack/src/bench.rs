@@ -31,7 +31,9 @@ pub struct BenchArgs {
     /// `strata` (every tier against memcpy, raw file I/O or raw TCP),
     /// `datajax` (a 10-million-row feature pipeline against pandas in the
     /// same run, trace + lower of 20 operations, a djit cache hit, WaveSpec
-    /// export of the shared trace) or
+    /// export of the shared trace), `bwrt` (round trip of an empty wave
+    /// through the C ABI against an atomic ping-pong, ring throughput from
+    /// 2 submitting threads, a 1024^3 f32 GEMM against numpy's matmul) or
     /// `hotweights-cluster` (alias `hw-cluster`: a rollout to 4 workers,
     /// each in a network namespace behind a 1 Gbit/s link, against one raw
     /// TCP copy of the same bytes; needs root, else runs on loopback).
@@ -62,6 +64,7 @@ pub fn run(args: BenchArgs, out: &Output) -> Result<Outcome> {
         "bcache" => bench_bcache(&args, out)?,
         "strata" => crate::bench_strata::measure(args.runs, args.scale, out)?,
         "datajax" => crate::bench_datajax::measure(args.runs, args.scale, out)?,
+        "bwrt" => crate::bench_bwrt::measure(args.runs, args.scale, out)?,
         "hotweights-cluster" | "hw-cluster" => {
             crate::bench_hw_cluster::measure(args.runs, args.scale, out)?
         }
@@ -69,7 +72,7 @@ pub fn run(args: BenchArgs, out: &Output) -> Result<Outcome> {
         // the bench inside a worker's network namespace.
         "hotweights-cluster-sink" => crate::bench_hw_cluster::sink()?,
         other => bail!(
-            "no benchmarks for {other:?}; available: plan, hotweights, bcache, strata, datajax, hotweights-cluster"
+            "no benchmarks for {other:?}; available: plan, hotweights, bcache, strata, datajax, bwrt, hotweights-cluster"
         ),
     }
     Ok(Outcome::Ok)

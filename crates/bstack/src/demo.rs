@@ -63,6 +63,8 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
     let (cache_rows, cache_summary) = bcache_stage(&args.out.join("bcache"))?;
     let (strata_text, strata_summary) = strata_stage(&args.out.join("strata"))?;
     let (datajax_text, datajax_summary) = datajax_stage(&args.out.join("datajax"))?;
+    let (bwrt_text, bwrt_summary) =
+        crate::demo_bwrt::bwrt_stage(&args.out.join("datajax").join("wave_spec.json"))?;
 
     if out.json {
         let stages: Vec<_> = rows
@@ -85,6 +87,7 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
             "bcache": cache_summary,
             "strata": strata_summary,
             "datajax": datajax_summary,
+            "bwrt": bwrt_summary,
         }))?;
     } else {
         let mut t = table(
@@ -110,6 +113,7 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
         out.line(cache_rows)?;
         out.line(strata_text)?;
         out.line(datajax_text)?;
+        out.line(bwrt_text)?;
         out.line(format_args!(
             "wrote {} files to {}; inspect one with `bstack plan show {}`",
             rows.len() * 2,

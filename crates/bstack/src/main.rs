@@ -8,11 +8,15 @@
 mod bcache;
 mod bcache_serve;
 mod bench;
+mod bench_bwrt;
 mod bench_datajax;
 mod bench_hw_cluster;
 mod bench_strata;
+mod bwrt_abi;
+mod bwrt_cmd;
 mod datajax;
 mod demo;
+mod demo_bwrt;
 mod demo_cluster;
 mod hotweights;
 mod hw_cluster;
@@ -86,6 +90,11 @@ enum Command {
     #[command(subcommand)]
     Datajax(datajax::DatajaxCommand),
 
+    /// The wave runtime through its C ABI: capabilities, and GEMM waves run
+    /// on a runtime built from a WaveSpec, with counters.
+    #[command(subcommand)]
+    Bwrt(bwrt_cmd::BwrtCommand),
+
     /// Run the whole stack on built-in examples and write every contract to a
     /// directory as JSON and protobuf.
     Demo(demo::DemoArgs),
@@ -120,6 +129,7 @@ fn main() -> ExitCode {
         Command::Bcache(cmd) => bcache::run(cmd, &out, cli.quiet),
         Command::Strata(cmd) => strata::run(cmd, &out, cli.quiet),
         Command::Datajax(cmd) => datajax::run(cmd, &out),
+        Command::Bwrt(cmd) => bwrt_cmd::run(cmd, &out),
         Command::Demo(args) => demo::run(args, &out),
         Command::Bench(args) => bench::run(args, &out),
     };

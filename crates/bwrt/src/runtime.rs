@@ -9,7 +9,9 @@
 //! Submission checks the wave (shapes, dtypes, bounds) and pushes it on the
 //! ring without taking a lock. When the ring is full, [`OnFull::Fail`]
 //! returns [`Error::Busy`] at once and [`OnFull::Block`] waits for a slot.
-//! Idle workers sleep on a doorbell that submitters ring after each push.
+//! An idle worker spins on the ring for [`WORKER_SPIN`] (a kernel wake-up
+//! costs more than a small wave), then sleeps on a doorbell; submitters ring
+//! it only when a worker sleeps, so a busy ring takes no lock at all.
 //!
 //! # Waves and swap windows
 //!
@@ -214,8 +216,13 @@ struct Shared {
     work: Condvar,
     space: Condvar,
     space_waiters: AtomicUsize,
+    /// Workers asleep on `work`.
+    sleepers: AtomicUsize,
     shutdown: AtomicBool,
 }
+
+/// How long an idle worker spins on the ring before it sleeps.
+pub const WORKER_SPIN: Duration = Duration::from_micros(50);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -275,6 +282,7 @@ impl Runtime {
             work: Condvar::new(),
             space: Condvar::new(),
             space_waiters: AtomicUsize::new(0),
+            sleepers: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
         });
         let mut rt = Runtime {
@@ -366,10 +374,15 @@ impl Runtime {
             }
         }
         self.shared.stats.submitted.fetch_add(1, Ordering::Relaxed);
-        // Taking the doorbell lock orders this notify after a sleeping
-        // worker's emptiness check, so the wake-up cannot be lost.
-        drop(lock(&self.shared.doorbell));
-        self.shared.work.notify_one();
+        // A worker going to sleep counts itself a sleeper, then looks at the
+        // ring once more; with both sides fenced, either it sees this wave
+        // or this submitter sees it asleep. Taking the doorbell lock orders
+        // the notify after its last look, so the wake-up cannot be lost.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.shared.sleepers.load(Ordering::SeqCst) > 0 {
+            drop(lock(&self.shared.doorbell));
+            self.shared.work.notify_one();
+        }
         Ok(())
     }
 
@@ -449,8 +462,11 @@ impl Drop for Runtime {
 }
 
 fn worker(s: &Shared) {
+    let mut idle_since: Option<Instant> = None;
+    let mut spins = 0u32;
     loop {
         if let Some(cmd) = s.ring.pop() {
+            idle_since = None;
             if s.space_waiters.load(Ordering::Acquire) > 0 {
                 drop(lock(&s.doorbell));
                 s.space.notify_all();
@@ -458,13 +474,27 @@ fn worker(s: &Shared) {
             execute(s, cmd);
             continue;
         }
+        if s.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        let since = *idle_since.get_or_insert_with(Instant::now);
+        spins = spins.wrapping_add(1);
+        if !spins.is_multiple_of(64) {
+            std::hint::spin_loop();
+            continue;
+        }
+        if since.elapsed() < WORKER_SPIN {
+            std::thread::yield_now();
+            continue;
+        }
         let guard = lock(&s.doorbell);
-        if s.ring.is_empty() {
-            if s.shutdown.load(Ordering::Acquire) {
-                return;
-            }
+        s.sleepers.fetch_add(1, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if s.ring.is_empty() && !s.shutdown.load(Ordering::Acquire) {
             let _ = s.work.wait_timeout(guard, Duration::from_millis(50));
         }
+        s.sleepers.fetch_sub(1, Ordering::SeqCst);
+        idle_since = None;
     }
 }
 

@@ -13,7 +13,16 @@
 //!   never a success.
 //! - A wave that fails marks its semaphore failed: every current and later
 //!   wait returns [`Error::WaveFailed`] with the wave's message.
+//!
+//! # Waiting cheaply
+//!
+//! Waking a thread that sleeps in the kernel costs several microseconds,
+//! more than a small wave takes. So [`Semaphore::wait`] first spins on an
+//! atomic copy of the value for up to [`SPIN`], and only then sleeps on a
+//! condition variable; a signal takes the lock and wakes sleepers only
+//! when someone sleeps.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -25,11 +34,20 @@ struct State {
     failure: Option<String>,
 }
 
+/// How long [`Semaphore::wait`] spins before it sleeps.
+pub const SPIN: Duration = Duration::from_micros(50);
+
 /// A timeline semaphore. Share it with `Arc<Semaphore>`.
 #[derive(Debug)]
 pub struct Semaphore {
     state: Mutex<State>,
     changed: Condvar,
+    /// `state.value`, readable without the lock (written under it).
+    value: AtomicU64,
+    /// Whether `state.failure` is set (written under the lock).
+    failed: AtomicBool,
+    /// Threads asleep on `changed`; signals skip the wake-up when 0.
+    sleepers: AtomicUsize,
 }
 
 impl Semaphore {
@@ -41,6 +59,18 @@ impl Semaphore {
                 failure: None,
             }),
             changed: Condvar::new(),
+            value: AtomicU64::new(initial),
+            failed: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
+        }
+    }
+
+    /// Wakes sleeping waiters, if any. Called after a change made under the
+    /// lock: a waiter registers as a sleeper under the same lock before it
+    /// checks the value, so it either sees the change or is woken.
+    fn wake(&self) {
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_all();
         }
     }
 
@@ -50,7 +80,7 @@ impl Semaphore {
 
     /// The current value.
     pub fn value(&self) -> u64 {
-        self.lock().value
+        self.value.load(Ordering::Acquire)
     }
 
     /// The failure message, if a wave failed this semaphore.
@@ -69,8 +99,9 @@ impl Semaphore {
             });
         }
         s.value = value;
+        self.value.store(value, Ordering::SeqCst);
         drop(s);
-        self.changed.notify_all();
+        self.wake();
         Ok(())
     }
 
@@ -80,8 +111,9 @@ impl Semaphore {
     pub(crate) fn raise_to(&self, value: u64) {
         let mut s = self.lock();
         s.value = s.value.max(value);
+        self.value.store(s.value, Ordering::SeqCst);
         drop(s);
-        self.changed.notify_all();
+        self.wake();
     }
 
     /// Marks the semaphore failed; waits return [`Error::WaveFailed`].
@@ -89,9 +121,10 @@ impl Semaphore {
         let mut s = self.lock();
         if s.failure.is_none() {
             s.failure = Some(message.into());
+            self.failed.store(true, Ordering::SeqCst);
         }
         drop(s);
-        self.changed.notify_all();
+        self.wake();
     }
 
     /// Waits until the value is at least `value`.
@@ -104,6 +137,22 @@ impl Semaphore {
             u64::MAX => None,
             ns => Instant::now().checked_add(Duration::from_nanos(ns)),
         };
+        // Fast path: spin on the atomics (a wave usually finishes soon).
+        let spin_until = Instant::now() + SPIN.min(Duration::from_nanos(timeout_ns));
+        let mut spins = 0u32;
+        while timeout_ns > 0 && !self.failed.load(Ordering::Acquire) {
+            if self.value.load(Ordering::Acquire) >= value {
+                return Ok(());
+            }
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(64) {
+                if Instant::now() >= spin_until {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+            std::hint::spin_loop();
+        }
         let mut s = self.lock();
         loop {
             if let Some(message) = &s.failure {
@@ -124,6 +173,7 @@ impl Semaphore {
                     }
                 },
             };
+            self.sleepers.fetch_add(1, Ordering::SeqCst);
             s = match left {
                 None => self.changed.wait(s).unwrap_or_else(|e| e.into_inner()),
                 Some(left) => {
@@ -133,6 +183,7 @@ impl Semaphore {
                         .0
                 }
             };
+            self.sleepers.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }

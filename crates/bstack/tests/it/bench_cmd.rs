@@ -70,13 +70,50 @@ fn plan_prints_one_json_figure_per_bench() {
     assert!(names.iter().any(|n| n == "plan.cache_plan.json_read"));
 }
 
+/// The bwrt bench prints its three figures with their baselines: the
+/// round trip against an atomic ping-pong, the ring's waves per second,
+/// and GEMM GFLOP/s of a product checked against a naive reference.
+#[test]
+fn bwrt_bench_prints_round_trip_ring_and_gemm_figures() {
+    let run = Sandbox::empty().run(&["bench", "bwrt", "--runs", "1", "--scale", "0.01"]);
+    run.code(0);
+    let figures = run.json_lines();
+    let names: Vec<&str> = figures.iter().filter_map(|f| f["bench"].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "bwrt.round_trip",
+            "bwrt.ring_throughput",
+            "bwrt.gemm_f32_1024",
+            "bwrt.gemm_f32_1024_default_tile"
+        ],
+        "{run}"
+    );
+    assert_eq!(figures[0]["baseline"], "atomic_ping_pong", "{run}");
+    assert!(
+        figures[0]["median_us"].as_f64().unwrap_or(0.0) > 0.0,
+        "{run}"
+    );
+    assert!(
+        figures[1]["waves_per_s"].as_f64().unwrap_or(0.0) > 0.0,
+        "{run}"
+    );
+    for gemm in &figures[2..] {
+        assert!(gemm["gflops"].as_f64().unwrap_or(0.0) > 0.0, "{run}");
+        assert!(
+            gemm["max_relative_error"].as_f64().unwrap_or(1.0) < 1e-4,
+            "{run}"
+        );
+    }
+}
+
 #[test]
 fn unknown_component_is_exit_2() {
     let run = Sandbox::empty().run(&["bench", "nosuch"]);
     run.code(2).quiet_stdout();
     assert_eq!(
         run.error_line(),
-        "no benchmarks for \"nosuch\"; available: plan, hotweights, bcache, strata, datajax, hotweights-cluster",
+        "no benchmarks for \"nosuch\"; available: plan, hotweights, bcache, strata, datajax, bwrt, hotweights-cluster",
         "{run}"
     );
 }

@@ -172,6 +172,23 @@ fn json_summary_lists_five_contracts() {
             );
         }
     }
+    // The bwrt stage ran the datajax stage's WaveSpec through the C ABI:
+    // every wave completed, one swap landed in the window, and the swaps
+    // outside it were refused and counted.
+    let bwrt = &summary["bwrt"];
+    let waves = bwrt["waves"].as_u64().unwrap_or_default();
+    assert!(waves > 0, "{run}");
+    let counters = &bwrt["counters"];
+    assert_eq!(counters["waves_submitted"], waves, "{run}");
+    assert_eq!(counters["waves_completed"], waves, "{run}");
+    assert_eq!(counters["waves_failed"], 0, "{run}");
+    assert_eq!(counters["swaps_applied"], 1, "{run}");
+    assert!(
+        counters["swap_window_violations"].as_u64().unwrap_or(0) >= 1,
+        "{run}"
+    );
+    let steps = bwrt["steps"].to_string();
+    assert!(steps.contains("refused"), "{run}");
 }
 
 #[test]

@@ -5,6 +5,7 @@
 mod bcache_cmd;
 mod bcache_serve;
 mod bench_cmd;
+mod bwrt_cmd;
 mod cli;
 mod common;
 mod datajax_cmd;

@@ -1,0 +1,213 @@
+//! The demo's bwrt stage: the WaveSpec that the datajax stage exported from
+//! the serving trace drives a runtime through the C ABI.
+//!
+//! The runtime takes the spec's tile, dtype and swap window. Version 1 of
+//! the weights serves the waves before the window; version 2 is offered at
+//! wave 0 (refused: outside the window), queued, and lands exactly when the
+//! window opens; once the window has closed a third swap is refused. Every
+//! step is checked: the products against a naive reference (so the waves
+//! before the window really used version 1 and the ones after it version
+//! 2), and the counters against the waves and swaps the stage made.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+use bwrt::Status;
+use bwrt::ffi::BwrtCounters;
+use serde_json::json;
+
+use crate::bwrt_abi::{
+    AbiRuntime, Api, B, Matrix, RuntimeSettings, Swap, Wave, max_relative_error, random_matrix,
+};
+use crate::bwrt_cmd::{counter_rows, counters_json, read_wave_spec};
+use crate::output::table;
+
+/// At most this many waves run, whatever the spec's `num_waves`.
+const MAX_WAVES: u64 = 2000;
+/// Waves in flight at once (each has its own output matrix).
+const BATCH: usize = 64;
+
+/// Runs waves `[from, to)` with B from `b`; returns the first wave's output.
+fn run_range(
+    rt: &AbiRuntime,
+    a: &Matrix,
+    b: B<'_>,
+    outs: &mut [Matrix],
+    from: u64,
+    to: u64,
+) -> Result<Option<Matrix>> {
+    let mut first = None;
+    let mut at = from;
+    while at < to {
+        let n = ((to - at) as usize).min(outs.len());
+        let mut waves: Vec<Wave<'_>> = outs[..n].iter_mut().map(|c| Wave { a, b, c }).collect();
+        rt.run_waves(&mut waves)
+            .with_context(|| format!("running waves {at}..{}", at + n as u64))?;
+        if first.is_none() {
+            first = outs.first().cloned();
+        }
+        at += n as u64;
+    }
+    Ok(first)
+}
+
+/// The stage. Returns its table and its JSON summary.
+pub fn bwrt_stage(wave_spec: &Path) -> Result<(String, serde_json::Value)> {
+    let spec = read_wave_spec(wave_spec)?;
+    let settings = RuntimeSettings::from_wave_spec(&spec, 2)?;
+    let api = Api::negotiate()?;
+    let rt = api
+        .runtime(&settings)
+        .context("creating the bwrt runtime from the WaveSpec")?;
+    let dtype = settings.dtype;
+    let (begin, end) = (spec.swap_begin, spec.swap_end);
+    if begin >= MAX_WAVES {
+        bail!(
+            "{}: the swap window opens at wave {begin}; the demo runs at most {MAX_WAVES} waves",
+            wave_spec.display()
+        );
+    }
+    let total = spec.num_waves.max(end.saturating_add(1)).min(MAX_WAVES);
+    // One tile in M and N, two steps in K: small waves, every tile path used.
+    let (m, n, k) = (
+        (spec.bm as usize).clamp(1, 256),
+        (spec.bn as usize).clamp(1, 256),
+        (2 * spec.bk as usize).clamp(1, 256),
+    );
+    let a = random_matrix(dtype, m, k, 11);
+    let v1 = random_matrix(dtype, k, n, 1);
+    let v2 = random_matrix(dtype, k, n, 2);
+    let mut outs: Vec<Matrix> = (0..BATCH).map(|_| Matrix::zeros(dtype, m, n)).collect();
+    let tolerance = match dtype {
+        bwrt::DType::F32 => 1e-4,
+        bwrt::DType::F16 => 2e-3,
+        bwrt::DType::BF16 => 1.6e-2,
+    };
+    let mut steps: Vec<(String, String)> = Vec::new();
+    let mut violations = 0u64;
+
+    // Offer version 2 at wave 0, without queueing.
+    match rt.set_weights(0, &v2, false) {
+        Ok(Swap::Applied) => steps.push((
+            "swap to v2 at wave 0".into(),
+            format!("applied at once (the window [{begin}, {end}) is open)"),
+        )),
+        Ok(Swap::Queued) => bail!("a swap without BWRT_SWAP_QUEUE was queued"),
+        Err(e) if e.status == Status::OutsideSwapWindow => {
+            violations += 1;
+            steps.push((
+                "swap to v2 at wave 0".into(),
+                format!("refused: {}", e.message),
+            ));
+            let outcome = rt.set_weights(0, &v2, true)?;
+            ensure!(outcome == Swap::Queued, "the queued swap was {outcome:?}");
+            steps.push((
+                "same swap, BWRT_SWAP_QUEUE".into(),
+                format!("queued until wave {begin}"),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    }
+
+    // Waves before the window use version 1, given with each wave.
+    let before = run_range(&rt, &a, B::Matrix(&v1), &mut outs, 0, begin.min(total))?;
+    if let Some(c) = &before {
+        let err = max_relative_error(&a, &v1, c);
+        ensure!(
+            err <= tolerance,
+            "wave 0 does not match A · v1 (error {err:.2e})"
+        );
+        steps.push((
+            format!("waves 0..{begin} (B = v1)"),
+            format!("ran; wave 0 matches A · v1 (max relative error {err:.1e})"),
+        ));
+    }
+    let counters = rt.sample()?;
+    ensure!(
+        counters.swaps_pending == 0,
+        "the queued swap is still pending at wave {}",
+        counters.waves_completed
+    );
+
+    // Inside the window the slot holds version 2.
+    let inside = run_range(
+        &rt,
+        &a,
+        B::Weights(0),
+        &mut outs,
+        begin.min(total),
+        end.min(total),
+    )?;
+    if let Some(c) = &inside {
+        let err = max_relative_error(&a, &v2, c);
+        ensure!(
+            err <= tolerance,
+            "wave {begin} does not match A · v2 (error {err:.2e})"
+        );
+        steps.push((
+            format!("waves {begin}..{} (B = slot 0)", end.min(total)),
+            format!("ran; wave {begin} matches A · v2: the swap landed as the window opened"),
+        ));
+    }
+
+    // After the window, swaps are refused and the slot keeps version 2.
+    if end < total {
+        match rt.set_weights(0, &v1, true) {
+            Err(e) if e.status == Status::OutsideSwapWindow => {
+                violations += 1;
+                steps.push((
+                    format!("swap back to v1 at wave {end}"),
+                    format!("refused: {}", e.message),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+            Ok(outcome) => bail!("a swap after the window was {outcome:?}"),
+        }
+        let last = run_range(&rt, &a, B::Weights(0), &mut outs, end, total)?;
+        if let Some(c) = &last {
+            let err = max_relative_error(&a, &v2, c);
+            ensure!(
+                err <= tolerance,
+                "wave {end} does not match A · v2 (error {err:.2e})"
+            );
+            steps.push((
+                format!("waves {end}..{total} (B = slot 0)"),
+                "ran; still v2".into(),
+            ));
+        }
+    }
+
+    let c: BwrtCounters = rt.sample()?;
+    ensure!(
+        c.waves_submitted == total && c.waves_completed == total && c.waves_failed == 0,
+        "counters disagree with the {total} waves run: {c:?}"
+    );
+    ensure!(
+        c.swaps_applied == 1 && c.swap_window_violations == violations,
+        "counters disagree with the swaps made (1 applied, {violations} refused): {c:?}"
+    );
+    let mut t = table(&["bwrt (C ABI)", "result"], &[]);
+    t.add_row(vec![
+        "runtime".to_owned(),
+        format!(
+            "from {}: tile {} x {} x {} {dtype}, swap window [{begin}, {end}), {total} waves of {m} x {n} x {k}, 2 workers",
+            wave_spec.display(),
+            spec.bm,
+            spec.bn,
+            spec.bk
+        ),
+    ]);
+    for (step, result) in &steps {
+        t.add_row(vec![step.clone(), result.clone()]);
+    }
+    for (label, value) in counter_rows(&c) {
+        t.add_row(vec![label.to_owned(), value]);
+    }
+    let summary = json!({
+        "wave_spec": wave_spec, "waves": total, "shape": [m, n, k], "dtype": dtype.name(),
+        "swap_window": [begin, end],
+        "steps": steps.iter().map(|(s, r)| json!({"step": s, "result": r})).collect::<Vec<_>>(),
+        "counters": counters_json(&c),
+    });
+    Ok((t.to_string(), summary))
+}
