@@ -106,6 +106,12 @@ impl Buffer {
         Arc::ptr_eq(&self.inner, &other.inner)
     }
 
+    /// An identity of the memory, for locking several buffers in one
+    /// global order.
+    pub(crate) fn key(&self) -> usize {
+        Arc::as_ptr(&self.inner).cast::<()>() as usize
+    }
+
     /// A read lock on the memory. A writer that panicked leaves the bytes as
     /// they were; they are still handed out.
     pub(crate) fn read(&self) -> RwLockReadGuard<'_, Box<dyn HostMemory>> {
@@ -170,15 +176,54 @@ impl Tensor {
 
     /// The elements of the view, row-major, as f32.
     pub fn to_f32(&self) -> Vec<f32> {
-        let guard = self.buffer.read();
-        let bytes = guard.bytes();
+        self.decode(self.buffer.read().bytes())
+    }
+
+    /// The elements of the view in `bytes` (this tensor's buffer, already
+    /// locked by the caller), row-major, as f32.
+    pub(crate) fn decode(&self, bytes: &[u8]) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.shape[0] * self.shape[1]);
+        let size = self.dtype.size();
         for r in 0..self.shape[0] {
-            for c in 0..self.shape[1] {
-                out.push(self.dtype.load(bytes, self.index(r, c)));
+            // Rows with unit column stride decode in one pass.
+            let row = (self.strides[1] == 1)
+                .then(|| {
+                    let start = self.index(r, 0) * size;
+                    bytes.get(start..start + self.shape[1] * size)
+                })
+                .flatten();
+            match row {
+                Some(row) => self.dtype.load_run(row, &mut out),
+                None => {
+                    for c in 0..self.shape[1] {
+                        out.push(self.dtype.load(bytes, self.index(r, c)));
+                    }
+                }
             }
         }
         out
+    }
+
+    /// Writes `values` (row-major, one per element of the view) into the
+    /// view inside `bytes` (this tensor's buffer, locked for writing by the
+    /// caller), encoded as its dtype.
+    pub(crate) fn encode(&self, bytes: &mut [u8], values: &[f32]) {
+        let size = self.dtype.size();
+        let cols = self.shape[1];
+        for r in 0..self.shape[0] {
+            let Some(src) = values.get(r * cols..(r + 1) * cols) else {
+                return;
+            };
+            let start = self.index(r, 0) * size;
+            match bytes.get_mut(start..start + cols * size) {
+                Some(row) if self.strides[1] == 1 => self.dtype.store_run(row, src),
+                _ => {
+                    for (c, v) in src.iter().enumerate() {
+                        self.dtype.store(bytes, self.index(r, c), *v);
+                    }
+                }
+            }
+        }
     }
 
     /// A row-major copy of the view in new memory (same dtype).

@@ -7,9 +7,11 @@
 //! Edge tiles are simply smaller, so no dimension needs to be a multiple of
 //! its tile.
 //!
-//! Precision: inputs are widened to f32 once per wave and every product is
-//! accumulated in f32. `C` is written once, at the end, in its own dtype,
-//! which must be A's dtype or F32. A and B must share a dtype.
+//! Precision: every product is accumulated in f32. F32 operands are read
+//! where they lie and an F32 output is accumulated where it lies; f16 and
+//! bf16 inputs are widened to f32 once per wave, and such an output is
+//! written once, at the end, in its own dtype (A's dtype or F32). A and B
+//! must share a dtype.
 //!
 //! [`check_gemm`] is what submission runs, so a wave that reaches a worker
 //! has consistent shapes; it is checked again at run time because a weight
@@ -87,20 +89,116 @@ pub fn wave_bytes(a: &Tensor, b: &Tensor, c: &Tensor) -> u64 {
         .sum()
 }
 
-/// Decodes a tensor view into a row-major f32 vector.
-fn widen(t: &Tensor) -> Vec<f32> {
-    t.to_f32()
+/// An f32 operand for the kernel: the caller's memory itself when it holds
+/// aligned little-endian f32 (no copy), else a row-major decoded copy.
+enum Operand<'a> {
+    Borrowed(&'a [f32], View),
+    Owned(Vec<f32>, View),
+}
+
+impl Operand<'_> {
+    fn parts(&self) -> (&[f32], View) {
+        match self {
+            Operand::Borrowed(s, v) => (s, *v),
+            Operand::Owned(s, v) => (s, *v),
+        }
+    }
+}
+
+/// The view of `t` as f32 elements of `bytes`, if they can be used in place.
+fn in_place(t: &Tensor, bytes: &[u8]) -> Option<(usize, usize, usize)> {
+    (t.dtype == DType::F32 && cfg!(target_endian = "little"))
+        .then(|| (t.offset, t.strides[0], t.strides[1]))
+        .filter(|_| bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok())
+}
+
+fn operand<'a>(t: &Tensor, bytes: &'a [u8]) -> Operand<'a> {
+    if let (Some((offset, rs, cs)), Ok(values)) = (
+        in_place(t, bytes),
+        bytemuck::try_cast_slice::<u8, f32>(bytes),
+    ) {
+        return Operand::Borrowed(values, View { offset, rs, cs });
+    }
+    Operand::Owned(
+        t.decode(bytes),
+        View {
+            offset: 0,
+            rs: t.shape[1],
+            cs: 1,
+        },
+    )
 }
 
 /// Runs `C = A · B` tiled by `tile`. Returns the `(m, n, k)` computed.
+///
+/// F32 operands are read in place and an F32 output is written in place;
+/// other dtypes are widened to f32 first and narrowed at the end. The
+/// buffers are locked in address order (A and B for reading, C for
+/// writing), so waves whose buffers overlap in any pattern cannot deadlock.
 pub fn run_gemm(tile: Tile, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<(usize, usize, usize)> {
     let (m, n, k) = check_gemm(a, b, c)?;
     if tile.bm == 0 || tile.bn == 0 || tile.bk == 0 {
         return Err(Error::invalid("wave_spec.bm/bn/bk", "tiles must be > 0"));
     }
-    let lhs = widen(a);
-    let rhs = widen(b);
-    let mut acc = vec![0f32; m * n];
+    let shared_ab = a.buffer.same_memory(&b.buffer);
+    let mut order = [
+        (a.buffer.key(), 0u8),
+        (b.buffer.key(), 1),
+        (c.buffer.key(), 2),
+    ];
+    order.sort_unstable();
+    let (mut ra, mut rb, mut wc) = (None, None, None);
+    for (_, which) in order {
+        match which {
+            0 => ra = Some(a.buffer.read()),
+            1 if !shared_ab => rb = Some(b.buffer.read()),
+            2 => wc = Some(c.buffer.write()),
+            _ => {}
+        }
+    }
+    let (Some(ra), Some(mut wc)) = (ra, wc) else {
+        return Err(Error::Internal("a wave's buffers were not locked".into()));
+    };
+    let a_bytes = ra.bytes();
+    let b_bytes = rb.as_ref().map_or(a_bytes, |g| g.bytes());
+    let lhs = operand(a, a_bytes);
+    let rhs = operand(b, b_bytes);
+    let out = wc.bytes_mut();
+    if let Some((offset, rs, cs)) = in_place(c, out) {
+        let dst = bytemuck::try_cast_slice_mut::<u8, f32>(out)
+            .map_err(|e| Error::Internal(format!("output view: {e}")))?;
+        tiles(tile, (m, n, k), dst, View { offset, rs, cs }, &lhs, &rhs)?;
+    } else {
+        let mut acc = vec![0f32; m * n];
+        tiles(
+            tile,
+            (m, n, k),
+            &mut acc,
+            View {
+                offset: 0,
+                rs: n,
+                cs: 1,
+            },
+            &lhs,
+            &rhs,
+        )?;
+        c.encode(out, &acc);
+    }
+    Ok((m, n, k))
+}
+
+/// The tile loop: every `bm x bn` tile of `dst` accumulates its `bk`-deep
+/// panel products.
+fn tiles(
+    tile: Tile,
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    d: View,
+    lhs: &Operand<'_>,
+    rhs: &Operand<'_>,
+) -> Result<()> {
+    let (lhs, l) = lhs.parts();
+    let (rhs, r) = rhs.parts();
     for i0 in (0..m).step_by(tile.bm) {
         let mi = tile.bm.min(m - i0);
         for j0 in (0..n).step_by(tile.bn) {
@@ -112,24 +210,21 @@ pub fn run_gemm(tile: Tile, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<(usize
                     mi,
                     nj,
                     kp,
-                    &mut acc,
+                    dst,
                     View {
-                        offset: i0 * n + j0,
-                        rs: n,
-                        cs: 1,
+                        offset: d.offset + i0 * d.rs + j0 * d.cs,
+                        ..d
                     },
                     p0 > 0,
-                    &lhs,
+                    lhs,
                     View {
-                        offset: i0 * k + p0,
-                        rs: k,
-                        cs: 1,
+                        offset: l.offset + i0 * l.rs + p0 * l.cs,
+                        ..l
                     },
-                    &rhs,
+                    rhs,
                     View {
-                        offset: p0 * n + j0,
-                        rs: n,
-                        cs: 1,
+                        offset: r.offset + p0 * r.rs + j0 * r.cs,
+                        ..r
                     },
                 );
                 if !ok {
@@ -144,12 +239,5 @@ pub fn run_gemm(tile: Tile, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<(usize
             }
         }
     }
-    let mut guard = c.buffer.write();
-    let bytes = guard.bytes_mut();
-    for r in 0..m {
-        for col in 0..n {
-            c.dtype.store(bytes, c.index(r, col), acc[r * n + col]);
-        }
-    }
-    Ok((m, n, k))
+    Ok(())
 }

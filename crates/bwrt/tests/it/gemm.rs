@@ -308,3 +308,53 @@ fn runtime_config_errors_name_the_field() {
         "{e}"
     );
 }
+
+/// Waves lock their buffers in one global order: waves that read each
+/// other's outputs, in flight together on two workers, never deadlock,
+/// and a wave may take the same buffer as A and B.
+#[test]
+fn crossing_waves_do_not_deadlock_and_a_may_be_b() {
+    let rt = runtime(2, 64, spec((8, 8, 8), (0, u64::MAX)));
+    let x = Tensor::from_f32(&[0.5; 64], DType::F32, 8, 8).unwrap();
+    let y = Tensor::from_f32(&[0.25; 64], DType::F32, 8, 8).unwrap();
+    let done = Arc::new(Semaphore::new(0));
+    let waves = 400u64;
+    for i in 0..waves {
+        let (a, c) = if i % 2 == 0 { (&x, &y) } else { (&y, &x) };
+        let w = Tensor::from_f32(&[0.125; 64], DType::F32, 8, 8).unwrap();
+        rt.submit_wave(
+            &WaveDesc {
+                on_full: bwrt::OnFull::Block,
+            },
+            a.clone(),
+            w,
+            c.clone(),
+            Some((done.clone(), i + 1)),
+        )
+        .unwrap();
+    }
+    // Every wave ends (a deadlock would leave the counters short).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while rt.sample().waves_completed < waves {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waves stopped: {:?}",
+            rt.sample()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // A · A with A = B sharing one buffer.
+    let a = Tensor::from_f32(&[1.0, 2.0, 3.0, 4.0], DType::F32, 2, 2).unwrap();
+    let c = Tensor::zeros(DType::F32, 2, 2);
+    let sq = Arc::new(Semaphore::new(0));
+    rt.submit_wave(
+        &WaveDesc::default(),
+        a.clone(),
+        a,
+        c.clone(),
+        Some((sq.clone(), 1)),
+    )
+    .unwrap();
+    sq.wait(1, u64::MAX).unwrap();
+    assert_eq!(c.to_f32(), [7.0, 10.0, 15.0, 22.0]);
+}
