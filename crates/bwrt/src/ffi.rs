@@ -587,10 +587,10 @@ unsafe fn tensor(p: *const BwrtTensor, name: &str) -> Result<Described, Fail> {
     if len > 0 && t.data.is_null() {
         return Err(null(&format!("{name}.data")));
     }
-    let buffer = Buffer::from_memory(Box::new(Foreign {
+    let buffer = Buffer::from_host(Foreign {
         ptr: t.data.cast::<u8>(),
         len,
-    }));
+    });
     Ok(Described {
         tensor: Tensor {
             buffer,

@@ -19,8 +19,8 @@
 //! Waking a thread that sleeps in the kernel costs several microseconds,
 //! more than a small wave takes. So [`Semaphore::wait`] first spins on an
 //! atomic copy of the value for up to [`SPIN`], and only then sleeps on a
-//! condition variable; a signal takes the lock and wakes sleepers only
-//! when someone sleeps.
+//! condition variable. A signal is one atomic `fetch_max`; it takes a lock
+//! and wakes anyone only when someone sleeps.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -28,54 +28,54 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
-#[derive(Debug)]
-struct State {
-    value: u64,
-    failure: Option<String>,
-}
-
 /// How long [`Semaphore::wait`] spins before it sleeps.
 pub const SPIN: Duration = Duration::from_micros(50);
 
 /// A timeline semaphore. Share it with `Arc<Semaphore>`.
 #[derive(Debug)]
 pub struct Semaphore {
-    state: Mutex<State>,
-    changed: Condvar,
-    /// `state.value`, readable without the lock (written under it).
+    /// The value; only ever raised (`fetch_max`), so signals need no lock.
     value: AtomicU64,
-    /// Whether `state.failure` is set (written under the lock).
+    /// Set (once) when a wave fails the semaphore; the message is in
+    /// `failure`.
     failed: AtomicBool,
-    /// Threads asleep on `changed`; signals skip the wake-up when 0.
+    failure: Mutex<Option<String>>,
+    /// Sleepers hold this lock from registering until they wait, and
+    /// wakers take it before notifying, so a wake-up cannot fall between a
+    /// sleeper's last look at the value and its wait.
+    sleep: Mutex<()>,
+    changed: Condvar,
+    /// Threads asleep (or about to sleep) on `changed`; signals skip the
+    /// wake-up when 0.
     sleepers: AtomicUsize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Semaphore {
     /// A semaphore whose value starts at `initial`.
     pub fn new(initial: u64) -> Self {
         Semaphore {
-            state: Mutex::new(State {
-                value: initial,
-                failure: None,
-            }),
-            changed: Condvar::new(),
             value: AtomicU64::new(initial),
             failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            sleep: Mutex::new(()),
+            changed: Condvar::new(),
             sleepers: AtomicUsize::new(0),
         }
     }
 
-    /// Wakes sleeping waiters, if any. Called after a change made under the
-    /// lock: a waiter registers as a sleeper under the same lock before it
-    /// checks the value, so it either sees the change or is woken.
+    /// Wakes sleeping waiters, if any, after a change to `value` or
+    /// `failed`. A waiter counts itself in `sleepers` and then looks at the
+    /// value again (both SeqCst, as are the change and this load), so either
+    /// it sees the change or this sees it and wakes it.
     fn wake(&self) {
         if self.sleepers.load(Ordering::SeqCst) > 0 {
+            drop(lock(&self.sleep));
             self.changed.notify_all();
         }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The current value.
@@ -85,22 +85,20 @@ impl Semaphore {
 
     /// The failure message, if a wave failed this semaphore.
     pub fn failure(&self) -> Option<String> {
-        self.lock().failure.clone()
+        lock(&self.failure).clone()
     }
 
     /// Sets the value to `value`; signalling the current value again is
-    /// allowed, a lower value is [`Error::NonMonotonicSignal`].
+    /// allowed, a lower value is [`Error::NonMonotonicSignal`] (and changes
+    /// nothing).
     pub fn signal(&self, value: u64) -> Result<()> {
-        let mut s = self.lock();
-        if value < s.value {
+        let previous = self.value.fetch_max(value, Ordering::SeqCst);
+        if value < previous {
             return Err(Error::NonMonotonicSignal {
-                current: s.value,
+                current: previous,
                 requested: value,
             });
         }
-        s.value = value;
-        self.value.store(value, Ordering::SeqCst);
-        drop(s);
         self.wake();
         Ok(())
     }
@@ -109,21 +107,19 @@ impl Semaphore {
     /// with several workers, waves may finish out of order, and a later
     /// finisher must not lower the value).
     pub(crate) fn raise_to(&self, value: u64) {
-        let mut s = self.lock();
-        s.value = s.value.max(value);
-        self.value.store(s.value, Ordering::SeqCst);
-        drop(s);
+        self.value.fetch_max(value, Ordering::SeqCst);
         self.wake();
     }
 
     /// Marks the semaphore failed; waits return [`Error::WaveFailed`].
     pub fn fail(&self, message: impl Into<String>) {
-        let mut s = self.lock();
-        if s.failure.is_none() {
-            s.failure = Some(message.into());
-            self.failed.store(true, Ordering::SeqCst);
+        {
+            let mut failure = lock(&self.failure);
+            if failure.is_none() {
+                *failure = Some(message.into());
+                self.failed.store(true, Ordering::SeqCst);
+            }
         }
-        drop(s);
         self.wake();
     }
 
@@ -153,12 +149,12 @@ impl Semaphore {
             }
             std::hint::spin_loop();
         }
-        let mut s = self.lock();
         loop {
-            if let Some(message) = &s.failure {
-                return Err(Error::WaveFailed(message.clone()));
+            if self.failed.load(Ordering::SeqCst) {
+                return Err(Error::WaveFailed(self.failure().unwrap_or_default()));
             }
-            if s.value >= value {
+            let now = self.value.load(Ordering::SeqCst);
+            if now >= value {
                 return Ok(());
             }
             let left = match deadline {
@@ -167,22 +163,28 @@ impl Semaphore {
                     Some(left) if !left.is_zero() => Some(left),
                     _ => {
                         return Err(Error::Timeout {
-                            what: format!("semaphore value {value} (it is {})", s.value),
+                            what: format!("semaphore value {value} (it is {now})"),
                             timeout_ns,
                         });
                     }
                 },
             };
+            let guard = lock(&self.sleep);
             self.sleepers.fetch_add(1, Ordering::SeqCst);
-            s = match left {
-                None => self.changed.wait(s).unwrap_or_else(|e| e.into_inner()),
-                Some(left) => {
-                    self.changed
-                        .wait_timeout(s, left)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
+            let pending =
+                self.value.load(Ordering::SeqCst) < value && !self.failed.load(Ordering::SeqCst);
+            if pending {
+                match left {
+                    None => drop(self.changed.wait(guard).unwrap_or_else(|e| e.into_inner())),
+                    Some(left) => drop(
+                        self.changed
+                            .wait_timeout(guard, left)
+                            .unwrap_or_else(|e| e.into_inner()),
+                    ),
                 }
-            };
+            } else {
+                drop(guard);
+            }
             self.sleepers.fetch_sub(1, Ordering::SeqCst);
         }
     }

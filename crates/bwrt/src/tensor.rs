@@ -26,6 +26,15 @@ pub trait HostMemory: Send + Sync + 'static {
     fn bytes_mut(&mut self) -> &mut [u8];
 }
 
+impl HostMemory for Box<dyn HostMemory> {
+    fn bytes(&self) -> &[u8] {
+        (**self).bytes()
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        (**self).bytes_mut()
+    }
+}
+
 impl HostMemory for Vec<u8> {
     fn bytes(&self) -> &[u8] {
         self
@@ -38,7 +47,7 @@ impl HostMemory for Vec<u8> {
 /// Shared host memory; cloning shares it.
 #[derive(Clone)]
 pub struct Buffer {
-    inner: Arc<RwLock<Box<dyn HostMemory>>>,
+    inner: Arc<RwLock<dyn HostMemory>>,
     len: usize,
 }
 
@@ -51,6 +60,13 @@ impl std::fmt::Debug for Buffer {
 impl Buffer {
     /// A buffer over `memory`. Its length must not change afterwards.
     pub fn from_memory(memory: Box<dyn HostMemory>) -> Self {
+        Buffer::from_host(memory)
+    }
+
+    /// A buffer over `memory`, in one allocation (a wave's tensors are
+    /// made per submission, so this is on the submit path). Its length must
+    /// not change afterwards.
+    pub fn from_host<M: HostMemory>(memory: M) -> Self {
         let len = memory.bytes().len();
         Buffer {
             inner: Arc::new(RwLock::new(memory)),
@@ -60,7 +76,7 @@ impl Buffer {
 
     /// A buffer owning `bytes`.
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
-        Buffer::from_memory(Box::new(bytes))
+        Buffer::from_host(bytes)
     }
 
     /// `len` zero bytes.
@@ -114,12 +130,12 @@ impl Buffer {
 
     /// A read lock on the memory. A writer that panicked leaves the bytes as
     /// they were; they are still handed out.
-    pub(crate) fn read(&self) -> RwLockReadGuard<'_, Box<dyn HostMemory>> {
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, dyn HostMemory> {
         self.inner.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A write lock on the memory.
-    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, Box<dyn HostMemory>> {
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, dyn HostMemory> {
         self.inner.write().unwrap_or_else(|e| e.into_inner())
     }
 }
