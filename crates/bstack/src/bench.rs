@@ -99,6 +99,44 @@ pub(crate) fn middle(mut times: Vec<Duration>) -> Duration {
     times.get(times.len() / 2).copied().unwrap_or_default()
 }
 
+/// Runs a Python baseline: `script` gets `args` as `sys.argv[1:]` and
+/// prints one line, `SECONDS FIELD...`. Returns the seconds and the other
+/// fields, or why it could not run (`install` is the pip hint for a missing
+/// module).
+pub(crate) fn python_baseline(
+    script: &str,
+    args: &[String],
+    install: &str,
+) -> std::result::Result<(Duration, Vec<String>), String> {
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .map_err(|e| format!("python3 did not start: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(if err.contains("No module named") {
+            format!("not installed ({install})")
+        } else {
+            format!(
+                "the Python baseline failed: {}",
+                err.lines().last().unwrap_or("")
+            )
+        });
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut parts = text.split_whitespace();
+    let secs: f64 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or("the Python baseline printed no time")?;
+    Ok((
+        Duration::from_secs_f64(secs),
+        parts.map(str::to_owned).collect(),
+    ))
+}
+
 /// The time to copy `len` bytes from one buffer to another: the floor for any
 /// operation that must touch every byte once.
 pub fn memcpy_baseline(runs: usize, len: usize) -> Duration {

@@ -19,7 +19,7 @@ use anyhow::{Result, anyhow};
 use bwrt::DType;
 use serde_json::json;
 
-use crate::bench::{Figure, emit, middle};
+use crate::bench::{Figure, emit, middle, python_baseline};
 use crate::bwrt_abi::{Api, B, Matrix, RuntimeSettings, Wave, max_relative_error, random_matrix};
 use crate::output::Output;
 
@@ -221,30 +221,11 @@ except Exception:
     blas = "?"
 print(times[len(times) // 2], np.__version__, blas)
 "#;
-    let out = std::process::Command::new("python3")
-        .args(["-c", NUMPY, &runs.to_string()])
-        .output()
-        .map_err(|e| format!("python3 did not start: {e}"))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(if err.contains("No module named") {
-            "numpy is not installed (pip install numpy)".to_owned()
-        } else {
-            format!("the numpy run failed: {}", err.lines().last().unwrap_or(""))
-        });
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut parts = text.split_whitespace();
-    let secs: f64 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or("numpy printed no time")?;
-    let version = parts.next().unwrap_or("?");
-    let blas = parts.next().unwrap_or("?");
-    Ok((
-        Duration::from_secs_f64(secs),
-        format!("numpy {version} ({blas})"),
-    ))
+    let (t, fields) = python_baseline(NUMPY, &[runs.to_string()], "pip install numpy")
+        .map_err(|e| format!("numpy: {e}"))?;
+    let version = fields.first().map_or("?", String::as_str);
+    let blas = fields.get(1).map_or("?", String::as_str);
+    Ok((t, format!("numpy {version} ({blas})")))
 }
 
 fn gemm(api: &Api, runs: usize, out: &Output) -> Result<()> {

@@ -21,7 +21,7 @@ use datajax::{
 };
 use serde_json::json;
 
-use crate::bench::{Figure, emit, median, middle};
+use crate::bench::{Figure, emit, median, middle, python_baseline};
 use crate::output::Output;
 
 /// Users in the dimension table.
@@ -124,36 +124,11 @@ print(times[len(times) // 2], n, pd.__version__)
 
 /// pandas' median time and version, or why it could not run.
 fn pandas(rows: usize, runs: usize) -> std::result::Result<(Duration, String), String> {
-    let out = std::process::Command::new("python3")
-        .args([
-            "-c",
-            PANDAS,
-            &rows.to_string(),
-            &runs.to_string(),
-            &USERS.to_string(),
-        ])
-        .output()
-        .map_err(|e| format!("python3 did not start: {e}"))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(if err.contains("No module named") {
-            "pandas is not installed (pip install pandas numpy)".to_owned()
-        } else {
-            format!(
-                "the pandas run failed: {}",
-                err.lines().last().unwrap_or("")
-            )
-        });
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut parts = text.split_whitespace();
-    let secs: f64 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or("pandas printed no time")?;
-    let _groups = parts.next();
-    let version = parts.next().unwrap_or("?").to_owned();
-    Ok((Duration::from_secs_f64(secs), version))
+    let args = [rows.to_string(), runs.to_string(), USERS.to_string()];
+    let (t, fields) = python_baseline(PANDAS, &args, "pip install pandas numpy")
+        .map_err(|e| format!("pandas: {e}"))?;
+    // Fields: the group count, then pandas' version.
+    Ok((t, fields.get(1).cloned().unwrap_or_else(|| "?".into())))
 }
 
 /// A 20-operation pipeline over `events`.

@@ -439,6 +439,16 @@ pub fn random_matrix(dtype: DType, rows: usize, cols: usize, seed: u64) -> Matri
     Matrix::from_f32(&values, dtype, rows, cols)
 }
 
+/// The largest [`max_relative_error`] a correct wave has with outputs in
+/// `dtype`: accumulation is in f32, so the output's rounding dominates.
+pub fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-4,
+        DType::F16 => 2e-3,
+        DType::BF16 => 1.6e-2,
+    }
+}
+
 /// The largest difference between `c` and a naive f64 reference `a · b`,
 /// relative to the largest reference magnitude (at least 1).
 pub fn max_relative_error(a: &Matrix, b: &Matrix, c: &Matrix) -> f64 {

@@ -19,7 +19,9 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use crate::Outcome;
-use crate::bwrt_abi::{Api, B, Matrix, RuntimeSettings, Wave, max_relative_error, random_matrix};
+use crate::bwrt_abi::{
+    Api, B, Matrix, RuntimeSettings, Wave, max_relative_error, random_matrix, tolerance,
+};
 use crate::output::{Output, duration_ns, key_value_table};
 
 #[derive(Subcommand, Debug)]
@@ -207,11 +209,7 @@ fn run_waves(a: RunArgs, out: &Output) -> Result<Outcome> {
     let counters = rt.sample()?;
     let error = (!a.no_verify).then(|| max_relative_error(&lhs[0], &b, &outs[0]));
     // f32 accumulation: rounding of the output dtype dominates.
-    let tolerance = match dtype {
-        DType::F32 => 1e-4,
-        DType::F16 => 2e-3,
-        DType::BF16 => 1.6e-2,
-    };
+    let tolerance = tolerance(dtype);
     let flops = 2.0 * (a.m * a.n * a.k * a.waves) as f64;
     let gflops = flops / elapsed.as_secs_f64().max(1e-12) / 1e9;
     if out.json {

@@ -18,6 +18,7 @@ use serde_json::json;
 
 use crate::bwrt_abi::{
     AbiRuntime, Api, B, Matrix, RuntimeSettings, Swap, Wave, max_relative_error, random_matrix,
+    tolerance,
 };
 use crate::bwrt_cmd::{counter_rows, counters_json, read_wave_spec};
 use crate::output::table;
@@ -78,11 +79,7 @@ pub fn bwrt_stage(wave_spec: &Path) -> Result<(String, serde_json::Value)> {
     let v1 = random_matrix(dtype, k, n, 1);
     let v2 = random_matrix(dtype, k, n, 2);
     let mut outs: Vec<Matrix> = (0..BATCH).map(|_| Matrix::zeros(dtype, m, n)).collect();
-    let tolerance = match dtype {
-        bwrt::DType::F32 => 1e-4,
-        bwrt::DType::F16 => 2e-3,
-        bwrt::DType::BF16 => 1.6e-2,
-    };
+    let tolerance = tolerance(dtype);
     let mut steps: Vec<(String, String)> = Vec::new();
     let mut violations = 0u64;
 
