@@ -138,6 +138,8 @@ const TIER: &str = "disk";
 const SNAPSHOT: &str = "index.snap";
 const SNAPSHOT_TMP: &str = "index.snap.tmp";
 const LOCK: &str = "LOCK";
+/// How long opening waits for another holder of the directory's lock.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 const SNAP_MAGIC: [u8; 8] = *b"SCDIDX01";
 /// Larger key or metadata lengths in a header are garbage, not records:
 /// keys are a handful of u16-length fields, metadata a few short strings
@@ -546,17 +548,31 @@ impl DiskTier {
             .truncate(false)
             .open(&lock_path)
             .map_err(|e| io_err("opening", &lock_path, e))?;
-        rustix::fs::flock(
-            &lock_file,
-            rustix::fs::FlockOperation::NonBlockingLockExclusive,
-        )
-        .map_err(|e| {
-            io_err(
-                "locking (is the tier open elsewhere?)",
-                &lock_path,
-                e.into(),
-            )
-        })?;
+        // A lock belongs to the open file, and a child process forked
+        // between our open and its exec briefly shares that file: a tier
+        // that was just closed may still look locked for a moment. Busy
+        // means "retry for a short while", not "open elsewhere" at once.
+        let started = std::time::Instant::now();
+        loop {
+            match rustix::fs::flock(
+                &lock_file,
+                rustix::fs::FlockOperation::NonBlockingLockExclusive,
+            ) {
+                Ok(()) => break,
+                Err(e)
+                    if e == rustix::io::Errno::WOULDBLOCK && started.elapsed() < LOCK_PATIENCE =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => {
+                    return Err(io_err(
+                        "locking (is the tier open elsewhere?)",
+                        &lock_path,
+                        e.into(),
+                    ));
+                }
+            }
+        }
         let mut ids = BTreeSet::new();
         for item in fs::read_dir(&dir).map_err(|e| io_err("listing", &dir, e))? {
             let item = item.map_err(|e| io_err("listing", &dir, e))?;
