@@ -20,7 +20,9 @@ use bwrt::DType;
 use serde_json::json;
 
 use crate::bench::{Figure, emit, middle, python_baseline};
-use crate::bwrt_abi::{Api, B, Matrix, RuntimeSettings, Wave, max_relative_error, random_matrix};
+use crate::bwrt_abi::{
+    Api, B, Matrix, RuntimeSettings, Wave, cores, max_relative_error, random_matrix,
+};
 use crate::output::Output;
 
 /// Settings of a runtime with the window always open.
@@ -32,10 +34,6 @@ fn settings(workers: u32, ring_depth: u32, tile: (u32, u32, u32)) -> RuntimeSett
         tile,
         swap_window: (0, u64::MAX),
     }
-}
-
-fn cores() -> u32 {
-    std::thread::available_parallelism().map_or(2, |n| n.get().min(1024) as u32)
 }
 
 pub fn measure(runs: usize, scale: f64, out: &Output) -> Result<()> {

@@ -155,6 +155,11 @@ impl RuntimeSettings {
     }
 }
 
+/// Worker threads to use by default: the core count (at most bwrt's 1024).
+pub fn cores() -> u32 {
+    std::thread::available_parallelism().map_or(2, |n| n.get().min(1024) as u32)
+}
+
 /// A row-major host matrix in one of bwrt's dtypes, owned by the caller.
 #[derive(Debug, Clone)]
 pub struct Matrix {

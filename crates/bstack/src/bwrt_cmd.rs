@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use bstack_plan::{ContractKind, Document};
+use bstack_plan::{ContractKind, Document, Validate};
 use bwrt::DType;
 use bwrt::ffi::{
     BWRT_BACKEND_CPU, BWRT_FEATURE_BLOCKING_SUBMIT, BWRT_FEATURE_MBARRIER, BWRT_FEATURE_SWAP_QUEUE,
@@ -120,9 +120,8 @@ fn caps(out: &Output) -> Result<Outcome> {
 pub fn read_wave_spec(path: &std::path::Path) -> Result<bwrt::WaveSpec> {
     match Document::read(path, Some(ContractKind::WaveSpec))? {
         Document::WaveSpec(spec) => {
-            let problems = Document::WaveSpec(spec.clone()).problems();
-            if let Some(p) = problems.first() {
-                bail!("{}: {p}", path.display());
+            if let Err(problems) = spec.validate() {
+                bail!("{}: {problems}", path.display());
             }
             Ok(spec)
         }
@@ -177,9 +176,7 @@ fn run_waves(a: RunArgs, out: &Output) -> Result<Outcome> {
         Some(path) => read_wave_spec(path)?,
         None => bwrt::default_wave_spec(),
     };
-    let workers = a.workers.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(2, |n| n.get().min(1024) as u32)
-    });
+    let workers = a.workers.unwrap_or_else(crate::bwrt_abi::cores);
     let settings = RuntimeSettings::from_wave_spec(&spec, workers)?;
     let api = Api::negotiate()?;
     let rt = api
