@@ -203,12 +203,14 @@ pub struct Engine {
     ctx: SessionContext,
     rt: tokio::runtime::Runtime,
     partitions: usize,
+    eager_aggregation: bool,
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
             .field("partitions", &self.partitions)
+            .field("eager_aggregation", &self.eager_aggregation)
             .finish()
     }
 }
@@ -234,7 +236,17 @@ impl Engine {
             ctx: SessionContext::new_with_config(config),
             rt,
             partitions,
+            eager_aggregation: true,
         })
+    }
+
+    /// The engine with eager aggregation on or off (default on): an
+    /// aggregate over an inner join first aggregates the side its values
+    /// come from by the join keys. See [`crate::eager`] for when it applies
+    /// and why it is exact.
+    pub fn with_eager_aggregation(mut self, on: bool) -> Engine {
+        self.eager_aggregation = on;
+        self
     }
 
     /// How many partitions plans run in.
@@ -418,6 +430,7 @@ impl Engine {
             &scans,
             LowerOptions {
                 partitions: self.partitions,
+                eager_aggregation: self.eager_aggregation,
             },
         )
     }

@@ -32,6 +32,7 @@
 //! [`transform`] and [`mod@scan`]; WaveSpec export from serving traces is
 //! in [`wavespec`].
 
+pub mod eager;
 pub mod engine;
 pub mod error;
 pub mod expr;

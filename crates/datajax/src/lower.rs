@@ -248,14 +248,61 @@ fn conform(plan: LogicalPlan, schema: &Schema) -> Result<LogicalPlan> {
 pub struct LowerOptions {
     /// Partitions a `by_key` repartition hashes into.
     pub partitions: usize,
+    /// Whether an aggregate over an inner join pre-aggregates the side its
+    /// values come from (see [`crate::eager`]); default on.
+    pub eager_aggregation: bool,
 }
 
 impl Default for LowerOptions {
     fn default() -> Self {
         LowerOptions {
             partitions: std::thread::available_parallelism().map_or(4, usize::from),
+            eager_aggregation: true,
         }
     }
+}
+
+/// The eager plan of aggregate node `n` when its input is a join the
+/// rewrite applies to (see [`crate::eager`]).
+fn eager_plan(
+    keys: &[String],
+    aggs: &[crate::expr::Agg],
+    n: &crate::ir::IrNode,
+    ir: &Ir,
+    plans: &[LogicalPlan],
+) -> Result<Option<LogicalPlan>> {
+    let Some(&j) = n.inputs.first() else {
+        return Ok(None);
+    };
+    let join = &ir.nodes[j];
+    let Op::Join {
+        how,
+        left_on,
+        right_on,
+        suffixes,
+    } = &join.op
+    else {
+        return Ok(None);
+    };
+    let (Some(&l), Some(&r)) = (join.inputs.first(), join.inputs.get(1)) else {
+        return Ok(None);
+    };
+    let (Some(lp), Some(rp)) = (plans.get(l), plans.get(r)) else {
+        return Ok(None);
+    };
+    crate::eager::lower_eager(
+        keys,
+        aggs,
+        &n.schema,
+        crate::eager::JoinUnder {
+            how: *how,
+            left_on,
+            right_on,
+            suffixes,
+            schemas: [&ir.nodes[l].schema, &ir.nodes[r].schema],
+            plans: [lp.clone(), rp.clone()],
+        },
+    )
 }
 
 /// The logical plan of `ir`, reading input `name` from `scans[name]`.
@@ -274,172 +321,184 @@ pub fn lower(
                 .ok_or_else(|| DatajaxError::Engine(format!("node {}: missing input {i}", n.id)))
         };
         let in_schema = |i: usize| -> &Schema { &ir.nodes[n.inputs[i]].schema };
-        let plan = match &n.op {
-            Op::Input { name } => {
-                let scan = scans.get(name).cloned().ok_or_else(|| {
-                    DatajaxError::Input(format!(
-                        "input {name:?} is not bound; pass it (--input {name}=PATH)"
-                    ))
-                })?;
-                conform(scan, &n.schema)?
+        let eager = match &n.op {
+            Op::Aggregate { keys, aggs } if options.eager_aggregation => {
+                eager_plan(keys, aggs, n, ir, &plans)?
             }
-            Op::Select { exprs } => {
-                let s = in_schema(0);
-                let out: Vec<DfExpr> = exprs
-                    .iter()
-                    .map(|e| Ok(expr(e, s)?.alias(e.output_name())))
-                    .collect::<Result<_>>()?;
-                LogicalPlanBuilder::from(input(0)?).project(out)?.build()?
-            }
-            Op::Filter { predicate } => LogicalPlanBuilder::from(input(0)?)
-                .filter(expr(predicate, in_schema(0))?)?
-                .build()?,
-            Op::WithColumn { name, expr: e } => {
-                let s = in_schema(0);
-                let mut out = Vec::with_capacity(n.schema.fields.len());
-                for f in &n.schema.fields {
-                    out.push(if f.name == *name {
-                        expr(e, s)?.alias(name)
-                    } else {
-                        column(&f.name)
-                    });
+            _ => None,
+        };
+        let plan = if let Some(p) = eager {
+            p
+        } else {
+            match &n.op {
+                Op::Input { name } => {
+                    let scan = scans.get(name).cloned().ok_or_else(|| {
+                        DatajaxError::Input(format!(
+                            "input {name:?} is not bound; pass it (--input {name}=PATH)"
+                        ))
+                    })?;
+                    conform(scan, &n.schema)?
                 }
-                LogicalPlanBuilder::from(input(0)?).project(out)?.build()?
-            }
-            Op::Rename { .. } => {
-                let s = in_schema(0);
-                let out: Vec<DfExpr> = s
-                    .fields
-                    .iter()
-                    .zip(&n.schema.fields)
-                    .map(|(from, to)| {
-                        let c = column(&from.name);
-                        if from.name == to.name {
-                            c
+                Op::Select { exprs } => {
+                    let s = in_schema(0);
+                    let out: Vec<DfExpr> = exprs
+                        .iter()
+                        .map(|e| Ok(expr(e, s)?.alias(e.output_name())))
+                        .collect::<Result<_>>()?;
+                    LogicalPlanBuilder::from(input(0)?).project(out)?.build()?
+                }
+                Op::Filter { predicate } => LogicalPlanBuilder::from(input(0)?)
+                    .filter(expr(predicate, in_schema(0))?)?
+                    .build()?,
+                Op::WithColumn { name, expr: e } => {
+                    let s = in_schema(0);
+                    let mut out = Vec::with_capacity(n.schema.fields.len());
+                    for f in &n.schema.fields {
+                        out.push(if f.name == *name {
+                            expr(e, s)?.alias(name)
                         } else {
-                            c.alias(&to.name)
-                        }
-                    })
-                    .collect();
-                LogicalPlanBuilder::from(input(0)?).project(out)?.build()?
-            }
-            Op::Join {
-                how,
-                left_on,
-                right_on,
-                suffixes,
-            } => {
-                let (ls, rs) = (in_schema(0), in_schema(1));
-                let left = LogicalPlanBuilder::from(input(0)?).alias("l")?;
-                let right = LogicalPlanBuilder::from(input(1)?).alias("r")?.build()?;
-                let l = |c: &str| DfExpr::Column(Column::new(Some("l"), c));
-                let r = |c: &str| DfExpr::Column(Column::new(Some("r"), c));
-                let join_type = match how {
-                    JoinHow::Inner => JoinType::Inner,
-                    JoinHow::Left => JoinType::Left,
-                    JoinHow::Right => JoinType::Right,
-                    JoinHow::Full => JoinType::Full,
-                };
-                let lk: Vec<Column> = left_on.iter().map(|c| Column::new(Some("l"), c)).collect();
-                let rk: Vec<Column> = right_on.iter().map(|c| Column::new(Some("r"), c)).collect();
-                let joined = if lk.is_empty() {
-                    left.cross_join(right)?
-                } else {
-                    left.join(right, join_type, (lk, rk), None)?
-                };
-                let mut out = Vec::new();
-                for (name, source) in join_columns(left_on, right_on, suffixes, ls, rs) {
-                    let t = n.schema.require("join", &name)?.dtype.to_arrow();
-                    let e = match source {
-                        JoinColumn::SharedKey { left, right } => match how {
-                            JoinHow::Inner | JoinHow::Left => l(&left),
-                            JoinHow::Right => r(&right),
-                            JoinHow::Full => f::coalesce(vec![
-                                cast(l(&left), t.clone()),
-                                cast(r(&right), t.clone()),
-                            ]),
-                        },
-                        JoinColumn::Left(c) => l(&c),
-                        JoinColumn::Right(c) => r(&c),
-                    };
-                    out.push(cast(e, t).alias(name));
+                            column(&f.name)
+                        });
+                    }
+                    LogicalPlanBuilder::from(input(0)?).project(out)?.build()?
                 }
-                joined.project(out)?.build()?
-            }
-            Op::Aggregate { keys, aggs } => {
-                let s = in_schema(0);
-                let groups: Vec<DfExpr> = keys.iter().map(|k| column(k)).collect();
-                let aggs: Vec<DfExpr> =
-                    aggs.iter().map(|a| agg_expr(a, s)).collect::<Result<_>>()?;
-                let names: Vec<DfExpr> = n.schema.names().iter().map(|c| column(c)).collect();
-                LogicalPlanBuilder::from(input(0)?)
-                    .aggregate(groups, aggs)?
-                    .project(names)?
-                    .build()?
-            }
-            Op::Sort { keys } => LogicalPlanBuilder::from(input(0)?)
-                .sort(keys.iter().map(sort_expr).collect::<Vec<_>>())?
-                .build()?,
-            Op::Limit { n: count, offset } => LogicalPlanBuilder::from(input(0)?)
-                .limit(
-                    usize::try_from(*offset).unwrap_or(usize::MAX),
-                    Some(usize::try_from(*count).unwrap_or(usize::MAX)),
-                )?
-                .build()?,
-            Op::Distinct => LogicalPlanBuilder::from(input(0)?).distinct()?.build()?,
-            Op::Union => {
-                let side = |plan: LogicalPlan| -> Result<LogicalPlan> {
-                    let out: Vec<DfExpr> = n
-                        .schema
+                Op::Rename { .. } => {
+                    let s = in_schema(0);
+                    let out: Vec<DfExpr> = s
                         .fields
                         .iter()
-                        .map(|f| cast(column(&f.name), f.dtype.to_arrow()).alias(&f.name))
+                        .zip(&n.schema.fields)
+                        .map(|(from, to)| {
+                            let c = column(&from.name);
+                            if from.name == to.name {
+                                c
+                            } else {
+                                c.alias(&to.name)
+                            }
+                        })
                         .collect();
-                    Ok(LogicalPlanBuilder::from(plan).project(out)?.build()?)
-                };
-                LogicalPlanBuilder::from(side(input(0)?)?)
-                    .union(side(input(1)?)?)?
-                    .build()?
-            }
-            Op::Window { exprs } => {
-                let s = in_schema(0);
-                let ws: Vec<DfExpr> = exprs
-                    .iter()
-                    .map(|w| window_expr(w, s))
-                    .collect::<Result<_>>()?;
-                let mut out: Vec<DfExpr> = s.names().iter().map(|c| column(c)).collect();
-                for (w, e) in exprs.iter().zip(&ws) {
-                    out.push(column(&e.schema_name().to_string()).alias(&w.name));
+                    LogicalPlanBuilder::from(input(0)?).project(out)?.build()?
                 }
-                // Expressions with different partitions or orders need
-                // window nodes of their own; DataFusion groups them.
-                LogicalPlanBuilder::from(LogicalPlanBuilder::window_plan(input(0)?, ws)?)
-                    .project(out)?
-                    .build()?
-            }
-            Op::Repartition { sharding } => match sharding {
-                Sharding::ByKey { columns } => LogicalPlanBuilder::from(input(0)?)
-                    .repartition(Partitioning::Hash(
-                        columns.iter().map(|c| column(c)).collect(),
-                        options.partitions.max(1),
-                    ))?
+                Op::Join {
+                    how,
+                    left_on,
+                    right_on,
+                    suffixes,
+                } => {
+                    let (ls, rs) = (in_schema(0), in_schema(1));
+                    let left = LogicalPlanBuilder::from(input(0)?).alias("l")?;
+                    let right = LogicalPlanBuilder::from(input(1)?).alias("r")?.build()?;
+                    let l = |c: &str| DfExpr::Column(Column::new(Some("l"), c));
+                    let r = |c: &str| DfExpr::Column(Column::new(Some("r"), c));
+                    let join_type = match how {
+                        JoinHow::Inner => JoinType::Inner,
+                        JoinHow::Left => JoinType::Left,
+                        JoinHow::Right => JoinType::Right,
+                        JoinHow::Full => JoinType::Full,
+                    };
+                    let lk: Vec<Column> =
+                        left_on.iter().map(|c| Column::new(Some("l"), c)).collect();
+                    let rk: Vec<Column> =
+                        right_on.iter().map(|c| Column::new(Some("r"), c)).collect();
+                    let joined = if lk.is_empty() {
+                        left.cross_join(right)?
+                    } else {
+                        left.join(right, join_type, (lk, rk), None)?
+                    };
+                    let mut out = Vec::new();
+                    for (name, source) in join_columns(left_on, right_on, suffixes, ls, rs) {
+                        let t = n.schema.require("join", &name)?.dtype.to_arrow();
+                        let e = match source {
+                            JoinColumn::SharedKey { left, right } => match how {
+                                JoinHow::Inner | JoinHow::Left => l(&left),
+                                JoinHow::Right => r(&right),
+                                JoinHow::Full => f::coalesce(vec![
+                                    cast(l(&left), t.clone()),
+                                    cast(r(&right), t.clone()),
+                                ]),
+                            },
+                            JoinColumn::Left(c) => l(&c),
+                            JoinColumn::Right(c) => r(&c),
+                        };
+                        out.push(cast(e, t).alias(name));
+                    }
+                    joined.project(out)?.build()?
+                }
+                Op::Aggregate { keys, aggs } => {
+                    let s = in_schema(0);
+                    let groups: Vec<DfExpr> = keys.iter().map(|k| column(k)).collect();
+                    let aggs: Vec<DfExpr> =
+                        aggs.iter().map(|a| agg_expr(a, s)).collect::<Result<_>>()?;
+                    let names: Vec<DfExpr> = n.schema.names().iter().map(|c| column(c)).collect();
+                    LogicalPlanBuilder::from(input(0)?)
+                        .aggregate(groups, aggs)?
+                        .project(names)?
+                        .build()?
+                }
+                Op::Sort { keys } => LogicalPlanBuilder::from(input(0)?)
+                    .sort(keys.iter().map(sort_expr).collect::<Vec<_>>())?
                     .build()?,
-                // Every partition reads the whole frame: nothing moves.
-                Sharding::Replicated => input(0)?,
-            },
-            Op::Scan {
-                init,
-                updates,
-                order_by,
-                partition_by,
-            } => crate::scan::lower_scan(
-                input(0)?,
-                in_schema(0),
-                init,
-                updates,
-                order_by,
-                partition_by,
-            )?,
+                Op::Limit { n: count, offset } => LogicalPlanBuilder::from(input(0)?)
+                    .limit(
+                        usize::try_from(*offset).unwrap_or(usize::MAX),
+                        Some(usize::try_from(*count).unwrap_or(usize::MAX)),
+                    )?
+                    .build()?,
+                Op::Distinct => LogicalPlanBuilder::from(input(0)?).distinct()?.build()?,
+                Op::Union => {
+                    let side = |plan: LogicalPlan| -> Result<LogicalPlan> {
+                        let out: Vec<DfExpr> = n
+                            .schema
+                            .fields
+                            .iter()
+                            .map(|f| cast(column(&f.name), f.dtype.to_arrow()).alias(&f.name))
+                            .collect();
+                        Ok(LogicalPlanBuilder::from(plan).project(out)?.build()?)
+                    };
+                    LogicalPlanBuilder::from(side(input(0)?)?)
+                        .union(side(input(1)?)?)?
+                        .build()?
+                }
+                Op::Window { exprs } => {
+                    let s = in_schema(0);
+                    let ws: Vec<DfExpr> = exprs
+                        .iter()
+                        .map(|w| window_expr(w, s))
+                        .collect::<Result<_>>()?;
+                    let mut out: Vec<DfExpr> = s.names().iter().map(|c| column(c)).collect();
+                    for (w, e) in exprs.iter().zip(&ws) {
+                        out.push(column(&e.schema_name().to_string()).alias(&w.name));
+                    }
+                    // Expressions with different partitions or orders need
+                    // window nodes of their own; DataFusion groups them.
+                    LogicalPlanBuilder::from(LogicalPlanBuilder::window_plan(input(0)?, ws)?)
+                        .project(out)?
+                        .build()?
+                }
+                Op::Repartition { sharding } => match sharding {
+                    Sharding::ByKey { columns } => LogicalPlanBuilder::from(input(0)?)
+                        .repartition(Partitioning::Hash(
+                            columns.iter().map(|c| column(c)).collect(),
+                            options.partitions.max(1),
+                        ))?
+                        .build()?,
+                    // Every partition reads the whole frame: nothing moves.
+                    Sharding::Replicated => input(0)?,
+                },
+                Op::Scan {
+                    init,
+                    updates,
+                    order_by,
+                    partition_by,
+                } => crate::scan::lower_scan(
+                    input(0)?,
+                    in_schema(0),
+                    init,
+                    updates,
+                    order_by,
+                    partition_by,
+                )?,
+            }
         };
         plans.push(conform(plan, &n.schema)?);
     }

@@ -3,6 +3,7 @@
 //! file formats, Substrait, and WaveSpec export.
 
 mod common;
+mod eager;
 mod formats;
 mod ir;
 mod ops;
