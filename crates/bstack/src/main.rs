@@ -28,14 +28,23 @@ mod strata_serve;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+
+/// The version `--version` prints: the package version and the git revision
+/// the binary was built from (see `build.rs`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("BSTACK_GIT_REV"),
+    ")"
+);
 
 /// BStack: plans for LLM infrastructure: weight rollouts, KV-cache movement,
 /// DataFrame pipelines and wave runtimes, all exchanged as validated contracts.
 #[derive(Parser, Debug)]
 #[command(
     name = "bstack",
-    version,
+    version = VERSION,
     max_term_width = 100,
     after_help = "Examples:
   bstack demo                          write every contract to ./out
@@ -102,6 +111,17 @@ enum Command {
     /// Measure a component's speed; prints one JSON object per figure, with a
     /// same-run baseline where a physical limit exists.
     Bench(bench::BenchArgs),
+
+    /// Print a shell completion script for bstack to stdout.
+    #[command(after_help = "Install it where your shell looks, for example:
+  bstack completions bash > ~/.local/share/bash-completion/completions/bstack
+  bstack completions zsh > ~/.zfunc/_bstack      (with fpath+=~/.zfunc before compinit)
+  bstack completions fish > ~/.config/fish/completions/bstack.fish")]
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// The outcome of a command that ran to the end.
@@ -132,6 +152,7 @@ fn main() -> ExitCode {
         Command::Bwrt(cmd) => bwrt_cmd::run(cmd, &out),
         Command::Demo(args) => demo::run(args, &out),
         Command::Bench(args) => bench::run(args, &out),
+        Command::Completions { shell } => completions(shell),
     };
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
@@ -143,6 +164,15 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Writes the completion script for `shell`, built from the same argument
+/// definitions the parser uses, so it never lists a flag that does not exist.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<Outcome> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "bstack", &mut script);
+    std::io::Write::write_all(&mut std::io::stdout().lock(), &script)?;
+    Ok(Outcome::Ok)
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

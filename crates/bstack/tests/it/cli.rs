@@ -25,11 +25,54 @@ fn help_goes_to_stdout() {
 fn version_goes_to_stdout() {
     let run = Sandbox::empty().run(&["--version"]);
     run.code(0).quiet_stderr();
+    // The revision is the checkout's HEAD (the build script reruns when it
+    // moves), or `unknown` outside a git checkout.
+    let rev = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
     assert_eq!(
         run.stdout.trim_end(),
-        format!("bstack {}", env!("CARGO_PKG_VERSION")),
+        format!("bstack {} (git {rev})", env!("CARGO_PKG_VERSION")),
         "{run}"
     );
+}
+
+#[test]
+fn completions_cover_every_command_and_parse() {
+    let sandbox = Sandbox::empty();
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let run = sandbox.run(&["completions", shell]);
+        run.code(0).quiet_stderr();
+        for command in [
+            "plan",
+            "hotweights",
+            "bcache",
+            "strata",
+            "datajax",
+            "bwrt",
+            "demo",
+        ] {
+            run.stdout_has(command);
+        }
+    }
+    // The bash script is valid bash, and completing `bstack da` offers
+    // `datajax` (and `demo` does not start with `da`).
+    let script = sandbox.run(&["completions", "bash"]).stdout;
+    std::fs::write(sandbox.path("bstack.bash"), &script).unwrap_or_else(|e| panic!("{e}"));
+    let run = sandbox.run_shell(
+        "source ./bstack.bash && COMP_WORDS=(bstack da) COMP_CWORD=1 && _bstack bstack da bstack \
+         && printf '%s\\n' \"${COMPREPLY[@]}\"",
+    );
+    run.code(0);
+    assert_eq!(run.stdout.trim(), "datajax", "{run}");
+    let run = sandbox.run(&["completions", "tcsh"]);
+    run.code(2).quiet_stdout();
+    assert!(run.stderr.contains("invalid value 'tcsh'"), "{run}");
 }
 
 #[test]
