@@ -10,6 +10,7 @@ mod cli;
 mod common;
 mod datajax_cmd;
 mod demo_cmd;
+mod guide;
 mod hotweights_cmd;
 mod hw_cluster;
 mod hw_partition;
