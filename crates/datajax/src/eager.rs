@@ -193,27 +193,25 @@ pub(crate) fn lower_eager(
         };
         let total = partial(i, "total");
         match a.func {
-            AggFunc::Sum => {
-                pre_aggs.push(agg::sum(arg).alias(partial(i, "v")));
-                final_aggs.push(agg::sum(slot(i, "v")).alias(&total));
-                outputs.push(column(&total).alias(&a.name));
-            }
-            AggFunc::Min => {
-                pre_aggs.push(agg::min(arg).alias(partial(i, "v")));
-                final_aggs.push(agg::min(slot(i, "v")).alias(&total));
-                outputs.push(column(&total).alias(&a.name));
-            }
-            AggFunc::Max => {
-                pre_aggs.push(agg::max(arg).alias(partial(i, "v")));
-                final_aggs.push(agg::max(slot(i, "v")).alias(&total));
-                outputs.push(column(&total).alias(&a.name));
-            }
-            AggFunc::Count => {
-                pre_aggs.push(agg::count(arg).alias(partial(i, "v")));
-                final_aggs.push(agg::sum(slot(i, "v")).alias(&total));
-                // Without group keys an empty join still gives one row,
-                // where a count is 0 but a sum of no counts is null.
-                outputs.push(f::coalesce(vec![column(&total), df_lit(0i64)]).alias(&a.name));
+            AggFunc::Sum | AggFunc::Min | AggFunc::Max | AggFunc::Count => {
+                // The partial aggregate, and how partials combine.
+                type Fold = fn(DfExpr) -> DfExpr;
+                let (pre, combine): (Fold, Fold) = match a.func {
+                    AggFunc::Sum => (agg::sum, agg::sum),
+                    AggFunc::Min => (agg::min, agg::min),
+                    AggFunc::Max => (agg::max, agg::max),
+                    _ => (agg::count, agg::sum),
+                };
+                pre_aggs.push(pre(arg).alias(partial(i, "v")));
+                final_aggs.push(combine(slot(i, "v")).alias(&total));
+                let value = if a.func == AggFunc::Count {
+                    // Without group keys an empty join still gives one
+                    // row, where a count is 0 but a sum of no counts is null.
+                    f::coalesce(vec![column(&total), df_lit(0i64)])
+                } else {
+                    column(&total)
+                };
+                outputs.push(value.alias(&a.name));
             }
             AggFunc::Mean => {
                 let float = DType::Float64.to_arrow();
