@@ -274,7 +274,9 @@ fn eager_plan(
     let Some(&j) = n.inputs.first() else {
         return Ok(None);
     };
-    let join = &ir.nodes[j];
+    let Some(join) = ir.nodes.get(j) else {
+        return Ok(None);
+    };
     let Op::Join {
         how,
         left_on,
@@ -287,7 +289,9 @@ fn eager_plan(
     let (Some(&l), Some(&r)) = (join.inputs.first(), join.inputs.get(1)) else {
         return Ok(None);
     };
-    let (Some(lp), Some(rp)) = (plans.get(l), plans.get(r)) else {
+    let (Some(lp), Some(rp), Some(ln), Some(rn)) =
+        (plans.get(l), plans.get(r), ir.nodes.get(l), ir.nodes.get(r))
+    else {
         return Ok(None);
     };
     crate::eager::lower_eager(
@@ -299,7 +303,7 @@ fn eager_plan(
             left_on,
             right_on,
             suffixes,
-            schemas: [&ir.nodes[l].schema, &ir.nodes[r].schema],
+            schemas: [&ln.schema, &rn.schema],
             plans: [lp.clone(), rp.clone()],
         },
     )
