@@ -94,18 +94,10 @@ pub(crate) fn lower_eager(
     if join.how != JoinHow::Inner || join.left_on.is_empty() {
         return Ok(None);
     }
-    let decomposable = |a: &Agg| {
-        matches!(
-            a.func,
-            AggFunc::Sum | AggFunc::Mean | AggFunc::Min | AggFunc::Max | AggFunc::Count
-        )
-    };
-    // The partial columns' names must not shadow an output's.
+    // The partial columns' names must not shadow an output's. (Aggregations
+    // that do not decompose are refused where each is lowered, below.)
     let reserved = |n: &str| n.starts_with("__eager_");
-    if !aggs.iter().all(decomposable)
-        || keys.iter().any(|k| reserved(k))
-        || aggs.iter().any(|a| reserved(&a.name))
-    {
+    if keys.iter().any(|k| reserved(k)) || aggs.iter().any(|a| reserved(&a.name)) {
         return Ok(None);
     }
     let names = join_columns(
@@ -133,16 +125,12 @@ pub(crate) fn lower_eager(
         }
     }
     let fact = fact.unwrap_or(0);
-    let fact_on = if fact == 0 {
-        join.left_on
-    } else {
-        join.right_on
-    };
-    let dim_on = if fact == 0 {
-        join.right_on
-    } else {
-        join.left_on
-    };
+    let [mut fact_plan, mut dim_plan] = join.plans;
+    let (mut fact_on, mut dim_on) = (join.left_on, join.right_on);
+    if fact == 1 {
+        std::mem::swap(&mut fact_plan, &mut dim_plan);
+        std::mem::swap(&mut fact_on, &mut dim_on);
+    }
     // A join output name -> the fact side's column it comes from, if any.
     let fact_column = |name: &str| -> Option<String> {
         match source(name)? {
@@ -236,12 +224,6 @@ pub(crate) fn lower_eager(
         }
     }
 
-    let [left_plan, right_plan] = join.plans;
-    let (fact_plan, dim_plan) = if fact == 0 {
-        (left_plan, right_plan)
-    } else {
-        (right_plan, left_plan)
-    };
     let pre = LogicalPlanBuilder::from(fact_plan)
         .aggregate(pre_keys.iter().map(|c| column(c)), pre_aggs)?
         .alias(FACT)?
