@@ -424,6 +424,36 @@ fn without_temp_path(e: std::io::Error) -> std::io::Error {
     }
 }
 
+impl CachePlan {
+    /// The share of a cluster-wide plan that the store of `node` executes:
+    /// the operations whose destination is a tier of that node (a copy is
+    /// carried out where the bytes land, so a remote fetch belongs to the
+    /// node that receives it), and the prefetch, evict and admit entries
+    /// located on it. The window is kept; the id gains `@node`.
+    ///
+    /// Splitting by node partitions the plan: every operation whose
+    /// destination is a `tier://` address, and every page entry with a
+    /// `tier://` location, lands in exactly one node's share.
+    pub fn for_node(&self, node: &str) -> CachePlan {
+        let here = |address: &str| {
+            matches!(address.parse::<crate::Address>(),
+                Ok(crate::Address::Tier { node: n, .. }) if n == node)
+        };
+        let pages = |refs: &[crate::KvPageRef]| -> Vec<crate::KvPageRef> {
+            refs.iter().filter(|r| here(&r.location)).cloned().collect()
+        };
+        CachePlan {
+            schema_version: self.schema_version,
+            plan_id: format!("{}@{node}", self.plan_id),
+            ops: self.ops.iter().filter(|o| here(&o.dst)).cloned().collect(),
+            prefetch: pages(&self.prefetch),
+            evict: pages(&self.evict),
+            admit: pages(&self.admit),
+            window: self.window,
+        }
+    }
+}
+
 impl WeightManifest {
     /// Bytes of every entry, tensors and files: the checkpoint's size.
     pub fn total_bytes(&self) -> u64 {

@@ -1,7 +1,11 @@
 //! The demo's bwrt stage: the WaveSpec that the datajax stage exported from
-//! the serving trace drives a runtime through the C ABI.
+//! the serving trace drives a runtime through the C ABI, and the SwapPlan
+//! that the hotweights stage rolled out says when the weights may change.
 //!
-//! The runtime takes the spec's tile, dtype and swap window. Version 1 of
+//! The runtime takes the spec's tile and dtype, and the swap window of the
+//! SwapPlan (which the hotweights stage took from the same spec; the stage
+//! fails if the two disagree, since then the runtime and the rollout would
+//! not mean the same waves). Version 1 of
 //! the weights serves the waves before the window; version 2 is offered at
 //! wave 0 (refused: outside the window), queued, and lands exactly when the
 //! window opens; once the window has closed a third swap is refused. Every
@@ -12,6 +16,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
+use bstack_plan::SwapPlan;
 use bwrt::Status;
 use bwrt::ffi::BwrtCounters;
 use serde_json::json;
@@ -20,8 +25,7 @@ use crate::bwrt_abi::{
     AbiRuntime, Api, B, Matrix, RuntimeSettings, Swap, Wave, max_relative_error, random_matrix,
     tolerance,
 };
-use crate::bwrt_cmd::{counter_rows, counters_json, read_wave_spec};
-use crate::output::table;
+use crate::bwrt_cmd::{counters_json, read_wave_spec};
 
 /// At most this many waves run, whatever the spec's `num_waves`.
 const MAX_WAVES: u64 = 2000;
@@ -52,9 +56,21 @@ fn run_range(
     Ok(first)
 }
 
-/// The stage. Returns its table and its JSON summary.
-pub fn bwrt_stage(wave_spec: &Path) -> Result<(String, serde_json::Value)> {
+/// The stage. Returns its figures in words and its JSON summary.
+pub fn bwrt_stage(wave_spec: &Path, swap_plan: &Path) -> Result<(String, serde_json::Value)> {
     let spec = read_wave_spec(wave_spec)?;
+    let plan = crate::hotweights::read_valid::<SwapPlan>(swap_plan)?;
+    let window = plan.window.unwrap_or_default();
+    ensure!(
+        (window.wave_begin, window.wave_end) == (spec.swap_begin, spec.swap_end),
+        "{}: the swap window is waves [{}, {}), but {} says [{}, {})",
+        swap_plan.display(),
+        window.wave_begin,
+        window.wave_end,
+        wave_spec.display(),
+        spec.swap_begin,
+        spec.swap_end
+    );
     let settings = RuntimeSettings::from_wave_spec(&spec, 2)?;
     let api = Api::negotiate()?;
     let rt = api
@@ -183,28 +199,29 @@ pub fn bwrt_stage(wave_spec: &Path) -> Result<(String, serde_json::Value)> {
         c.swaps_applied == 1 && c.swap_window_violations == violations,
         "counters disagree with the swaps made (1 applied, {violations} refused): {c:?}"
     );
-    let mut t = table(&["bwrt (C ABI)", "result"], &[]);
-    t.add_row(vec![
-        "runtime".to_owned(),
+    let offered = if begin == 0 {
+        "v2 offered at wave 0, inside the window: applied at once".to_owned()
+    } else {
         format!(
-            "from {}: tile {} x {} x {} {dtype}, swap window [{begin}, {end}), {total} waves of {m} x {n} x {k}, 2 workers",
-            wave_spec.display(),
-            spec.bm,
-            spec.bn,
-            spec.bk
-        ),
-    ]);
-    for (step, result) in &steps {
-        t.add_row(vec![step.clone(), result.clone()]);
-    }
-    for (label, value) in counter_rows(&c) {
-        t.add_row(vec![label.to_owned(), value]);
-    }
+            "v2 offered at wave 0: refused, queued, applied at wave {begin};\n\
+             waves before it match A · v1, from it on A · v2"
+        )
+    };
+    let after = if end < total {
+        format!("swap at wave {end}, after the window: refused")
+    } else {
+        format!("the window lasts to the last wave ({total})")
+    };
+    let text = format!(
+        "{total} waves of {m} x {n} x {k} {dtype} (tile {} x {} x {}) through the C ABI;\n\
+         {offered};\n{after}; counters: {} violations, {} swap applied",
+        spec.bm, spec.bn, spec.bk, c.swap_window_violations, c.swaps_applied,
+    );
     let summary = json!({
-        "wave_spec": wave_spec, "waves": total, "shape": [m, n, k], "dtype": dtype.name(),
-        "swap_window": [begin, end],
+        "wave_spec": wave_spec, "swap_plan": swap_plan, "waves": total, "shape": [m, n, k],
+        "dtype": dtype.name(), "swap_window": [begin, end],
         "steps": steps.iter().map(|(s, r)| json!({"step": s, "result": r})).collect::<Vec<_>>(),
         "counters": counters_json(&c),
     });
-    Ok((t.to_string(), summary))
+    Ok((text, summary))
 }

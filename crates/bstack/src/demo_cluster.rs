@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bstack_plan::{SwapPlan, WeightManifest};
-use comfy_table::Table;
 use hotweights::cluster::client::CoordClient;
 use hotweights::cluster::drive::{DriveOptions, rollout};
 use hotweights::cluster::{Token, proto};
@@ -85,9 +84,9 @@ fn start(name: &'static str, args: &[&str], log: &Path) -> Result<Proc> {
 }
 
 /// Runs the stage in `dir` (the hotweights stage's directory, which holds
-/// both checkpoints, their manifests and the plan). Returns the table to
-/// print and the JSON summary.
-pub fn cluster_stage(dir: &Path) -> Result<(Table, serde_json::Value)> {
+/// both checkpoints, their manifests and the plan). Returns its figures in
+/// words and the JSON summary.
+pub fn cluster_stage(dir: &Path) -> Result<(String, serde_json::Value)> {
     let here = dir.join("cluster");
     std::fs::create_dir_all(&here).with_context(|| format!("creating {}", here.display()))?;
     let v1 = crate::hotweights::read_valid::<WeightManifest>(&dir.join("v1.weight_manifest.json"))?;
@@ -211,26 +210,38 @@ pub fn cluster_stage(dir: &Path) -> Result<(Table, serde_json::Value)> {
             here.display()
         );
     }
-    let mut t = crate::hw_cluster::consumers_table(&report, "cluster rollout");
-    t.add_row(vec![
-        "total".to_owned(),
-        report.phase.clone(),
-        format!(
-            "{} x {}",
-            bytes(report.staged_bytes),
-            report.consumers.len()
-        ),
-        report.to_version.clone(),
-        String::new(),
-        format!(
-            "{:.2} s (transfer {:.2} s)",
-            report.total_seconds, report.transfer_seconds
-        ),
-    ]);
+    // The stores, read now that their workers have stopped, must say the
+    // same as the coordinator.
+    for rank in 0..2 {
+        let store = Store::open(&here.join(format!("rank{rank}")))?;
+        let current = store.state().current.clone().unwrap_or_default();
+        if current != report.to_version {
+            bail!(
+                "rank{rank}'s store is on {current:?} after the rollout to {}; logs in {}",
+                report.to_version,
+                here.display()
+            );
+        }
+    }
+    let pauses: Vec<String> = report
+        .consumers
+        .iter()
+        .map(|c| format!("{} {:.2} ms", c.id, c.pause_ns as f64 / 1e6))
+        .collect();
+    let text = format!(
+        "coordinator, source and 2 worker processes on loopback;\n\
+         {} to each worker, committed on both ({} current);\n\
+         {:.2} s (transfer {:.2} s); engine paused {}",
+        bytes(report.staged_bytes),
+        report.to_version,
+        report.total_seconds,
+        report.transfer_seconds,
+        pauses.join(", "),
+    );
     let summary = json!({
         "processes": ["coordinator", "source", "rank0", "rank1"],
         "logs": here,
         "report": report,
     });
-    Ok((t, summary))
+    Ok((text, summary))
 }

@@ -18,6 +18,7 @@ mod datajax;
 mod demo;
 mod demo_bwrt;
 mod demo_cluster;
+mod demo_kv;
 mod hotweights;
 mod hw_cluster;
 mod output;

@@ -1,4 +1,4 @@
-//! `bstack plan`: validate, show and convert contract files.
+//! `bstack plan`: validate, show and convert contract files, and write the built-in examples.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -49,6 +49,16 @@ pub enum PlanCommand {
         output: PathBuf,
         #[command(flatten)]
         kind: KindArg,
+    },
+    /// Write the built-in example of every contract, as JSON and as
+    /// protobuf (ten files, `KIND.json` and `KIND.pb`), each validated and
+    /// read back: starting points for hand-written plans and fixtures for
+    /// tools that read them.
+    Examples {
+        /// Directory to write to (created if missing); files there with the
+        /// same names are replaced.
+        #[arg(short, long, default_value = "examples")]
+        output: PathBuf,
     },
 }
 
@@ -101,6 +111,7 @@ impl From<FormatArg> for Format {
 
 pub fn run(cmd: PlanCommand, out: &Output) -> Result<Outcome> {
     match cmd {
+        PlanCommand::Examples { output } => examples(&output, out),
         PlanCommand::Validate { files, kind } => validate(&files, kind.kind, out),
         PlanCommand::Show { file, kind, top } => {
             let doc = read(&file, kind.kind)?;
@@ -536,6 +547,96 @@ fn summarise_wave_spec(s: &mut Summary, w: &WaveSpec) {
 }
 
 /// Checks that `path` can be read back as `doc` in `format`; used by the demo.
+/// `plan examples`: every contract's example in both forms, read back.
+fn examples(dir: &Path, out: &Output) -> Result<Outcome> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut rows = Vec::new();
+    for doc in bstack_plan::example::all() {
+        if let Some(problem) = doc.problems().first() {
+            bail!("the built-in {} example is invalid: {problem}", doc.kind());
+        }
+        let mut files = Vec::new();
+        for (format, ext) in [(Format::Json, "json"), (Format::Proto, "pb")] {
+            let path = dir.join(format!("{}.{ext}", doc.kind()));
+            doc.write(&path, format)?;
+            read_back(&path, &doc)?;
+            let size = std::fs::metadata(&path)
+                .with_context(|| format!("reading back {}", path.display()))?
+                .len();
+            files.push((path, size));
+        }
+        rows.push((doc, files));
+    }
+    if out.json {
+        let list: Vec<_> = rows
+            .iter()
+            .map(|(doc, files)| {
+                json!({
+                    "contract": doc.kind().name(),
+                    "detail": example_detail(doc),
+                    "json": {"file": files[0].0, "bytes": files[0].1},
+                    "proto": {"file": files[1].0, "bytes": files[1].1},
+                    "valid": true,
+                })
+            })
+            .collect();
+        out.json_line(&json!({"out": dir, "contracts": list}))?;
+    } else {
+        let mut t = table(
+            &["contract", "example", "JSON", "protobuf", "valid"],
+            &[2, 3],
+        );
+        for (doc, files) in &rows {
+            t.add_row(vec![
+                doc.kind().to_string(),
+                example_detail(doc),
+                bytes(files[0].1),
+                bytes(files[1].1),
+                "yes, read back from both".to_owned(),
+            ]);
+        }
+        out.line(t)?;
+        out.line(format_args!(
+            "wrote {} files to {}; inspect one with `bstack plan show {}`",
+            rows.len() * 2,
+            dir.display(),
+            dir.join("swap_plan.json").display()
+        ))?;
+    }
+    Ok(Outcome::Ok)
+}
+
+/// One line on what an example holds.
+fn example_detail(doc: &Document) -> String {
+    match doc {
+        Document::WeightManifest(m) => format!(
+            "{} {}: {}, {}",
+            m.model_id,
+            m.version,
+            plural(m.tensors.len() as u64, "tensor"),
+            plural(m.files.len() as u64, "file")
+        ),
+        Document::CachePlan(p) => format!(
+            "{} ops, {} prefetch, {} evict, {} admit",
+            p.ops.len(),
+            p.prefetch.len(),
+            p.evict.len(),
+            p.admit.len()
+        ),
+        Document::SwapWindow(w) => format!("waves [{}, {})", w.wave_begin, w.wave_end),
+        Document::SwapPlan(p) => format!(
+            "{} buckets, {} of changed chunks, sealed",
+            p.buckets.len(),
+            bytes(p.staged_bytes())
+        ),
+        Document::WaveSpec(w) => format!(
+            "{}x{}x{} tiles, {} waves, swap [{}, {})",
+            w.bm, w.bn, w.bk, w.num_waves, w.swap_begin, w.swap_end
+        ),
+    }
+}
+
+/// Reads `path` back and fails unless it decodes to `doc`.
 pub fn read_back(path: &Path, doc: &Document) -> Result<()> {
     let back = Document::read(path, Some(doc.kind()))
         .with_context(|| format!("reading back {}", path.display()))?;

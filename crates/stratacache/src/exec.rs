@@ -511,7 +511,10 @@ impl Resolver<'_> {
             .ok_or_else(|| format!("more than {MAX_PAGES_PER_OP} pages in one operation"))?;
         if !op.length.is_multiple_of(pages) {
             return Err(format!(
-                "length {} is not a whole number of bytes per page over {pages} pages",
+                "length {} is not a whole number of bytes per page over {pages} pages; \
+                 a plan that merges runs across unrequested pages (bcache with \
+                 max_gap_pages > 0) reads bytes no page of a page store holds: plan \
+                 for stratacache with max_gap_pages = 0",
                 op.length
             ));
         }

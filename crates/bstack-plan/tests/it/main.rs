@@ -6,4 +6,5 @@ mod defects;
 mod golden;
 mod roundtrip;
 mod seed_wire;
+mod split;
 mod strategies;

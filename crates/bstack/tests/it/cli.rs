@@ -1,7 +1,7 @@
 //! The command line as a whole: help and version on stdout with exit 0,
 //! usage errors on stderr with exit 2, and a failed write to stdout.
 
-use crate::common::{DEMO, Sandbox};
+use crate::common::{EXAMPLES, Sandbox};
 
 #[test]
 fn help_goes_to_stdout() {
@@ -88,7 +88,7 @@ fn unknown_subcommand_is_a_usage_error() {
 
 #[test]
 fn other_usage_errors_exit_2() {
-    let sandbox = Sandbox::with_demo();
+    let sandbox = Sandbox::with_examples();
     for args in [
         vec![],
         vec!["plan"],
@@ -109,11 +109,11 @@ fn other_usage_errors_exit_2() {
 #[cfg(target_os = "linux")]
 #[test]
 fn failed_write_to_stdout_is_one_error_line() {
-    let sandbox = Sandbox::with_demo();
+    let sandbox = Sandbox::with_examples();
     let full =
         std::fs::File::create("/dev/full").unwrap_or_else(|e| panic!("opening /dev/full: {e}"));
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_bstack"))
-        .args(["plan", "show", &format!("{DEMO}/cache_plan.json")])
+        .args(["plan", "show", &format!("{EXAMPLES}/cache_plan.json")])
         .current_dir(sandbox.path("."))
         .stdout(full)
         .output()
@@ -128,10 +128,10 @@ fn failed_write_to_stdout_is_one_error_line() {
 /// quietly with 0, as other Unix tools do, instead of a panic.
 #[test]
 fn closed_stdout_pipe_is_a_quiet_exit() {
-    let sandbox = Sandbox::with_demo();
+    let sandbox = Sandbox::with_examples();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bstack"))
         .args(["plan", "validate"])
-        .args((0..200).map(|_| format!("{DEMO}/cache_plan.json")))
+        .args((0..200).map(|_| format!("{EXAMPLES}/cache_plan.json")))
         .current_dir(sandbox.path("."))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -1,6 +1,6 @@
 //! Shared helpers: run the built `bstack` binary in a temporary directory and
 //! capture what it did, so that every failed assertion prints the command,
-//! its exit code, stdout and stderr; plus the demo and broken-plan fixtures.
+//! its exit code, stdout and stderr; plus the example and broken-plan fixtures.
 
 use std::fmt;
 use std::io::Read;
@@ -11,11 +11,17 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-/// The directory, inside a sandbox, that [`Sandbox::with_demo`] fills.
-pub const DEMO: &str = "demo";
+/// The directory, inside a sandbox, that [`Sandbox::with_examples`] fills.
+pub const EXAMPLES: &str = "examples";
+
+/// The shared serving trace, for tests that run on real requests.
+pub fn shared_trace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/data/traces/conversation_trace.jsonl")
+}
 
 /// Every contract, by the name used in file names and JSON `kind`, in the
-/// order the demo writes them.
+/// order `plan examples` writes them.
 pub const KINDS: [&str; 5] = [
     "weight_manifest",
     "cache_plan",
@@ -200,11 +206,12 @@ impl Sandbox {
         Sandbox { dir }
     }
 
-    /// A sandbox holding the demo's ten contract files under [`DEMO`].
+    /// A sandbox holding the ten example contract files (`plan examples`)
+    /// under [`EXAMPLES`].
     #[track_caller]
-    pub fn with_demo() -> Sandbox {
+    pub fn with_examples() -> Sandbox {
         let sandbox = Sandbox::empty();
-        sandbox.run(&["demo", "--out", DEMO]).code(0);
+        sandbox.run(&["plan", "examples", "-o", EXAMPLES]).code(0);
         sandbox
     }
 
@@ -323,13 +330,13 @@ impl Sandbox {
 /// The file name of the broken cache plan written by [`write_broken_plan`].
 pub const BROKEN: &str = "bad.json";
 
-/// Writes [`BROKEN`]: the demo's cache plan (the sandbox must hold the demo)
+/// Writes [`BROKEN`]: the example cache plan (the sandbox must hold the examples)
 /// with six independent mistakes, and returns the problems `validate` must
 /// report, in order, as `(path, message)`; a message of `None` is checked
 /// separately by the caller.
 #[track_caller]
 pub fn write_broken_plan(sandbox: &Sandbox) -> Vec<(&'static str, Option<String>)> {
-    let mut plan = sandbox.read_json(&format!("{DEMO}/cache_plan.json"));
+    let mut plan = sandbox.read_json(&format!("{EXAMPLES}/cache_plan.json"));
     // An op kind no build knows; a source that is no address.
     plan["ops"][0]["kind"] = json!(42);
     plan["ops"][0]["src"] = json!("gpu0");
@@ -340,14 +347,14 @@ pub fn write_broken_plan(sandbox: &Sandbox) -> Vec<(&'static str, Option<String>
     let start = 65_536u64;
     let length = plan["ops"][2]["length"]
         .as_u64()
-        .unwrap_or_else(|| panic!("demo ops[2].length is not a number: {plan}"));
+        .unwrap_or_else(|| panic!("example ops[2].length is not a number: {plan}"));
     plan["ops"][2]["dst"] = dst.clone();
     plan["ops"][2]["dst_offset"] = json!(start);
     // Evicting the same page twice.
     let first_evict = plan["evict"][0].clone();
     plan["evict"]
         .as_array_mut()
-        .unwrap_or_else(|| panic!("demo evict is not a list"))
+        .unwrap_or_else(|| panic!("example evict is not a list"))
         .push(first_evict);
     // A window that ends before it starts.
     plan["window"]["start_ns"] = json!(30_000_000u64);
@@ -356,7 +363,7 @@ pub fn write_broken_plan(sandbox: &Sandbox) -> Vec<(&'static str, Option<String>
 
     let dst = dst
         .as_str()
-        .unwrap_or_else(|| panic!("demo ops[0].dst is not a string: {plan}"));
+        .unwrap_or_else(|| panic!("example ops[0].dst is not a string: {plan}"));
     vec![
         ("ops[0].kind", Some("unknown transfer kind 42".to_owned())),
         ("ops[0].src", None),

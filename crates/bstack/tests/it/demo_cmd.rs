@@ -1,204 +1,274 @@
-//! `bstack demo`: writes the ten contract files (every contract as JSON and
-//! protobuf), byte-identical to the library's examples, that `plan validate`
-//! accepts; its `--json` summary; and an output path it cannot create.
+//! `bstack demo`: the composed flow. Each stage reads the files the stages
+//! before it wrote; every contract file validates; the figures add up
+//! (bytes planned = executed + deferred, the rollout committed on both
+//! workers, the weight swap applied inside the window only); a generated
+//! trace stands in when the shared one is absent.
 
-use bstack_plan::{Format, example};
+use serde_json::Value;
 
-use crate::common::{DEMO, KINDS, Sandbox};
+use crate::common::{Sandbox, shared_trace};
 
-/// The ten file names the demo writes, sorted.
-fn demo_file_names() -> Vec<String> {
-    let mut names: Vec<String> = KINDS
-        .iter()
-        .flat_map(|k| [format!("{k}.json"), format!("{k}.pb")])
-        .collect();
-    names.sort();
-    names
+const OUT: &str = "out";
+
+/// `value` as a u64, or a panic naming `what`.
+#[track_caller]
+fn num(value: &Value, what: &str) -> u64 {
+    value
+        .as_u64()
+        .unwrap_or_else(|| panic!("{what} is not a number: {value}"))
 }
 
+/// Every contract file under `dir` by name (`*.KIND.json`, `KIND.json`),
+/// relative to the sandbox.
+fn contract_files(sandbox: &Sandbox, dir: &str) -> Vec<String> {
+    const KINDS: [&str; 5] = [
+        "weight_manifest",
+        "cache_plan",
+        "swap_window",
+        "swap_plan",
+        "wave_spec",
+    ];
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(sandbox.path(&d)).unwrap_or_else(|e| panic!("{d}: {e}"));
+        for entry in entries {
+            let entry = entry.unwrap_or_else(|e| panic!("{d}: {e}"));
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let rel = format!("{d}/{name}");
+            if entry.path().is_dir() {
+                stack.push(rel);
+            } else if KINDS
+                .iter()
+                .any(|k| name == format!("{k}.json") || name.ends_with(&format!(".{k}.json")))
+            {
+                out.push(rel);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The sum of the op lengths of a cache plan file.
+fn op_bytes(sandbox: &Sandbox, file: &str) -> u64 {
+    let plan = sandbox.read_json(file);
+    plan["ops"]
+        .as_array()
+        .map(|ops| ops.iter().map(|o| num(&o["length"], "an op length")).sum())
+        .unwrap_or(0)
+}
+
+/// The whole flow on 400 requests of the shared trace.
 #[test]
-fn writes_ten_files_that_validate() {
+fn composed_flow_on_a_slice_of_the_shared_trace() {
+    let trace = shared_trace();
+    if !trace.exists() {
+        eprintln!("skipped: {} is absent", trace.display());
+        return;
+    }
     let sandbox = Sandbox::empty();
-    let run = sandbox.run(&["demo", "--out", DEMO]);
+    let trace_arg = trace.display().to_string();
+    let run = sandbox.run(&[
+        "--json",
+        "demo",
+        "-o",
+        OUT,
+        "--trace",
+        &trace_arg,
+        "--requests",
+        "400",
+    ]);
     run.code(0).quiet_stderr();
+    let j = run.json();
+    assert_eq!(j["trace"]["generated"], false, "{run}");
+    assert_eq!(j["trace"]["requests"], 400, "{run}");
+    assert_eq!(
+        sandbox
+            .read("out/trace.jsonl")
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count(),
+        400
+    );
+
+    // Every contract file on disk is one the demo validated, and the CLI
+    // agrees that each is valid.
+    let files = contract_files(&sandbox, OUT);
+    let mut listed: Vec<String> = j["contracts"]
+        .as_array()
+        .unwrap_or_else(|| panic!("`contracts` is not a list{run}"))
+        .iter()
+        .map(|f| f.as_str().unwrap_or_default().to_owned())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, files, "{run}");
+    let mut args = vec!["plan", "validate"];
+    args.extend(files.iter().map(String::as_str));
+    let check = sandbox.run(&args);
+    check.code(0);
+    assert_eq!(check.stdout_lines().len(), files.len(), "{check}");
+
+    // bcache placed requests by the WaveSpec's cohorts; moving every
+    // distinct block once is the floor, round-robin placement moves more.
+    let kv = &j["kv"];
+    let executed = &kv["executed"];
     assert!(
-        run.stdout.contains(&format!("wrote 10 files to {DEMO}")),
+        num(&executed["placed_by_cohort"], "placed_by_cohort") > 0,
         "{run}"
     );
-    for kind in KINDS {
-        run.stdout_has(kind);
+    let moved = num(&executed["total"]["unique_bytes"], "unique bytes");
+    let round_robin = num(
+        &kv["round_robin"]["total"]["unique_bytes"],
+        "round-robin bytes",
+    );
+    let floor = num(&kv["floor_bytes"], "floor bytes");
+    assert!(floor <= moved && moved < round_robin, "{run}");
+
+    // Per window: what the requests need = planned + deferred + dropped,
+    // and the stores copied exactly what was planned; the node shares add
+    // up to the cluster plan, each store reported on its share.
+    let windows = executed["windows"].as_array().cloned().unwrap_or_default();
+    assert!(windows.len() >= 2, "{run}");
+    for w in &windows {
+        let f = |k: &str| num(&w[k], k);
+        assert_eq!(
+            f("unique_bytes") + f("gap_bytes"),
+            f("planned_bytes") + f("deferred_bytes") + f("dropped_bytes"),
+            "window {w}"
+        );
+        assert_eq!(f("executed_bytes"), f("planned_bytes"), "window {w}");
+        let dir = format!("{OUT}/kv/w{:03}", f("window"));
+        let shares: u64 = ["node0", "node1"]
+            .iter()
+            .map(|n| {
+                let report = sandbox.read_json(&format!("{dir}/{n}.exec_report.json"));
+                let share = op_bytes(&sandbox, &format!("{dir}/{n}.cache_plan.json"));
+                assert_eq!(num(&report["done_bytes"], "done_bytes"), share, "{dir}/{n}");
+                assert_eq!(report["failed_ops"], 0, "{dir}/{n}");
+                share
+            })
+            .sum();
+        assert_eq!(
+            shares,
+            op_bytes(&sandbox, &format!("{dir}/cache_plan.json")),
+            "{dir}"
+        );
+        assert_eq!(shares, f("planned_bytes"), "{dir}");
     }
+    let total = &executed["total"];
+    let pages = num(&total["verified_pages"], "verified pages");
+    assert!(pages > 0, "{run}");
+    assert_eq!(kv["hits_fed_back"], pages, "{run}");
 
-    let mut names: Vec<String> = std::fs::read_dir(sandbox.path(DEMO))
-        .unwrap_or_else(|e| panic!("listing {DEMO}: {e}{run}"))
-        .map(|entry| entry.unwrap_or_else(|e| panic!("listing {DEMO}: {e}")))
-        .filter(|entry| entry.path().is_file())
-        .map(|entry| entry.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    assert_eq!(names, demo_file_names(), "{run}");
-
-    let paths: Vec<String> = names.iter().map(|n| format!("{DEMO}/{n}")).collect();
-    let mut args = vec!["plan", "validate"];
-    args.extend(paths.iter().map(String::as_str));
-    let run = sandbox.run(&args);
-    run.code(0).quiet_stderr();
-    let lines = run.stdout_lines();
-    assert_eq!(lines.len(), 10, "{run}");
-    for (line, path) in lines.iter().zip(&paths) {
-        let kind = path
-            .rsplit('/')
-            .next()
-            .and_then(|name| name.split('.').next())
-            .unwrap_or_default();
-        assert_eq!(*line, format!("{path}: valid {kind}"), "{run}");
-    }
-}
-
-/// The cluster stage rolls the next version out through a coordinator, a
-/// source and two worker processes: both workers end on v2, each received
-/// the plan's bytes, and each reports the pause of its flip.
-#[test]
-fn cluster_stage_rolls_out_to_two_worker_processes() {
-    let sandbox = Sandbox::empty();
-    let run = sandbox.run(&["--json", "demo", "--out", DEMO]);
-    run.code(0).quiet_stderr();
-    let report = &run.json()["cluster"]["report"];
-    assert_eq!(report["phase"], "committed", "{run}");
+    // hotweights planned with the WaveSpec's window; both workers committed.
+    let spec = sandbox.read_json("out/datajax/wave_spec.json");
+    let plan = sandbox.read_json("out/hotweights/v1-v2.swap_plan.json");
+    let (begin, end) = (
+        num(&spec["swap_begin"], "swap_begin"),
+        num(&spec["swap_end"], "swap_end"),
+    );
+    assert_eq!(plan["window"]["wave_begin"], begin, "{run}");
+    assert_eq!(plan["window"]["wave_end"], end, "{run}");
+    let hw = &j["hotweights"];
+    assert_eq!(hw["export_identical"], true, "{run}");
+    assert_eq!(hw["current"], "v1", "{run}");
+    let report = &j["cluster"]["report"];
     assert_eq!(report["all_committed"], true, "{run}");
-    let staged = report["staged_bytes"].as_u64().unwrap_or(0);
-    assert!(staged > 0, "{run}");
+    let staged = num(&report["staged_bytes"], "staged bytes");
     let consumers = report["consumers"].as_array().cloned().unwrap_or_default();
     assert_eq!(consumers.len(), 2, "{run}");
     for c in &consumers {
-        assert_eq!(c["version"], "v2", "{run}");
         assert_eq!(c["bytes"].as_u64(), Some(staged), "{run}");
-        assert!(c["pause_ns"].as_u64().unwrap_or(0) > 0, "{run}");
     }
     for rank in ["rank0", "rank1"] {
-        let store = format!("{DEMO}/hotweights/cluster/{rank}");
+        let store = format!("{OUT}/hotweights/cluster/{rank}");
         let status = sandbox.run(&["--json", "hw", "status", "--store", &store]);
         status.code(0);
         assert_eq!(status.json()["status"]["current"], "v2", "{status}");
     }
-}
 
-/// The hotweights stage leaves its manifests and plan (valid contracts), a
-/// store whose current version is v1 after the rollback with v2 available,
-/// and an export of v2.
-#[test]
-fn hotweights_stage_publishes_plans_applies_and_rolls_back() {
-    let sandbox = Sandbox::empty();
-    let run = sandbox.run(&["--json", "demo", "--out", DEMO]);
-    run.code(0).quiet_stderr();
-    let hw = &run.json()["hotweights"];
-    assert_eq!(hw["export_identical"], true, "{run}");
-    assert_eq!(hw["current"], "v1", "{run}");
-    assert_eq!(hw["delta"]["tensors"]["added"]["count"], 1, "{run}");
-    assert_eq!(hw["delta"]["tensors"]["removed"]["count"], 1, "{run}");
-    let moved = hw["delta"]["bytes_changed"].as_u64().unwrap();
-    let total = hw["delta"]["bytes_total"].as_u64().unwrap();
-    assert!(moved > 0 && moved < total / 2, "{run}");
-    // Sparse deltas beat whole chunks on the nudged layers.
-    assert!(
-        hw["wire"]["delta_bytes"].as_u64() < hw["wire"]["full_bytes"].as_u64(),
+    // bwrt ran the spec's waves with the plan's window: one swap, applied
+    // inside it; the offers outside it refused and counted.
+    let bwrt = &j["bwrt"];
+    assert_eq!(
+        bwrt["swap_window"],
+        serde_json::json!([begin, end]),
         "{run}"
     );
-
-    let dir = format!("{DEMO}/hotweights");
-    let files = [
-        format!("{dir}/v1.weight_manifest.json"),
-        format!("{dir}/v2.weight_manifest.json"),
-        format!("{dir}/v1-v2.swap_plan.json"),
-    ];
-    let mut args = vec!["plan", "validate"];
-    args.extend(files.iter().map(String::as_str));
-    sandbox.run(&args).code(0);
-
-    let store = format!("{dir}/store");
-    let status = sandbox.run(&["--json", "hw", "status", "--store", &store]);
-    status.code(0);
-    let s = &status.json()["status"];
-    assert_eq!(s["current"], "v1", "{status}");
-    assert_eq!(s["versions"].as_array().map(Vec::len), Some(2), "{status}");
-    assert_eq!(
-        s["interrupted"].as_array().map(Vec::len),
-        Some(0),
-        "{status}"
-    );
-}
-
-#[test]
-fn files_are_the_library_examples() {
-    let sandbox = Sandbox::with_demo();
-    for doc in example::all() {
-        let kind = doc.kind().name();
-        assert!(
-            sandbox.read(&format!("{DEMO}/{kind}.json")) == doc.encode(Format::Json),
-            "{kind}.json is not the example's JSON"
-        );
-        assert!(
-            sandbox.read(&format!("{DEMO}/{kind}.pb")) == doc.encode(Format::Proto),
-            "{kind}.pb is not the example's protobuf"
-        );
-    }
-}
-
-#[test]
-fn json_summary_lists_five_contracts() {
-    let sandbox = Sandbox::empty();
-    let run = sandbox.run(&["--json", "demo", "--out", DEMO]);
-    run.code(0).quiet_stderr();
-    let summary = run.json();
-    assert_eq!(summary["out"], DEMO, "{run}");
-    let contracts = summary["contracts"]
-        .as_array()
-        .unwrap_or_else(|| panic!("`contracts` is not a list{run}"));
-    assert_eq!(contracts.len(), 5, "{run}");
-    for (entry, kind) in contracts.iter().zip(KINDS) {
-        assert_eq!(entry["contract"], kind, "{run}");
-        assert_eq!(entry["valid"], true, "{run}");
-        assert!(
-            entry["detail"].as_str().is_some_and(|d| !d.is_empty()),
-            "{run}"
-        );
-        for (form, ext) in [("json", "json"), ("proto", "pb")] {
-            let file = format!("{DEMO}/{kind}.{ext}");
-            assert_eq!(entry[form]["file"], file, "{run}");
-            assert_eq!(
-                entry[form]["bytes"],
-                sandbox.read(&file).len(),
-                "{file}: size{run}"
-            );
-        }
-    }
-    // The bwrt stage ran the datajax stage's WaveSpec through the C ABI:
-    // every wave completed, one swap landed in the window, and the swaps
-    // outside it were refused and counted.
-    let bwrt = &summary["bwrt"];
-    let waves = bwrt["waves"].as_u64().unwrap_or_default();
-    assert!(waves > 0, "{run}");
+    let waves = num(&bwrt["waves"], "waves");
     let counters = &bwrt["counters"];
-    assert_eq!(counters["waves_submitted"], waves, "{run}");
     assert_eq!(counters["waves_completed"], waves, "{run}");
     assert_eq!(counters["waves_failed"], 0, "{run}");
     assert_eq!(counters["swaps_applied"], 1, "{run}");
-    assert!(
-        counters["swap_window_violations"].as_u64().unwrap_or(0) >= 1,
+    let refused = bwrt["steps"]
+        .as_array()
+        .map(|s| {
+            s.iter()
+                .filter(|s| s["result"].to_string().contains("refused"))
+                .count()
+        })
+        .unwrap_or(0);
+    assert!(refused >= 1, "{run}");
+    assert_eq!(counters["swap_window_violations"], refused, "{run}");
+
+    let stages: Vec<&str> = j["stages"]
+        .as_array()
+        .map(|s| s.iter().filter_map(|s| s["stage"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        stages,
+        [
+            "trace",
+            "datajax",
+            "bcache",
+            "stratacache",
+            "bcache replay",
+            "hotweights",
+            "rollout",
+            "bwrt",
+            "validate"
+        ],
         "{run}"
     );
-    let steps = bwrt["steps"].to_string();
-    assert!(steps.contains("refused"), "{run}");
+}
+
+/// Without the shared trace (the sandbox has no `../shared`), the demo
+/// generates one and says so in its table; a second run replaces the first.
+#[test]
+fn generates_a_trace_when_the_shared_one_is_absent_and_reruns() {
+    let sandbox = Sandbox::empty();
+    assert!(
+        !sandbox
+            .path("../shared/data/traces/conversation_trace.jsonl")
+            .exists()
+    );
+    for _ in 0..2 {
+        let run = sandbox.run(&["demo", "--output", "a/b", "--requests", "200"]);
+        run.code(0).quiet_stderr();
+        run.stdout_has("a generated trace of 200 requests")
+            .stdout_has("all valid");
+        for stage in [
+            "datajax",
+            "bcache",
+            "stratacache",
+            "hotweights",
+            "rollout",
+            "bwrt",
+        ] {
+            run.stdout_has(stage);
+        }
+    }
+    assert!(sandbox.exists("a/b/datajax/wave_spec.json"));
+    assert!(sandbox.exists("a/b/kv/w000/cache_plan.json"));
 }
 
 #[test]
-fn creates_nested_output_directories_and_reruns() {
+fn a_trace_that_is_missing_is_an_error_naming_it() {
     let sandbox = Sandbox::empty();
-    sandbox.run(&["demo", "--out", "a/b/c"]).code(0);
-    assert!(sandbox.exists("a/b/c/swap_plan.pb"));
-    // A second run over the same directory replaces the files.
-    sandbox.run(&["demo", "--out", "a/b/c"]).code(0);
-    assert!(sandbox.exists("a/b/c/swap_plan.pb"));
+    let run = sandbox.run(&["demo", "--trace", "nope.jsonl"]);
+    run.code(2).quiet_stdout();
+    assert!(run.error_line().contains("nope.jsonl"), "{run}");
 }
 
 #[test]
@@ -208,28 +278,4 @@ fn output_path_that_is_a_file_is_one_error_line() {
     let run = sandbox.run(&["demo", "--out", "afile"]);
     run.code(2).quiet_stdout();
     assert!(run.error_line().starts_with("creating afile: "), "{run}");
-}
-
-#[test]
-fn strata_stage_executes_the_plan_on_real_bytes() {
-    let sandbox = Sandbox::empty();
-    let run = sandbox.run(&["--json", "demo", "--out", DEMO]);
-    run.code(0);
-    let strata = &run.json()["strata"];
-    let ops = strata["ops"].as_u64().unwrap_or_default();
-    assert!(ops > 4, "the plan should keep four streams busy{run}");
-    assert_eq!(strata["failed_ops"], 0, "{run}");
-    // Every byte the planner issued was moved, and every moved page was
-    // checked against the bytes stored at its source.
-    assert_eq!(strata["done_bytes"], strata["planned_bytes"], "{run}");
-    let pages = strata["verified_pages"].as_u64().unwrap_or_default();
-    assert!(pages > 0, "{run}");
-    assert_eq!(strata["hits_fed_back"], pages, "{run}");
-    // The plan went through a file that validates.
-    let check = sandbox.run(&[
-        "plan",
-        "validate",
-        &format!("{DEMO}/strata/cache_plan.json"),
-    ]);
-    check.code(0);
 }

@@ -103,9 +103,10 @@ fn run_section(heading: &str) -> String {
 }
 
 /// The sections the tests below run.
-const TESTED: [&str; 5] = [
+const TESTED: [&str; 6] = [
     "The whole flow in one command",
     "Roll a fine-tune out to your serving store",
+    "Roll a fine-tune out to two servers",
     "Replay your serving trace and compare cache policies",
     "Run a traced pipeline on your Parquet files",
     "Call bwrt from C and from Python",
@@ -126,7 +127,16 @@ fn every_section_has_a_test() {
 #[test]
 fn whole_flow() {
     let out = run_section(TESTED[0]);
-    assert!(out.contains("out/wave_spec.pb: valid wave_spec"), "{out}");
+    assert!(
+        out.contains("out/datajax/wave_spec.json: valid wave_spec"),
+        "{out}"
+    );
+    assert!(
+        out.contains("out/kv/w000/node1.cache_plan.json: valid cache_plan"),
+        "{out}"
+    );
+    // The node's share ran on the reader's own store.
+    assert!(out.contains("bcache-window-0@node0"), "{out}");
 }
 
 #[test]
@@ -136,18 +146,30 @@ fn roll_out_a_fine_tune() {
 }
 
 #[test]
+fn roll_out_to_two_servers() {
+    let out = run_section(TESTED[2]);
+    assert!(out.contains("to step-1100: committed"), "{out}");
+    // Both stores, read after the rollout, run the new version.
+    let current = out
+        .lines()
+        .filter(|l| l.starts_with("current: step-1100; rollback history: step-1000"))
+        .count();
+    assert_eq!(current, 2, "{out}");
+}
+
+#[test]
 fn replay_a_trace() {
-    run_section(TESTED[2]);
+    run_section(TESTED[3]);
 }
 
 #[test]
 fn pipeline_on_parquet() {
-    let out = run_section(TESTED[3]);
+    let out = run_section(TESTED[4]);
     assert!(out.contains("prompt_tokens"), "{out}");
 }
 
 #[test]
 fn bwrt_from_c_and_python() {
-    let out = run_section(TESTED[4]);
+    let out = run_section(TESTED[5]);
     assert!(out.contains("C = [6.0, 15.0]"), "{out}");
 }

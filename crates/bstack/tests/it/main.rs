@@ -16,6 +16,7 @@ mod hw_cluster;
 mod hw_partition;
 mod hw_rollout_cmd;
 mod plan_convert;
+mod plan_examples;
 mod plan_show;
 mod plan_validate;
 mod strata_cmd;

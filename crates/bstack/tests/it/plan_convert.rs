@@ -2,12 +2,12 @@
 //! contract, converting does not validate (an invalid plan converts, with a
 //! warning, and its problems survive), and unreadable input writes nothing.
 
-use crate::common::{BROKEN, DEMO, KINDS, Sandbox, write_broken_plan};
+use crate::common::{BROKEN, EXAMPLES, KINDS, Sandbox, write_broken_plan};
 
 #[test]
 fn cache_plan_round_trips_byte_for_byte() {
-    let sandbox = Sandbox::with_demo();
-    let original = format!("{DEMO}/cache_plan.json");
+    let sandbox = Sandbox::with_examples();
+    let original = format!("{EXAMPLES}/cache_plan.json");
 
     let run = sandbox.run(&[
         "plan",
@@ -26,8 +26,8 @@ fn cache_plan_round_trips_byte_for_byte() {
     );
     assert_eq!(
         sandbox.read("X.cache_plan.pb"),
-        sandbox.read(&format!("{DEMO}/cache_plan.pb")),
-        "the protobuf written by convert differs from the demo's{run}"
+        sandbox.read(&format!("{EXAMPLES}/cache_plan.pb")),
+        "the protobuf written by convert differs from the example's{run}"
     );
 
     let run = sandbox.run(&[
@@ -54,9 +54,9 @@ fn cache_plan_round_trips_byte_for_byte() {
 
 #[test]
 fn every_contract_round_trips_byte_for_byte() {
-    let sandbox = Sandbox::with_demo();
+    let sandbox = Sandbox::with_examples();
     for kind in KINDS {
-        let original = format!("{DEMO}/{kind}.json");
+        let original = format!("{EXAMPLES}/{kind}.json");
         let proto = format!("rt.{kind}.pb");
         let back = format!("rt.{kind}.json");
         sandbox
@@ -70,16 +70,16 @@ fn every_contract_round_trips_byte_for_byte() {
             "{kind}: JSON -> protobuf -> JSON changed the file"
         );
         assert!(
-            sandbox.read(&proto) == sandbox.read(&format!("{DEMO}/{kind}.pb")),
-            "{kind}: convert's protobuf differs from the demo's"
+            sandbox.read(&proto) == sandbox.read(&format!("{EXAMPLES}/{kind}.pb")),
+            "{kind}: convert's protobuf differs from the example's"
         );
     }
 }
 
 #[test]
 fn neutral_protobuf_name_converts_with_kind() {
-    let sandbox = Sandbox::with_demo();
-    sandbox.write("x.bin", sandbox.read(&format!("{DEMO}/wave_spec.pb")));
+    let sandbox = Sandbox::with_examples();
+    sandbox.write("x.bin", sandbox.read(&format!("{EXAMPLES}/wave_spec.pb")));
     let args = ["plan", "convert", "x.bin", "--to", "json", "-o", "w.json"];
     let run = sandbox.run(&args);
     run.code(2).quiet_stdout();
@@ -92,12 +92,12 @@ fn neutral_protobuf_name_converts_with_kind() {
     let mut with_kind = args.to_vec();
     with_kind.extend(["--kind", "wave-spec"]);
     sandbox.run(&with_kind).code(0);
-    assert!(sandbox.read("w.json") == sandbox.read(&format!("{DEMO}/wave_spec.json")));
+    assert!(sandbox.read("w.json") == sandbox.read(&format!("{EXAMPLES}/wave_spec.json")));
 }
 
 #[test]
 fn invalid_plan_still_converts_and_keeps_its_problems() {
-    let sandbox = Sandbox::with_demo();
+    let sandbox = Sandbox::with_examples();
     let expected = write_broken_plan(&sandbox);
     let run = sandbox.run(&[
         "plan",
@@ -155,7 +155,7 @@ fn invalid_plan_still_converts_and_keeps_its_problems() {
 
 #[test]
 fn quiet_silences_the_warning() {
-    let sandbox = Sandbox::with_demo();
+    let sandbox = Sandbox::with_examples();
     write_broken_plan(&sandbox);
     let run = sandbox.run(&[
         "-q", "plan", "convert", BROKEN, "--to", "proto", "-o", "q.pb",
@@ -166,12 +166,12 @@ fn quiet_silences_the_warning() {
 
 #[test]
 fn json_output_describes_the_written_file() {
-    let sandbox = Sandbox::with_demo();
+    let sandbox = Sandbox::with_examples();
     let run = sandbox.run(&[
         "--json",
         "plan",
         "convert",
-        &format!("{DEMO}/swap_plan.json"),
+        &format!("{EXAMPLES}/swap_plan.json"),
         "--to",
         "proto",
         "-o",
@@ -206,8 +206,8 @@ fn missing_input_writes_nothing() {
 
 #[test]
 fn convert_requires_to_and_output() {
-    let sandbox = Sandbox::with_demo();
-    let file = format!("{DEMO}/cache_plan.json");
+    let sandbox = Sandbox::with_examples();
+    let file = format!("{EXAMPLES}/cache_plan.json");
     for args in [
         vec!["plan", "convert", &file, "-o", "z.pb"],
         vec!["plan", "convert", &file, "--to", "proto"],

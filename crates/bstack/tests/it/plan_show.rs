@@ -4,12 +4,12 @@
 use bstack_plan::example;
 use serde_json::json;
 
-use crate::common::{BROKEN, DEMO, KINDS, Sandbox, write_broken_plan};
+use crate::common::{BROKEN, EXAMPLES, KINDS, Sandbox, write_broken_plan};
 
 #[test]
 fn cache_plan_table_shows_id_and_counts() {
-    let sandbox = Sandbox::with_demo();
-    let file = format!("{DEMO}/cache_plan.json");
+    let sandbox = Sandbox::with_examples();
+    let file = format!("{EXAMPLES}/cache_plan.json");
     let run = sandbox.run(&["plan", "show", &file]);
     run.code(0).quiet_stderr();
     let plan = example::cache_plan();
@@ -29,11 +29,11 @@ fn cache_plan_table_shows_id_and_counts() {
 
 #[test]
 fn cache_plan_json_has_kind_counts_and_no_problems() {
-    let sandbox = Sandbox::with_demo();
+    let sandbox = Sandbox::with_examples();
     let plan = example::cache_plan();
     let bytes: u64 = plan.ops.iter().map(|o| o.length).sum();
     for file in ["cache_plan.json", "cache_plan.pb"] {
-        let path = format!("{DEMO}/{file}");
+        let path = format!("{EXAMPLES}/{file}");
         let run = sandbox.run(&["--json", "plan", "show", &path]);
         run.code(0).quiet_stderr();
         let summary = run.json();
@@ -57,10 +57,10 @@ fn cache_plan_json_has_kind_counts_and_no_problems() {
 
 #[test]
 fn every_contract_shows_in_both_forms() {
-    let sandbox = Sandbox::with_demo();
+    let sandbox = Sandbox::with_examples();
     for kind in KINDS {
         for ext in ["json", "pb"] {
-            let path = format!("{DEMO}/{kind}.{ext}");
+            let path = format!("{EXAMPLES}/{kind}.{ext}");
             let run = sandbox.run(&["--json", "plan", "show", &path]);
             run.code(0).quiet_stderr();
             let summary = run.json();
@@ -76,13 +76,13 @@ fn every_contract_shows_in_both_forms() {
 
 #[test]
 fn manifest_and_swap_plan_figures() {
-    let sandbox = Sandbox::with_demo();
+    let sandbox = Sandbox::with_examples();
     let manifest = example::weight_manifest("v2");
     let run = sandbox.run(&[
         "--json",
         "plan",
         "show",
-        &format!("{DEMO}/weight_manifest.json"),
+        &format!("{EXAMPLES}/weight_manifest.json"),
     ]);
     run.code(0);
     let summary = run.json();
@@ -92,23 +92,33 @@ fn manifest_and_swap_plan_figures() {
     assert_eq!(summary["tensors"]["count"], manifest.tensors.len(), "{run}");
 
     let plan = example::swap_plan();
-    let run = sandbox.run(&["--json", "plan", "show", &format!("{DEMO}/swap_plan.pb")]);
+    let run = sandbox.run(&[
+        "--json",
+        "plan",
+        "show",
+        &format!("{EXAMPLES}/swap_plan.pb"),
+    ]);
     run.code(0);
     let summary = run.json();
     assert_eq!(summary["plan"], plan.plan_id, "{run}");
     assert_eq!(summary["digest"], plan.digest, "{run}");
     assert_eq!(summary["buckets"]["count"], plan.buckets.len(), "{run}");
 
-    let run = sandbox.run(&["plan", "show", &format!("{DEMO}/swap_plan.pb")]);
+    let run = sandbox.run(&["plan", "show", &format!("{EXAMPLES}/swap_plan.pb")]);
     run.code(0).stdout_has("(matches)");
 }
 
 #[test]
 fn wave_spec_figures_include_its_prefix_statistics() {
-    let sandbox = Sandbox::with_demo();
+    let sandbox = Sandbox::with_examples();
     let spec = example::wave_spec();
     let deepest = spec.prefix_histogram.last().map(|d| d.depth);
-    let run = sandbox.run(&["--json", "plan", "show", &format!("{DEMO}/wave_spec.pb")]);
+    let run = sandbox.run(&[
+        "--json",
+        "plan",
+        "show",
+        &format!("{EXAMPLES}/wave_spec.pb"),
+    ]);
     run.code(0);
     let summary = run.json();
     assert_eq!(summary["cohorts"], spec.cohorts.len(), "{run}");
@@ -118,7 +128,7 @@ fn wave_spec_figures_include_its_prefix_statistics() {
         "{run}"
     );
 
-    let run = sandbox.run(&["plan", "show", &format!("{DEMO}/wave_spec.json")]);
+    let run = sandbox.run(&["plan", "show", &format!("{EXAMPLES}/wave_spec.json")]);
     run.code(0)
         .stdout_has("cohorts")
         .stdout_has("3 depths, deepest 12 blocks");
@@ -126,8 +136,8 @@ fn wave_spec_figures_include_its_prefix_statistics() {
 
 #[test]
 fn top_limits_the_table_of_operations() {
-    let sandbox = Sandbox::with_demo();
-    let file = format!("{DEMO}/cache_plan.json");
+    let sandbox = Sandbox::with_examples();
+    let file = format!("{EXAMPLES}/cache_plan.json");
     let run = sandbox.run(&["plan", "show", "--top", "1", &file]);
     run.code(0).stdout_has("prefetch for request r3, layer 1");
     assert!(
@@ -142,7 +152,7 @@ fn top_limits_the_table_of_operations() {
 #[test]
 fn invalid_plan_shows_its_problem_count() {
     // `show` summarises; it does not gate on validity (exit 0).
-    let sandbox = Sandbox::with_demo();
+    let sandbox = Sandbox::with_examples();
     let expected = write_broken_plan(&sandbox);
     let run = sandbox.run(&["--json", "plan", "show", BROKEN]);
     run.code(0).quiet_stderr();
@@ -151,12 +161,12 @@ fn invalid_plan_shows_its_problem_count() {
 
 #[test]
 fn unreadable_file_is_one_error_line() {
-    let sandbox = Sandbox::with_demo();
+    let sandbox = Sandbox::with_examples();
     let run = sandbox.run(&["plan", "show", "nope.json"]);
     run.code(2).quiet_stdout();
     assert!(run.error_line().starts_with("nope.json: "), "{run}");
 
-    sandbox.write("x.bin", sandbox.read(&format!("{DEMO}/cache_plan.pb")));
+    sandbox.write("x.bin", sandbox.read(&format!("{EXAMPLES}/cache_plan.pb")));
     let run = sandbox.run(&["plan", "show", "x.bin"]);
     run.code(2).quiet_stdout();
     assert!(run.error_line().contains("--kind"), "{run}");
@@ -169,8 +179,8 @@ fn unreadable_file_is_one_error_line() {
 #[test]
 fn totals_past_u64_saturate_instead_of_overflowing() {
     // Valid plans can hold figures whose sum does not fit in 64 bits.
-    let sandbox = Sandbox::with_demo();
-    let mut plan = sandbox.read_json(&format!("{DEMO}/cache_plan.json"));
+    let sandbox = Sandbox::with_examples();
+    let mut plan = sandbox.read_json(&format!("{EXAMPLES}/cache_plan.json"));
     for op in plan["ops"].as_array_mut().into_iter().flatten() {
         op["length"] = json!(1u64 << 63);
         op["dst_offset"] = json!(0);

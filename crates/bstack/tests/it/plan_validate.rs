@@ -4,11 +4,11 @@
 
 use serde_json::json;
 
-use crate::common::{BROKEN, DEMO, KINDS, Sandbox, check_problem, write_broken_plan};
+use crate::common::{BROKEN, EXAMPLES, KINDS, Sandbox, check_problem, write_broken_plan};
 
 #[test]
 fn broken_plan_lists_every_problem_with_its_path() {
-    let sandbox = Sandbox::with_demo();
+    let sandbox = Sandbox::with_examples();
     let expected = write_broken_plan(&sandbox);
     let run = sandbox.run(&["plan", "validate", BROKEN]);
     run.code(1).quiet_stderr();
@@ -37,7 +37,7 @@ fn broken_plan_lists_every_problem_with_its_path() {
 
 #[test]
 fn broken_plan_as_json_is_one_object_with_every_problem() {
-    let sandbox = Sandbox::with_demo();
+    let sandbox = Sandbox::with_examples();
     let expected = write_broken_plan(&sandbox);
     let run = sandbox.run(&["--json", "plan", "validate", BROKEN]);
     run.code(1).quiet_stderr();
@@ -69,9 +69,9 @@ fn broken_plan_as_json_is_one_object_with_every_problem() {
 
 #[test]
 fn a_valid_and_an_invalid_file_exit_1_and_report_both() {
-    let sandbox = Sandbox::with_demo();
+    let sandbox = Sandbox::with_examples();
     let expected = write_broken_plan(&sandbox);
-    let good = format!("{DEMO}/cache_plan.json");
+    let good = format!("{EXAMPLES}/cache_plan.json");
     let run = sandbox.run(&["plan", "validate", &good, BROKEN]);
     run.code(1).quiet_stderr();
     let lines = run.stdout_lines();
@@ -95,14 +95,14 @@ fn missing_file_is_one_error_line_naming_it() {
 
 #[test]
 fn truncated_protobuf_is_unreadable() {
-    let sandbox = Sandbox::with_demo();
-    let bytes = sandbox.read(&format!("{DEMO}/cache_plan.pb"));
-    // Byte 100 falls inside ops[0] (bytes 15..124 of the demo plan), so the
+    let sandbox = Sandbox::with_examples();
+    let bytes = sandbox.read(&format!("{EXAMPLES}/cache_plan.pb"));
+    // Byte 100 falls inside ops[0] (bytes 15..124 of the example plan), so the
     // cut leaves a length-delimited field short: a decode error, not a
     // shorter plan.
     assert!(
         bytes.len() > 124,
-        "demo cache_plan.pb is {} bytes",
+        "example cache_plan.pb is {} bytes",
         bytes.len()
     );
     sandbox.write("cut.cache_plan.pb", &bytes[..100]);
@@ -117,8 +117,8 @@ fn truncated_protobuf_is_unreadable() {
 
 #[test]
 fn unsupported_schema_version_is_unreadable() {
-    let sandbox = Sandbox::with_demo();
-    let mut plan = sandbox.read_json(&format!("{DEMO}/cache_plan.json"));
+    let sandbox = Sandbox::with_examples();
+    let mut plan = sandbox.read_json(&format!("{EXAMPLES}/cache_plan.json"));
     plan["schema_version"] = json!(2);
     sandbox.write_json("v2.json", &plan);
     let run = sandbox.run(&["plan", "validate", "v2.json"]);
@@ -132,8 +132,8 @@ fn unsupported_schema_version_is_unreadable() {
 
 #[test]
 fn unknown_field_names_its_path_and_line() {
-    let sandbox = Sandbox::with_demo();
-    let mut plan = sandbox.read_json(&format!("{DEMO}/cache_plan.json"));
+    let sandbox = Sandbox::with_examples();
+    let mut plan = sandbox.read_json(&format!("{EXAMPLES}/cache_plan.json"));
     plan["ops"][0]["lenght"] = json!(4096);
     let text = sandbox.write_json("typo.json", &plan);
     let line = 1 + text
@@ -160,8 +160,8 @@ fn unknown_field_names_its_path_and_line() {
 
 #[test]
 fn protobuf_without_kind_in_name_asks_for_kind() {
-    let sandbox = Sandbox::with_demo();
-    sandbox.write("x.bin", sandbox.read(&format!("{DEMO}/cache_plan.pb")));
+    let sandbox = Sandbox::with_examples();
+    sandbox.write("x.bin", sandbox.read(&format!("{EXAMPLES}/cache_plan.pb")));
     let run = sandbox.run(&["plan", "validate", "x.bin"]);
     run.code(2).quiet_stdout();
     let cause = run.error_line();
@@ -172,8 +172,8 @@ fn protobuf_without_kind_in_name_asks_for_kind() {
 
 #[test]
 fn protobuf_with_neutral_name_validates_with_kind() {
-    let sandbox = Sandbox::with_demo();
-    sandbox.write("x.bin", sandbox.read(&format!("{DEMO}/cache_plan.pb")));
+    let sandbox = Sandbox::with_examples();
+    sandbox.write("x.bin", sandbox.read(&format!("{EXAMPLES}/cache_plan.pb")));
     for kind in ["cache-plan", "cache_plan"] {
         let run = sandbox.run(&["plan", "validate", "--kind", kind, "x.bin"]);
         run.code(0).quiet_stderr();
@@ -183,8 +183,8 @@ fn protobuf_with_neutral_name_validates_with_kind() {
 
 #[test]
 fn kind_that_contradicts_the_json_is_unreadable() {
-    let sandbox = Sandbox::with_demo();
-    let file = format!("{DEMO}/cache_plan.json");
+    let sandbox = Sandbox::with_examples();
+    let file = format!("{EXAMPLES}/cache_plan.json");
     let run = sandbox.run(&["plan", "validate", "--kind", "swap-plan", &file]);
     run.code(2).quiet_stdout();
     assert_eq!(
@@ -196,13 +196,13 @@ fn kind_that_contradicts_the_json_is_unreadable() {
 
 #[test]
 fn unknown_kind_is_a_usage_error() {
-    let sandbox = Sandbox::with_demo();
+    let sandbox = Sandbox::with_examples();
     let run = sandbox.run(&[
         "plan",
         "validate",
         "--kind",
         "bogus",
-        &format!("{DEMO}/cache_plan.pb"),
+        &format!("{EXAMPLES}/cache_plan.pb"),
     ]);
     run.code(2).quiet_stdout();
     let first = run.stderr_lines()[0];
@@ -213,8 +213,8 @@ fn unknown_kind_is_a_usage_error() {
 
 #[test]
 fn one_missing_and_one_valid_exit_2_and_still_report_the_valid_one() {
-    let sandbox = Sandbox::with_demo();
-    let good = format!("{DEMO}/cache_plan.json");
+    let sandbox = Sandbox::with_examples();
+    let good = format!("{EXAMPLES}/cache_plan.json");
     let run = sandbox.run(&["plan", "validate", "nope.json", &good]);
     run.code(2);
     assert_eq!(
@@ -241,8 +241,8 @@ fn one_missing_and_one_valid_exit_2_and_still_report_the_valid_one() {
 
 #[test]
 fn one_missing_and_one_valid_as_json() {
-    let sandbox = Sandbox::with_demo();
-    let good = format!("{DEMO}/cache_plan.json");
+    let sandbox = Sandbox::with_examples();
+    let good = format!("{EXAMPLES}/cache_plan.json");
     let run = sandbox.run(&["--json", "plan", "validate", "nope.json", &good]);
     run.code(2);
     let reports = run.json_lines();
@@ -260,14 +260,14 @@ fn one_missing_and_one_valid_as_json() {
 }
 
 #[test]
-fn every_demo_file_validates_as_json() {
-    let sandbox = Sandbox::with_demo();
+fn every_example_file_validates_as_json() {
+    let sandbox = Sandbox::with_examples();
     let files: Vec<(&str, String)> = KINDS
         .iter()
         .flat_map(|&k| {
             [
-                (k, format!("{DEMO}/{k}.json")),
-                (k, format!("{DEMO}/{k}.pb")),
+                (k, format!("{EXAMPLES}/{k}.json")),
+                (k, format!("{EXAMPLES}/{k}.pb")),
             ]
         })
         .collect();

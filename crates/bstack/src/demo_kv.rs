@@ -1,0 +1,637 @@
+//! The demo's KV stage: bcache plans KV-cache movement for the trace's
+//! first requests on two nodes, stratacache executes each node's share on
+//! real bytes, and what was executed goes back to the planner before the
+//! next window.
+//!
+//! **Placement by prefix cohort.** The datajax stage's WaveSpec lists the
+//! trace's shared prompt prefixes (cohorts). A request goes to the node of
+//! the deepest of its cohorts (of at least two blocks) that already has
+//! one; a request whose cohorts are all new starts them on the least
+//! loaded node, and they stay there. So the requests that share a prefix,
+//! such as the turns of one conversation, find its pages already in that
+//! node's CPU tier. A one-block prefix (a system prompt every request shares) is
+//! not worth concentrating load for: replicating one block per node is
+//! cheap. Requests without a cohort go to the least loaded node. The same
+//! windows are also planned with round-robin placement, for comparison.
+//!
+//! **One window.** Requests arriving in the window ask for the blocks their
+//! node's CPU tier does not hold yet (the rest are cache hits); their pages
+//! wait on the node's SSD tier. Runs the previous window deferred are asked
+//! for again, due at once. The planner's `CachePlan` is split into one share
+//! per node (`CachePlan::for_node`); each node's store reads its share from
+//! its file, seeds the source pages on its disk tier, executes the copies
+//! into its memory tier, and writes an execution report. The demo reads the
+//! reports back: every moved page is checked byte for byte, the page hits
+//! feed the planner's heat, and the pages now resident shape the next
+//! window. Files, per window `w`, under `kv/wNNN/`: the planner's input and
+//! report, the cluster plan, and each node's share and execution report.
+//!
+//! **Accounting.** Per window, the bytes the admitted requests need
+//! (distinct pages, plus gap pages read on purpose to merge runs) equal
+//! the bytes planned plus the bytes deferred or dropped; the bytes executed
+//! equal the bytes planned. The stage fails if either does not hold, if an
+//! operation fails, or if deferred work is still pending after
+//! [`MAX_DRAIN_WINDOWS`] windows without arrivals.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use bcache::model::{Node, Request, ResidentPage, Tier, TierState, WindowInput};
+use bcache::planner::Report;
+use bcache::trace::Trace;
+use bstack_plan::{CachePlan, Document, Format, WaveSpec};
+use serde::Serialize;
+use stratacache::config::{ByteSize, Config, TierConfig, TierKind};
+use stratacache::{Access, ExecReport, OpStatus, StorageEngine};
+
+use crate::plan::read_back;
+
+/// Nodes of the demo cluster.
+const NODES: [&str; 2] = ["node0", "node1"];
+/// Bytes of one KV page (one block of one layer): small enough that the
+/// stage moves a few hundred MiB at most.
+pub const PAGE_BYTES: u64 = 32 << 10;
+/// Length of one planning window on the trace's clock.
+const WINDOW_NS: u64 = 10_000_000_000;
+/// Trace time the stage covers, from the first arrival.
+const SPAN_NS: u64 = 120_000_000_000;
+/// At most this many requests, whatever the span holds.
+const MAX_REQUESTS: usize = 400;
+/// Time from a request's arrival to when its pages must be in CPU memory.
+const TTFT_BUDGET_NS: u64 = 2_000_000_000;
+/// Windows without arrivals planned after the last one, to drain deferred
+/// work, before the stage gives up.
+pub const MAX_DRAIN_WINDOWS: u64 = 16;
+/// CPU-tier capacity per node, as the planner sees it and as the store has it.
+const CPU_BYTES: u64 = 1 << 30;
+/// SSD-tier capacity per node.
+const SSD_BYTES: u64 = 8 << 30;
+/// Link bandwidths the planner assumes: SSD reads, and CPU-memory reads.
+const SSD_BW: u64 = 2_000_000_000;
+const CPU_BW: u64 = 20_000_000_000;
+
+/// How requests are placed on nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// By the WaveSpec's prefix cohorts.
+    Cohorts,
+    /// Request `i` on node `i mod nodes`.
+    RoundRobin,
+}
+
+/// Places requests on nodes.
+struct Router {
+    placement: Placement,
+    /// Cohort of at least two blocks: (depth, id of its last block).
+    cohorts: HashSet<(u32, u64)>,
+    /// Distinct cohort depths, deepest first.
+    depths: Vec<u32>,
+    /// Node chosen for each cohort seen so far.
+    home: HashMap<(u32, u64), usize>,
+    /// Blocks placed on each node so far.
+    load: Vec<u64>,
+    placed: u64,
+    /// Requests placed by a cohort.
+    by_cohort: u64,
+}
+
+impl Router {
+    fn new(placement: Placement, spec: &WaveSpec) -> Router {
+        let cohorts: HashSet<(u32, u64)> = spec
+            .cohorts
+            .iter()
+            .filter(|c| c.depth >= 2)
+            .map(|c| (c.depth, c.block))
+            .collect();
+        let mut depths: Vec<u32> = cohorts.iter().map(|c| c.0).collect();
+        depths.sort_unstable_by(|a, b| b.cmp(a));
+        depths.dedup();
+        Router {
+            placement,
+            cohorts,
+            depths,
+            home: HashMap::new(),
+            load: vec![0; NODES.len()],
+            placed: 0,
+            by_cohort: 0,
+        }
+    }
+
+    /// The node for a request with `blocks`.
+    fn place(&mut self, blocks: &[u64]) -> usize {
+        let least_loaded = |load: &[u64]| {
+            (0..load.len())
+                .min_by_key(|&n| (load[n], n))
+                .unwrap_or_default()
+        };
+        let node = match self.placement {
+            Placement::RoundRobin => (self.placed % NODES.len() as u64) as usize,
+            Placement::Cohorts => {
+                // Every cohort the request belongs to, deepest first.
+                let cohorts: Vec<(u32, u64)> = self
+                    .depths
+                    .iter()
+                    .filter_map(|&d| {
+                        let block = *blocks.get(d as usize - 1)?;
+                        self.cohorts.contains(&(d, block)).then_some((d, block))
+                    })
+                    .collect();
+                // The longest prefix already placed decides; a request
+                // whose prefixes are all new starts them on the least
+                // loaded node.
+                let node = cohorts
+                    .iter()
+                    .find_map(|c| self.home.get(c).copied())
+                    .unwrap_or_else(|| least_loaded(&self.load));
+                for c in &cohorts {
+                    self.home.entry(*c).or_insert(node);
+                }
+                if !cohorts.is_empty() {
+                    self.by_cohort += 1;
+                }
+                node
+            }
+        };
+        self.placed += 1;
+        self.load[node] += blocks.len() as u64;
+        node
+    }
+}
+
+/// One window's figures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WindowFigures {
+    /// Window index.
+    pub window: u64,
+    /// Requests that arrived in it.
+    pub arrivals: u64,
+    /// Runs carried over from the previous window's deferrals.
+    pub carried_runs: u64,
+    /// Blocks the arrivals read (each block once per request).
+    pub blocks: u64,
+    /// Of those, blocks already in their node's CPU tier.
+    pub hit_blocks: u64,
+    /// Distinct bytes the admitted requests need.
+    pub unique_bytes: u64,
+    /// Bytes read on purpose between runs, to merge them.
+    pub gap_bytes: u64,
+    /// Bytes in the plan's operations.
+    pub planned_bytes: u64,
+    /// Bytes deferred to the next window.
+    pub deferred_bytes: u64,
+    /// Bytes dropped for good.
+    pub dropped_bytes: u64,
+    /// Operations in the plan.
+    pub ops: u64,
+    /// Bytes the stores copied (0 when only planned).
+    pub executed_bytes: u64,
+    /// Pages checked byte for byte after the copies.
+    pub verified_pages: u64,
+}
+
+/// A whole run of the stage under one placement.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunFigures {
+    /// `cohorts` or `round-robin`.
+    pub placement: &'static str,
+    /// Requests placed.
+    pub requests: u64,
+    /// Requests placed by a cohort.
+    pub placed_by_cohort: u64,
+    /// Blocks placed per node.
+    pub node_blocks: Vec<u64>,
+    /// Per window.
+    pub windows: Vec<WindowFigures>,
+    /// Sums over the windows.
+    pub total: WindowFigures,
+}
+
+impl RunFigures {
+    /// Share of the blocks requested that were already in CPU memory.
+    pub fn hit_rate(&self) -> f64 {
+        self.total.hit_blocks as f64 / self.total.blocks.max(1) as f64
+    }
+}
+
+/// What the stage did.
+#[derive(Debug, Serialize)]
+pub struct KvOutcome {
+    /// The run with cohort placement, executed by the stores.
+    pub executed: RunFigures,
+    /// The same windows with round-robin placement, planned only.
+    pub round_robin: RunFigures,
+    /// Bytes of one copy of every distinct block the requests read: what
+    /// one node holding everything would move, the least any placement can.
+    pub floor_bytes: u64,
+    /// Page hits from the stores fed to the planner.
+    pub hits_fed_back: u64,
+    /// Execution wall time summed over windows and nodes, ns.
+    pub exec_ns: u64,
+    /// Where the files are.
+    pub dir: PathBuf,
+    /// Contract files written (cluster plans and node shares).
+    pub plans: Vec<PathBuf>,
+}
+
+/// A node's store: a memory tier (`cpu`) over a disk tier (`ssd`).
+struct NodeStore {
+    name: &'static str,
+    engine: StorageEngine,
+    options: stratacache::ExecOptions,
+}
+
+impl NodeStore {
+    fn open(dir: &Path, name: &'static str) -> Result<NodeStore> {
+        let mut memory = TierConfig::new(TierKind::Memory);
+        memory.name = Some("cpu".into());
+        memory.capacity = Some(ByteSize(CPU_BYTES));
+        let mut disk = TierConfig::new(TierKind::Disk);
+        disk.name = Some("ssd".into());
+        disk.path = Some(dir.join(name).join("ssd"));
+        disk.capacity = Some(ByteSize(SSD_BYTES));
+        let mut config = Config {
+            tiers: vec![memory, disk],
+            ..Config::default()
+        };
+        config.exec.node = name.into();
+        config.exec.streams = 2;
+        let engine = config
+            .open()
+            .with_context(|| format!("opening {name}'s store"))?;
+        Ok(NodeStore {
+            name,
+            engine,
+            options: config.exec,
+        })
+    }
+}
+
+/// Runs the stage: reads the trace and the WaveSpec, writes under `dir`.
+pub fn kv_stage(dir: &Path, trace: &Path, wave_spec: &Path) -> Result<KvOutcome> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let spec = crate::bwrt_cmd::read_wave_spec(wave_spec)?;
+    let mut trace = Trace::read(trace, false)?;
+    let start = trace.requests.first().map_or(0, |r| r.arrival_ns);
+    trace
+        .requests
+        .retain(|r| r.arrival_ns.saturating_sub(start) < SPAN_NS);
+    trace.requests.truncate(MAX_REQUESTS);
+    ensure!(
+        !trace.requests.is_empty(),
+        "the trace has no requests for the KV stage"
+    );
+
+    let stores: Vec<NodeStore> = NODES
+        .iter()
+        .map(|n| NodeStore::open(dir, n))
+        .collect::<Result<_>>()?;
+    let mut outcome = KvOutcome {
+        executed: RunFigures::default(),
+        round_robin: RunFigures::default(),
+        floor_bytes: distinct_blocks(&trace) * PAGE_BYTES,
+        hits_fed_back: 0,
+        exec_ns: 0,
+        dir: dir.to_owned(),
+        plans: Vec::new(),
+    };
+    let executed = run(
+        &trace,
+        start,
+        Router::new(Placement::Cohorts, &spec),
+        Some((&stores, dir)),
+        &mut outcome,
+    );
+    for s in &stores {
+        s.engine
+            .close()
+            .with_context(|| format!("closing {}'s store", s.name))?;
+    }
+    outcome.executed = executed?;
+    outcome.round_robin = run(
+        &trace,
+        start,
+        Router::new(Placement::RoundRobin, &spec),
+        None,
+        &mut outcome,
+    )?;
+    Ok(outcome)
+}
+
+/// One run over the windows. With `stores`, each window's plan is written
+/// under the directory, executed, checked and fed back; without, the plan's
+/// copies are taken as done.
+fn run(
+    trace: &Trace,
+    start: u64,
+    mut router: Router,
+    stores: Option<(&[NodeStore], &Path)>,
+    outcome: &mut KvOutcome,
+) -> Result<RunFigures> {
+    let mut config = bcache::config::Config::default().planner;
+    // The stores hold pages as objects, not as one byte range: reading
+    // the unrequested pages between two runs would read nothing useful.
+    config.max_gap_pages = 0;
+    let mut planner = bcache::Planner::new(config);
+    let mut resident: Vec<HashSet<u64>> = vec![HashSet::new(); NODES.len()];
+    let mut carry: Vec<bcache::planner::Unplanned> = Vec::new();
+    let mut figures = RunFigures {
+        placement: match router.placement {
+            Placement::Cohorts => "cohorts",
+            Placement::RoundRobin => "round-robin",
+        },
+        ..RunFigures::default()
+    };
+    let mut next = 0usize;
+    let mut window = 0u64;
+    while next < trace.requests.len() || !carry.is_empty() {
+        let last_arrival_window = trace
+            .requests
+            .last()
+            .map_or(0, |r| (r.arrival_ns - start) / WINDOW_NS);
+        if window > last_arrival_window + MAX_DRAIN_WINDOWS {
+            let left: u64 = carry.iter().map(|u| u.bytes).sum();
+            bail!(
+                "{left} bytes were still deferred {MAX_DRAIN_WINDOWS} windows after the last arrival"
+            );
+        }
+        let now = window * WINDOW_NS;
+        let mut w = WindowFigures {
+            window,
+            carried_runs: carry.len() as u64,
+            ..WindowFigures::default()
+        };
+        let mut requests = Vec::new();
+        while let Some(r) = trace.requests.get(next) {
+            let arrival = r.arrival_ns - start;
+            if arrival >= now + WINDOW_NS {
+                break;
+            }
+            let node = router.place(&r.blocks);
+            let mut seen = HashSet::new();
+            let distinct: Vec<u64> = r
+                .blocks
+                .iter()
+                .copied()
+                .filter(|b| seen.insert(*b))
+                .collect();
+            let missing: Vec<u64> = distinct
+                .iter()
+                .copied()
+                .filter(|b| !resident[node].contains(b))
+                .collect();
+            w.arrivals += 1;
+            w.blocks += distinct.len() as u64;
+            w.hit_blocks += (distinct.len() - missing.len()) as u64;
+            if !missing.is_empty() {
+                requests.push(request(format!("r{next}"), node, missing, arrival));
+            }
+            next += 1;
+        }
+        for (i, u) in carry.drain(..).enumerate() {
+            let node = NODES
+                .iter()
+                .position(|n| **n == *u.node)
+                .with_context(|| format!("a deferred run names an unknown node {}", u.node))?;
+            let pages = (u.page..u.page + u.count.max(1)).collect();
+            requests.push(request(format!("carry{window}-{i}"), node, pages, now));
+        }
+        let input = WindowInput {
+            window_index: window,
+            now_ns: now,
+            window_ns: WINDOW_NS,
+            nodes: NODES
+                .iter()
+                .enumerate()
+                .map(|(n, name)| node_state(name, &resident[n]))
+                .collect(),
+            tenants: Vec::new(),
+            layer_latency_ns: Vec::new(),
+            requests,
+        };
+        let (plan, report) = planner.plan(&input)?;
+        account(&mut w, &plan, &report)?;
+        carry = report
+            .unplanned
+            .iter()
+            .filter(|u| !u.reason.is_drop())
+            .cloned()
+            .collect();
+
+        match stores {
+            Some((stores, dir)) => {
+                let here = dir.join(format!("w{window:03}"));
+                std::fs::create_dir_all(&here)
+                    .with_context(|| format!("creating {}", here.display()))?;
+                write_json(&here.join("input.json"), &input)?;
+                write_json(&here.join("report.json"), &report)?;
+                let doc = Document::CachePlan(plan.clone());
+                let plan_path = here.join("cache_plan.json");
+                doc.write(&plan_path, Format::Json)?;
+                read_back(&plan_path, &doc)?;
+                outcome.plans.push(plan_path);
+                for (n, store) in stores.iter().enumerate() {
+                    let share_path = here.join(format!("{}.cache_plan.json", store.name));
+                    Document::CachePlan(plan.for_node(store.name))
+                        .write(&share_path, Format::Json)?;
+                    outcome.plans.push(share_path.clone());
+                    let done = execute(store, &share_path, &here, &mut w, &mut resident[n])?;
+                    outcome.exec_ns += done.elapsed_ns;
+                    let hits: Vec<(u32, u64, f64)> = done
+                        .hits
+                        .iter()
+                        .map(|h| (h.layer, h.page, h.hits))
+                        .collect();
+                    outcome.hits_fed_back += hits.len() as u64;
+                    planner.observe_hits(&hits, now);
+                }
+                ensure!(
+                    w.executed_bytes == w.planned_bytes,
+                    "window {window}: the stores copied {} bytes of the {} planned",
+                    w.executed_bytes,
+                    w.planned_bytes
+                );
+            }
+            None => {
+                for (n, name) in NODES.iter().enumerate() {
+                    for op in &plan.for_node(name).ops {
+                        for r in &op.kv_refs {
+                            resident[n].extend(r.page..r.page + r.count.max(1));
+                        }
+                    }
+                }
+            }
+        }
+        add(&mut figures.total, &w);
+        figures.windows.push(w);
+        window += 1;
+    }
+    figures.requests = router.placed;
+    figures.placed_by_cohort = router.by_cohort;
+    figures.node_blocks = router.load;
+    Ok(figures)
+}
+
+/// Distinct blocks the requests read.
+fn distinct_blocks(trace: &Trace) -> u64 {
+    let all: HashSet<u64> = trace
+        .requests
+        .iter()
+        .flat_map(|r| r.blocks.iter().copied())
+        .collect();
+    all.len() as u64
+}
+
+/// A request of the window for `pages` of node `node`, arriving at
+/// `arrival` (ns on the window clock).
+fn request(id: String, node: usize, pages: Vec<u64>, arrival: u64) -> Request {
+    Request {
+        id,
+        node: NODES[node].into(),
+        tenant: "default".into(),
+        pages,
+        layers: [0, 1],
+        src: Tier::Ssd,
+        dst: Tier::Cpu,
+        deadline_ns: arrival + TTFT_BUDGET_NS,
+        page_bytes: PAGE_BYTES,
+        est_fill_ns: 0,
+        tensor: "kv".into(),
+        tokens: Vec::new(),
+    }
+}
+
+/// A node as the planner sees it: its CPU tier holding `resident`, its SSD
+/// tier holding every page.
+fn node_state(name: &str, resident: &HashSet<u64>) -> Node {
+    let used = resident.len() as u64 * PAGE_BYTES;
+    let mut pages: Vec<u64> = resident.iter().copied().collect();
+    pages.sort_unstable();
+    let mut cpu = TierState::new(Tier::Cpu, CPU_BYTES, CPU_BYTES.saturating_sub(used), CPU_BW);
+    cpu.resident = pages
+        .into_iter()
+        .map(|page| ResidentPage {
+            page,
+            layer: 0,
+            bytes: PAGE_BYTES,
+            pinned: false,
+        })
+        .collect();
+    Node {
+        name: name.into(),
+        tiers: vec![cpu, TierState::new(Tier::Ssd, SSD_BYTES, SSD_BYTES, SSD_BW)],
+    }
+}
+
+/// Fills the planner's figures into `w` and checks the bytes add up.
+fn account(w: &mut WindowFigures, plan: &CachePlan, report: &Report) -> Result<()> {
+    w.unique_bytes = report.unique_bytes;
+    w.gap_bytes = report.gap_bytes;
+    w.planned_bytes = report.planned_bytes;
+    w.deferred_bytes = report.deferred_bytes;
+    w.dropped_bytes = report.dropped_bytes;
+    w.ops = report.ops;
+    let in_ops: u64 = plan.ops.iter().map(|o| o.length).sum();
+    ensure!(
+        in_ops == report.planned_bytes,
+        "window {}: the plan's operations hold {in_ops} bytes, its report says {}",
+        w.window,
+        report.planned_bytes
+    );
+    ensure!(
+        w.unique_bytes + w.gap_bytes == w.planned_bytes + w.deferred_bytes + w.dropped_bytes,
+        "window {}: needed {} + gaps {} != planned {} + deferred {} + dropped {}",
+        w.window,
+        w.unique_bytes,
+        w.gap_bytes,
+        w.planned_bytes,
+        w.deferred_bytes,
+        w.dropped_bytes
+    );
+    Ok(())
+}
+
+/// Executes one node's share from its file, writes the report next to it,
+/// reads it back, checks every copied page and records what is now resident.
+fn execute(
+    store: &NodeStore,
+    share_path: &Path,
+    dir: &Path,
+    w: &mut WindowFigures,
+    resident: &mut HashSet<u64>,
+) -> Result<ExecReport> {
+    let share = crate::strata::read_plan(share_path)?;
+    crate::strata::fill_sources(&store.engine, &share, &store.options)?;
+    store.engine.flush()?;
+    let report = stratacache::execute(&store.engine, &share, &store.options)
+        .with_context(|| format!("executing {}", share_path.display()))?;
+    let report_path = dir.join(format!("{}.exec_report.json", store.name));
+    write_json(&report_path, &report)?;
+    let text = std::fs::read_to_string(&report_path)
+        .with_context(|| format!("reading {}", report_path.display()))?;
+    let report: ExecReport = serde_json::from_str(&text)
+        .with_context(|| format!("reading {}", report_path.display()))?;
+    if report.failed_ops > 0 {
+        let why = report.ops.iter().find_map(|o| match &o.status {
+            OpStatus::Failed { reason } => Some(reason.clone()),
+            _ => None,
+        });
+        bail!(
+            "{}: {} operations failed, the first because {}",
+            report_path.display(),
+            report.failed_ops,
+            why.unwrap_or_default()
+        );
+    }
+    let cpu = store.engine.tier_index("cpu")?;
+    for op in &share.ops {
+        let pages: u64 = op.kv_refs.iter().map(|r| r.count.max(1)).sum();
+        let page_bytes = (op.length / pages.max(1)) as usize;
+        for r in &op.kv_refs {
+            for (layer, page, key) in store.options.keys.ref_keys(r) {
+                let got = store.engine.load(&key, Access::Exact(cpu))?;
+                if *got.object.bytes != *crate::strata::page_pattern(layer, page, page_bytes) {
+                    bail!(
+                        "{}: page {page} of layer {layer} arrived with the wrong bytes",
+                        store.name
+                    );
+                }
+                resident.insert(page);
+                w.verified_pages += 1;
+            }
+        }
+    }
+    for r in share.evict.iter().filter(|r| r.location.ends_with("/cpu")) {
+        for page in r.page..r.page + r.count.max(1) {
+            resident.remove(&page);
+        }
+    }
+    w.executed_bytes += report.done_bytes;
+    Ok(report)
+}
+
+/// Adds a window's figures into the running total.
+fn add(total: &mut WindowFigures, w: &WindowFigures) {
+    total.window = w.window + 1;
+    total.arrivals += w.arrivals;
+    total.carried_runs += w.carried_runs;
+    total.blocks += w.blocks;
+    total.hit_blocks += w.hit_blocks;
+    total.unique_bytes += w.unique_bytes;
+    total.gap_bytes += w.gap_bytes;
+    total.planned_bytes += w.planned_bytes;
+    total.deferred_bytes += w.deferred_bytes;
+    total.dropped_bytes += w.dropped_bytes;
+    total.ops += w.ops;
+    total.executed_bytes += w.executed_bytes;
+    total.verified_pages += w.verified_pages;
+}
+
+/// Writes `value` as pretty JSON, atomically.
+fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    bstack_plan::write_atomic(path, &serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
