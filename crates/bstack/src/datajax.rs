@@ -80,9 +80,10 @@ pub struct ExportWavespecArgs {
     /// Where to write the WaveSpec (.json, or .pb for protobuf).
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     output: PathBuf,
-    /// Use only the first N requests of the trace.
-    #[arg(long, value_name = "N")]
-    limit: Option<usize>,
+    /// Use only the first N requests of the trace (the flag `bstack demo`
+    /// takes too; `--limit` is accepted as well).
+    #[arg(long = "requests", alias = "limit", value_name = "N")]
+    requests: Option<usize>,
     /// Tokens per KV block in the trace.
     #[arg(long, default_value_t = 512, value_name = "N")]
     block_tokens: u32,
@@ -301,7 +302,7 @@ fn export_wavespec(a: ExportWavespecArgs, out: &Output) -> Result<Outcome> {
     if a.wave_ms == 0 {
         bail!("--wave-ms must be at least 1");
     }
-    let requests = datajax::wavespec::read_trace(&a.trace, a.limit)?;
+    let requests = datajax::wavespec::read_trace(&a.trace, a.requests)?;
     let engine = Engine::new()?;
     let options = datajax::wavespec::ExportOptions {
         block_tokens: a.block_tokens,
