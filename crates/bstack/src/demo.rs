@@ -57,8 +57,18 @@ pub struct DemoArgs {
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
     /// Requests of the trace to use, from its start.
-    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(2..))]
+    #[arg(long, default_value_t = 2000, value_parser = at_least_two)]
     requests: u64,
+}
+
+/// `--requests`: a trace of one request has no reuse, no cohorts and no
+/// window to plan.
+fn at_least_two(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(n) if n >= 2 => Ok(n),
+        Ok(_) => Err("the demo needs at least 2 requests".into()),
+        Err(e) => Err(format!("{e}: give a number of requests, such as 2000")),
+    }
 }
 
 /// One stage's row of the summary.

@@ -433,8 +433,23 @@ fn summarise_swap_plan(s: &mut Summary, p: &SwapPlan, top: usize) {
                 .map(|f| (f.path.clone(), hashes(f)))
                 .collect()
         };
-        summarise_delta(s, "tensors", &tensors(from), &tensors(to));
-        summarise_delta(s, "files", &files(from), &files(to));
+        if from.tensors.is_empty() && from.files.is_empty() {
+            // Planners may send the old version's identity only: its
+            // entries are on the receivers. Comparing against nothing
+            // would call every entry added.
+            s.add(
+                "delta",
+                format!(
+                    "not in the plan: it names {} {} without its entries \
+                     (`bstack hw verify-plan --manifest-prev` checks against them)",
+                    from.model_id, from.version
+                ),
+                json!(null),
+            );
+        } else {
+            summarise_delta(s, "tensors", &tensors(from), &tensors(to));
+            summarise_delta(s, "files", &files(from), &files(to));
+        }
     }
     let staged = p.staged_bytes();
     s.add(

@@ -108,6 +108,25 @@ fn manifest_and_swap_plan_figures() {
     run.code(0).stdout_has("(matches)");
 }
 
+/// A plan that names the old version without its entries (as `hw plan`
+/// writes them) has no delta to show: it must not call every tensor added.
+#[test]
+fn swap_plan_with_the_old_version_named_only_shows_no_delta() {
+    let sandbox = Sandbox::with_examples();
+    let mut plan = sandbox.read_json(&format!("{EXAMPLES}/swap_plan.json"));
+    plan["from"]["tensors"] = serde_json::json!([]);
+    plan["from"]["files"] = serde_json::json!([]);
+    sandbox.write("named.swap_plan.json", plan.to_string());
+    let run = sandbox.run(&["--json", "plan", "show", "named.swap_plan.json"]);
+    run.code(0);
+    let summary = run.json();
+    assert!(summary.get("tensors").is_none(), "{run}");
+    assert!(summary["delta"].is_null(), "{run}");
+    let run = sandbox.run(&["plan", "show", "named.swap_plan.json"]);
+    run.code(0).stdout_has("without its entries");
+    assert!(!run.stdout.contains(" added"), "{run}");
+}
+
 #[test]
 fn wave_spec_figures_include_its_prefix_statistics() {
     let sandbox = Sandbox::with_examples();
