@@ -203,7 +203,7 @@ pub struct RunFigures {
     pub node_blocks: Vec<u64>,
     /// Per window.
     pub windows: Vec<WindowFigures>,
-    /// Sums over the windows.
+    /// Sums over the windows; its `window` is the number of windows.
     pub total: WindowFigures,
 }
 
