@@ -25,7 +25,7 @@ use crate::bwrt_abi::{
 };
 use crate::output::Output;
 
-/// Settings of a runtime with the window always open.
+/// Settings of a CPU runtime with the window always open.
 fn settings(workers: u32, ring_depth: u32, tile: (u32, u32, u32)) -> RuntimeSettings {
     RuntimeSettings {
         workers,
@@ -33,6 +33,8 @@ fn settings(workers: u32, ring_depth: u32, tile: (u32, u32, u32)) -> RuntimeSett
         dtype: DType::F32,
         tile,
         swap_window: (0, u64::MAX),
+        backend: bwrt::ffi::BWRT_BACKEND_CPU,
+        device: 0,
     }
 }
 

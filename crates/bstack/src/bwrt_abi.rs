@@ -107,6 +107,8 @@ impl Api {
             flags: 0,
             swap_begin: settings.swap_window.0,
             swap_end: settings.swap_window.1,
+            backend: settings.backend,
+            device: settings.device,
         };
         let mut handle = ptr::null_mut();
         // SAFETY: `config` is a valid struct; `handle` is writable.
@@ -136,10 +138,15 @@ pub struct RuntimeSettings {
     pub tile: (u32, u32, u32),
     /// The WaveSpec's `[swap_begin, swap_end)`.
     pub swap_window: (u64, u64),
+    /// `BWRT_BACKEND_*`: where the waves run.
+    pub backend: u32,
+    /// Device ordinal, for the CUDA backend.
+    pub device: u32,
 }
 
 impl RuntimeSettings {
-    /// The settings of a WaveSpec, with `workers` workers and a 1024-slot ring.
+    /// The settings of a WaveSpec, with `workers` workers, a 1024-slot ring
+    /// and the CPU backend.
     pub fn from_wave_spec(spec: &bwrt::WaveSpec, workers: u32) -> AbiResult<Self> {
         let dtype = DType::from_plan(&spec.dtype, "wave_spec.dtype").map_err(|e| AbiError {
             status: e.status(),
@@ -151,6 +158,8 @@ impl RuntimeSettings {
             dtype,
             tile: (spec.bm, spec.bn, spec.bk),
             swap_window: (spec.swap_begin, spec.swap_end),
+            backend: bwrt::ffi::BWRT_BACKEND_CPU,
+            device: 0,
         })
     }
 }

@@ -12,8 +12,8 @@ use anyhow::{Context, Result, bail};
 use bstack_plan::{ContractKind, Document, Validate};
 use bwrt::DType;
 use bwrt::ffi::{
-    BWRT_BACKEND_CPU, BWRT_FEATURE_BLOCKING_SUBMIT, BWRT_FEATURE_MBARRIER, BWRT_FEATURE_SWAP_QUEUE,
-    BWRT_FEATURE_WEIGHT_SLOTS, BwrtCounters,
+    BWRT_BACKEND_CPU, BWRT_BACKEND_CUDA, BWRT_FEATURE_BLOCKING_SUBMIT, BWRT_FEATURE_MBARRIER,
+    BWRT_FEATURE_SWAP_QUEUE, BWRT_FEATURE_WEIGHT_SLOTS, BwrtCounters,
 };
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -61,6 +61,23 @@ pub struct RunArgs {
     /// costs m·n·k multiply-adds in f64).
     #[arg(long)]
     no_verify: bool,
+    /// Where the waves run: the CPU, or an NVIDIA GPU through cuBLAS (needs
+    /// a build with `--features cuda`, the CUDA driver and libcublas;
+    /// `bwrt caps` says what this build and machine have).
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendArg,
+    /// GPU ordinal, with `--backend cuda`.
+    #[arg(long, default_value_t = 0)]
+    device: u32,
+}
+
+/// `--backend`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum BackendArg {
+    /// The worker threads' cores.
+    Cpu,
+    /// An NVIDIA GPU through cuBLAS.
+    Cuda,
 }
 
 pub fn run(cmd: BwrtCommand, out: &Output) -> Result<Outcome> {
@@ -93,9 +110,15 @@ fn caps(out: &Output) -> Result<Outcome> {
     } else {
         format!("unknown ({})", c.backend)
     };
+    let backends: Vec<&str> = [(BWRT_BACKEND_CPU, "cpu"), (BWRT_BACKEND_CUDA, "cuda")]
+        .iter()
+        .filter(|(code, _)| c.backends & (1 << code) != 0)
+        .map(|(_, name)| *name)
+        .collect();
     if out.json {
         out.json_line(&json!({
-            "abi_version": c.abi_version, "backend": backend, "dtypes": dtypes,
+            "abi_version": c.abi_version, "backend": backend, "backends": backends,
+            "cuda_devices": c.cuda_devices, "dtypes": dtypes,
             "max_workers": c.max_workers, "max_ring_depth": c.max_ring_depth,
             "max_tile": c.max_tile, "features": features,
         }))?;
@@ -103,6 +126,15 @@ fn caps(out: &Output) -> Result<Outcome> {
         let mut t = key_value_table();
         t.add_row(vec!["ABI version".to_owned(), c.abi_version.to_string()]);
         t.add_row(vec!["backend".to_owned(), backend]);
+        let cuda = if backends.contains(&"cuda") {
+            format!("{} CUDA devices visible", c.cuda_devices)
+        } else {
+            "this build has no CUDA backend (build with --features cuda)".to_owned()
+        };
+        t.add_row(vec![
+            "backends".to_owned(),
+            format!("{}; {cuda}", backends.join(", ")),
+        ]);
         t.add_row(vec!["dtypes".to_owned(), dtypes.join(", ")]);
         t.add_row(vec!["max workers".to_owned(), c.max_workers.to_string()]);
         t.add_row(vec![
@@ -177,7 +209,12 @@ fn run_waves(a: RunArgs, out: &Output) -> Result<Outcome> {
         None => bwrt::default_wave_spec(),
     };
     let workers = a.workers.unwrap_or_else(crate::bwrt_abi::cores);
-    let settings = RuntimeSettings::from_wave_spec(&spec, workers)?;
+    let mut settings = RuntimeSettings::from_wave_spec(&spec, workers)?;
+    settings.backend = match a.backend {
+        BackendArg::Cpu => BWRT_BACKEND_CPU,
+        BackendArg::Cuda => BWRT_BACKEND_CUDA,
+    };
+    settings.device = a.device;
     let api = Api::negotiate()?;
     let rt = api
         .runtime(&settings)

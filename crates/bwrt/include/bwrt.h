@@ -11,11 +11,16 @@
  *   bwrt_last_error(buf, len) gives the calling thread's latest message.
  *   No panic crosses the boundary (it is reported as BWRT_STATUS_INTERNAL).
  * - Structs passed by pointer start with uint32_t struct_size: set it to
- *   sizeof the struct. Smaller than the library's version 1 is
+ *   sizeof the struct. Smaller than the struct's first published size is
  *   BWRT_STATUS_BAD_STRUCT_SIZE; larger (a newer caller) is accepted.
+ *   Structs grow only at the end: fields past a caller's struct_size take
+ *   their defaults (read) or are left alone (written).
  * - Tensors are described as in DLPack (BwrtTensor): data, byte_offset,
  *   dtype code, ndim (2), shape, strides in elements (NULL: row-major),
- *   device (CPU).
+ *   device (host memory, on either backend).
+ * - Backends: BWRT_BACKEND_CPU always; BWRT_BACKEND_CUDA in builds with
+ *   the `cuda` feature, on a machine with a device (see BwrtCaps.backends
+ *   and cuda_devices); elsewhere BWRT_STATUS_UNAVAILABLE, saying why.
  * - A wave's tensors must stay valid until its semaphore reaches its
  *   value; bwrt_set_weights copies its tensor.
  * - The "wave index" is the number of waves completed; weights change only
@@ -57,8 +62,12 @@
 // `bwrt_set_weights` outcome: the swap waits for the window to open.
 #define BWRT_SWAP_QUEUED 1
 
-// `BwrtCaps.backend`: the CPU backend.
+// `BwrtCaps.backend`, `BwrtRuntimeConfig.backend`: the CPU backend.
 #define BWRT_BACKEND_CPU 0
+
+// `BwrtRuntimeConfig.backend`: an NVIDIA GPU through cuBLAS (in builds
+// with the `cuda` feature; see `BwrtCaps.backends`).
+#define BWRT_BACKEND_CUDA 1
 
 // `BwrtCaps.features`: swaps can be queued until the window opens.
 #define BWRT_FEATURE_SWAP_QUEUE 1
@@ -104,6 +113,11 @@ enum BwrtStatus
   BWRT_STATUS_WAVE_FAILED = 10,
   // A bug or a panic inside the library; the message says more.
   BWRT_STATUS_INTERNAL = 11,
+  // The backend or device asked for is not in this build or on this
+  // machine.
+  BWRT_STATUS_UNAVAILABLE = 12,
+  // The GPU driver or cuBLAS failed.
+  BWRT_STATUS_DEVICE_ERROR = 13,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -162,6 +176,12 @@ typedef struct BwrtCaps {
   uint32_t max_tile;
   // `BWRT_FEATURE_*` bits.
   uint32_t features;
+  // Bit `1 << BWRT_BACKEND_*` for each backend in this build (not
+  // filled for callers built before it: 32-byte structs).
+  uint32_t backends;
+  // CUDA devices this process can see: 0 without the CUDA backend, the
+  // driver or a device.
+  uint32_t cuda_devices;
 } BwrtCaps;
 
 // How to build a runtime (`bwrt_runtime_create`).
@@ -186,6 +206,11 @@ typedef struct BwrtRuntimeConfig {
   uint64_t swap_begin;
   // First wave index after the swap window (exclusive); >= swap_begin.
   uint64_t swap_end;
+  // `BWRT_BACKEND_*`; absent from callers built before it (48-byte
+  // structs): `BWRT_BACKEND_CPU`.
+  uint32_t backend;
+  // Device ordinal for `BWRT_BACKEND_CUDA`; ignored by the CPU backend.
+  uint32_t device;
 } BwrtRuntimeConfig;
 
 // How to submit a wave (`bwrt_submit_wave`).

@@ -35,9 +35,10 @@ FOREVER = 2**64 - 1
 STATUS = [
     "OK", "INVALID_ARGUMENT", "NULL_POINTER", "BAD_STRUCT_SIZE",
     "UNSUPPORTED_VERSION", "BAD_DTYPE", "BAD_SHAPE", "BUSY", "TIMEOUT",
-    "OUTSIDE_SWAP_WINDOW", "WAVE_FAILED", "INTERNAL",
+    "OUTSIDE_SWAP_WINDOW", "WAVE_FAILED", "INTERNAL", "UNAVAILABLE", "DEVICE_ERROR",
 ]
 DTYPES = {"F32": 0, "F16": 1, "BF16": 2}
+BACKENDS = {"cpu": 0, "cuda": 1}
 
 
 class BwrtError(Exception):
@@ -76,7 +77,8 @@ class _Tensor(C.Structure):
 class _RuntimeConfig(C.Structure):
     _fields_ = [(n, C.c_uint32) for n in
                 ("struct_size", "workers", "ring_depth", "dtype", "bm", "bn", "bk", "flags")] + [
-        ("swap_begin", C.c_uint64), ("swap_end", C.c_uint64)]
+        ("swap_begin", C.c_uint64), ("swap_end", C.c_uint64),
+        ("backend", C.c_uint32), ("device", C.c_uint32)]
 
 
 class _WaveDesc(C.Structure):
@@ -98,7 +100,7 @@ class _Counters(C.Structure):
 class _Caps(C.Structure):
     _fields_ = [(n, C.c_uint32) for n in (
         "struct_size", "abi_version", "backend", "dtype_mask", "max_workers",
-        "max_ring_depth", "max_tile", "features")]
+        "max_ring_depth", "max_tile", "features", "backends", "cuda_devices")]
 
 
 _S = C.c_int32
@@ -229,9 +231,10 @@ class Library:
         return {name: getattr(caps, name) for name, _ in _Caps._fields_[1:]}
 
     def runtime(self, workers=2, ring_depth=64, tile=(64, 64, 256),
-                swap=(0, 2**64 - 1), dtype="F32"):
-        """A new Runtime; `swap` is the window [swap_begin, swap_end)."""
-        return Runtime(self, workers, ring_depth, tile, swap, dtype)
+                swap=(0, 2**64 - 1), dtype="F32", backend="cpu", device=0):
+        """A new Runtime; `swap` is the window [swap_begin, swap_end);
+        `backend` is "cpu" or "cuda" (see caps()["backends"])."""
+        return Runtime(self, workers, ring_depth, tile, swap, dtype, backend, device)
 
     def semaphore(self, initial=0):
         """A new timeline Semaphore."""
@@ -262,12 +265,13 @@ class _Handle:
 class Runtime(_Handle):
     """Worker threads and their command ring."""
 
-    def __init__(self, lib, workers, ring_depth, tile, swap, dtype):
+    def __init__(self, lib, workers, ring_depth, tile, swap, dtype, backend="cpu", device=0):
         super().__init__(lib)
         cfg = _RuntimeConfig(
             struct_size=C.sizeof(_RuntimeConfig), workers=workers,
             ring_depth=ring_depth, dtype=DTYPES.get(dtype, 99), bm=tile[0],
-            bn=tile[1], bk=tile[2], flags=0, swap_begin=swap[0], swap_end=swap[1])
+            bn=tile[1], bk=tile[2], flags=0, swap_begin=swap[0], swap_end=swap[1],
+            backend=BACKENDS.get(backend, 99), device=device)
         lib.check(self.api.runtime_create(C.byref(cfg), C.byref(self.h)))
         self._inflight = []
 

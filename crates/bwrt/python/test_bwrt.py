@@ -32,6 +32,17 @@ def main():
     assert e.status == "INVALID_ARGUMENT"
     e = expect(bwrt.BwrtError, lambda: lib.runtime(dtype="I8"), "config.dtype")
     assert e.status == "BAD_DTYPE"
+    assert caps["backends"] & 1, caps
+    e = expect(bwrt.BwrtError, lambda: lib.runtime(backend="tpu"), "config.backend")
+    assert e.status == "INVALID_ARGUMENT"
+    # The CUDA backend: present only in a build that has it, on a machine
+    # with a device; elsewhere creating it says why.
+    if caps["backends"] & 2 and caps["cuda_devices"] > 0:
+        with lib.runtime(backend="cuda"):
+            pass
+    else:
+        e = expect(bwrt.BwrtError, lambda: lib.runtime(backend="cuda"), "CUDA")
+        assert e.status == "UNAVAILABLE", e.status
 
     # GEMM waves on every dtype, with shapes that are not tile multiples.
     with lib.runtime(workers=2, tile=(4, 4, 3), swap=(1, 3)) as rt:

@@ -83,6 +83,14 @@ pub enum Error {
     /// The runtime is shutting down.
     #[error("the runtime is shutting down")]
     ShutDown,
+    /// The backend or device asked for is not in this build or on this
+    /// machine (the message says which, and what to do).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The GPU driver or cuBLAS reported an error while a runtime was built
+    /// or a wave ran.
+    #[error("device error: {0}")]
+    Device(String),
     /// An internal invariant broke (a bug: please report it).
     #[error("internal error: {0}")]
     Internal(String),
@@ -100,6 +108,8 @@ impl Error {
             Error::Timeout { .. } => Status::Timeout,
             Error::OutsideSwapWindow { .. } => Status::OutsideSwapWindow,
             Error::WaveFailed(_) => Status::WaveFailed,
+            Error::Unavailable(_) => Status::Unavailable,
+            Error::Device(_) => Status::DeviceError,
             Error::ShutDown | Error::Internal(_) => Status::Internal,
         }
     }
@@ -156,4 +166,9 @@ pub enum Status {
     WaveFailed = 10,
     /// A bug or a panic inside the library; the message says more.
     Internal = 11,
+    /// The backend or device asked for is not in this build or on this
+    /// machine.
+    Unavailable = 12,
+    /// The GPU driver or cuBLAS failed.
+    DeviceError = 13,
 }

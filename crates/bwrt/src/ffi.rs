@@ -18,12 +18,16 @@
 //!   panic as `BWRT_STATUS_INTERNAL`.
 //! - **Extensible structs**: every struct passed by pointer starts with
 //!   `uint32_t struct_size`, set by the caller to `sizeof` the struct it
-//!   was built with. A size below the library's version-1 size is
+//!   was built with. A size below the struct's first published size is
 //!   `BWRT_STATUS_BAD_STRUCT_SIZE`; a larger one (a newer caller) is fine,
-//!   and the library reads or writes only the fields it knows.
+//!   and the library reads or writes only the fields it knows. Structs grow
+//!   only at the end: fields a caller's smaller struct lacks take their
+//!   documented defaults (read) or are not written (write), so a caller
+//!   built against an older header keeps working.
 //! - **Tensors as in DLPack** ([`BwrtTensor`]): data pointer, byte offset,
 //!   dtype code, `ndim`, shape and strides (in elements, NULL for
-//!   row-major) and a device (CPU only, for now).
+//!   row-major) and a device: host memory only, on either backend (the
+//!   CUDA backend copies the operands to the GPU and the result back).
 //!
 //! Memory contract of a wave: A, B and C stay valid, and nobody else
 //! writes A or B or touches C, from `bwrt_submit_wave` until the wave's
@@ -40,7 +44,9 @@ use std::sync::Arc;
 use crate::barrier::MBarrier;
 use crate::dtype::DType;
 use crate::error::{Error, Status};
-use crate::runtime::{OnFull, Operand, Runtime, RuntimeConfig, SwapMode, SwapOutcome, WaveDesc};
+use crate::runtime::{
+    Backend, OnFull, Operand, Runtime, RuntimeConfig, SwapMode, SwapOutcome, WaveDesc,
+};
 use crate::semaphore::Semaphore;
 use crate::tensor::{Buffer, HostMemory, Tensor};
 
@@ -65,8 +71,11 @@ pub const BWRT_SWAP_APPLIED: u32 = 0;
 /// `bwrt_set_weights` outcome: the swap waits for the window to open.
 pub const BWRT_SWAP_QUEUED: u32 = 1;
 
-/// `BwrtCaps.backend`: the CPU backend.
+/// `BwrtCaps.backend`, `BwrtRuntimeConfig.backend`: the CPU backend.
 pub const BWRT_BACKEND_CPU: u32 = 0;
+/// `BwrtRuntimeConfig.backend`: an NVIDIA GPU through cuBLAS (in builds
+/// with the `cuda` feature; see `BwrtCaps.backends`).
+pub const BWRT_BACKEND_CUDA: u32 = 1;
 /// `BwrtCaps.features`: swaps can be queued until the window opens.
 pub const BWRT_FEATURE_SWAP_QUEUE: u32 = 1;
 /// `BwrtCaps.features`: submission can block on a full ring.
@@ -128,7 +137,7 @@ pub struct BwrtTensor {
 
 /// How to build a runtime (`bwrt_runtime_create`).
 #[repr(C)]
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct BwrtRuntimeConfig {
     /// `sizeof(BwrtRuntimeConfig)` as the caller knows it.
     pub struct_size: u32,
@@ -150,7 +159,16 @@ pub struct BwrtRuntimeConfig {
     pub swap_begin: u64,
     /// First wave index after the swap window (exclusive); >= swap_begin.
     pub swap_end: u64,
+    /// `BWRT_BACKEND_*`; absent from callers built before it (48-byte
+    /// structs): `BWRT_BACKEND_CPU`.
+    pub backend: u32,
+    /// Device ordinal for `BWRT_BACKEND_CUDA`; ignored by the CPU backend.
+    pub device: u32,
 }
+
+/// `sizeof(BwrtRuntimeConfig)` in ABI version 1 as first published, before
+/// `backend` and `device`: the smallest size accepted.
+const RUNTIME_CONFIG_V1_SIZE: usize = 48;
 
 /// How to submit a wave (`bwrt_submit_wave`).
 #[repr(C)]
@@ -220,7 +238,17 @@ pub struct BwrtCaps {
     pub max_tile: u32,
     /// `BWRT_FEATURE_*` bits.
     pub features: u32,
+    /// Bit `1 << BWRT_BACKEND_*` for each backend in this build (not
+    /// filled for callers built before it: 32-byte structs).
+    pub backends: u32,
+    /// CUDA devices this process can see: 0 without the CUDA backend, the
+    /// driver or a device.
+    pub cuda_devices: u32,
 }
+
+/// `sizeof(BwrtCaps)` in ABI version 1 as first published, before
+/// `backends` and `cuda_devices`: the smallest size accepted.
+const CAPS_V1_SIZE: usize = 32;
 
 /// Version 1 of the function table. Entries are only ever appended.
 #[repr(C)]
@@ -392,6 +420,70 @@ unsafe fn read_struct<T: Copy>(p: *const T, name: &str) -> Result<T, Fail> {
     Ok(unsafe { p.read() })
 }
 
+/// Reads the caller's struct `*p` of a type that grows at the end: at
+/// least `min` bytes (its first published size) must be declared; the
+/// fields past the caller's `struct_size` keep `T::default()`.
+///
+/// # Safety
+/// `p` is NULL or points to at least `struct_size` readable bytes, laid out
+/// as `T` for as many of them as `T` has.
+unsafe fn read_prefix<T: Copy + Default>(p: *const T, name: &str, min: usize) -> Result<T, Fail> {
+    if p.is_null() {
+        return Err(null(name));
+    }
+    // SAFETY: non-NULL and aligned for u32 (T's first field is the u32
+    // struct_size), readable by contract.
+    let size = unsafe { p.cast::<u32>().read() } as usize;
+    if size < min {
+        return Err(fail(
+            Status::BadStructSize,
+            format!("{name}->struct_size is {size}; this library needs at least {min}"),
+        ));
+    }
+    let mut value = T::default();
+    // SAFETY: the caller's struct holds `size` bytes and we copy at most
+    // that many, and at most size_of::<T>() into `value`; T is plain data
+    // (repr(C) integers), so any bytes are a valid value.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            p.cast::<u8>(),
+            (&mut value as *mut T).cast::<u8>(),
+            size.min(size_of::<T>()),
+        );
+    }
+    Ok(value)
+}
+
+/// Writes `value` into the caller's `*p` of a type that grows at the end:
+/// at least `min` bytes must be declared; only the caller's `struct_size`
+/// bytes (at most `size_of::<T>()`) are written, and `struct_size` is set
+/// to the number written.
+///
+/// # Safety
+/// `p` is NULL or points to `struct_size` writable bytes laid out as `T`
+/// for as many of them as `T` has; `value`'s first field is a `u32`.
+unsafe fn write_prefix<T: Copy>(p: *mut T, name: &str, min: usize, value: T) -> Result<(), Fail> {
+    if p.is_null() {
+        return Err(null(name));
+    }
+    // SAFETY: as in `read_prefix`.
+    let size = unsafe { p.cast::<u32>().read() } as usize;
+    if size < min {
+        return Err(fail(
+            Status::BadStructSize,
+            format!("{name}->struct_size is {size}; this library needs at least {min}"),
+        ));
+    }
+    let n = size.min(size_of::<T>());
+    // SAFETY: `n` bytes fit both `value` and the caller's struct; the
+    // struct_size written back is the u32 at the start, which both have.
+    unsafe {
+        std::ptr::copy_nonoverlapping((&value as *const T).cast::<u8>(), p.cast::<u8>(), n);
+        p.cast::<u32>().write(n as u32);
+    }
+    Ok(())
+}
+
 /// Checks the caller's `struct_size` at `*p` and writes `value` there.
 ///
 /// # Safety
@@ -415,6 +507,14 @@ unsafe fn write_struct<T: Copy>(p: *mut T, name: &str, value: T) -> Result<(), F
     // bytes laid out as T.
     unsafe { p.write(value) };
     Ok(())
+}
+
+/// The `BWRT_BACKEND_*` code of a backend.
+fn backend_code(backend: Backend) -> u32 {
+    match backend {
+        Backend::Cpu => BWRT_BACKEND_CPU,
+        Backend::Cuda { .. } => BWRT_BACKEND_CUDA,
+    }
 }
 
 /// Borrows the object behind a handle.
@@ -687,9 +787,14 @@ pub unsafe extern "C" fn bwrt_get_caps(caps: *mut BwrtCaps) -> Status {
                 | BWRT_FEATURE_BLOCKING_SUBMIT
                 | BWRT_FEATURE_MBARRIER
                 | BWRT_FEATURE_WEIGHT_SLOTS,
+            backends: crate::runtime::BACKENDS_BUILT
+                .iter()
+                .map(|b| 1u32 << backend_code(*b))
+                .sum(),
+            cuda_devices: crate::runtime::cuda_devices(),
         };
         // SAFETY: forwarded contract.
-        unsafe { write_struct(caps, "caps", value) }
+        unsafe { write_prefix(caps, "caps", CAPS_V1_SIZE, value) }
     })
 }
 
@@ -712,7 +817,7 @@ pub unsafe extern "C" fn bwrt_runtime_create(
             return Err(null("out"));
         }
         // SAFETY: forwarded contract.
-        let c = unsafe { read_struct(config, "config") }?;
+        let c = unsafe { read_prefix(config, "config", RUNTIME_CONFIG_V1_SIZE) }?;
         if c.flags != 0 {
             return Err(fail(
                 Status::InvalidArgument,
@@ -734,10 +839,24 @@ pub unsafe extern "C" fn bwrt_runtime_create(
             dtype: dtype.name().into(),
             ..crate::runtime::default_wave_spec()
         };
+        let backend = match c.backend {
+            BWRT_BACKEND_CPU => Backend::Cpu,
+            BWRT_BACKEND_CUDA => Backend::Cuda { device: c.device },
+            other => {
+                return Err(fail(
+                    Status::InvalidArgument,
+                    format!(
+                        "config.backend is {other}; expected {BWRT_BACKEND_CPU} (CPU) or \
+                         {BWRT_BACKEND_CUDA} (CUDA)"
+                    ),
+                ));
+            }
+        };
         let rt = Runtime::new(RuntimeConfig {
             workers: c.workers as usize,
             ring_depth: c.ring_depth as usize,
             wave_spec,
+            backend,
         })?;
         // SAFETY: `out` was checked non-NULL and is writable by contract.
         unsafe { hand_out(out, BwrtRuntime { rt }) };

@@ -15,7 +15,9 @@
 //!   `[swap_begin, swap_end)`;
 //! - counters ([`Runtime::sample`]);
 //! - phased barriers for host threads ([`Barrier`], [`MBarrier`]);
-//! - the same, as a versioned C ABI ([`ffi`], `include/bwrt.h`).
+//! - the same, as a versioned C ABI ([`ffi`], `include/bwrt.h`);
+//! - with the `cuda` feature, a second backend that runs the waves on an
+//!   NVIDIA GPU through cuBLAS ([`Backend::Cuda`]).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -33,6 +35,8 @@
 //! ```
 
 pub mod barrier;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod ffi;
@@ -47,7 +51,7 @@ pub use bstack_plan::WaveSpec;
 pub use dtype::DType;
 pub use error::{Error, Result, Status};
 pub use runtime::{
-    Counters, OnFull, Operand, Runtime, RuntimeConfig, SwapMode, SwapOutcome, WaveDesc,
+    Backend, Counters, OnFull, Operand, Runtime, RuntimeConfig, SwapMode, SwapOutcome, WaveDesc,
     default_wave_spec,
 };
 pub use semaphore::Semaphore;

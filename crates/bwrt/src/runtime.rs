@@ -43,6 +43,16 @@
 //! finish out of order: to wait for *all* of waves `1..=n`, give each its
 //! own value on one semaphore and use one worker, or wait on each.
 //!
+//! # Backends
+//!
+//! [`Backend::Cpu`] (the default) runs each wave on the worker's core with
+//! the `gemm` crate, tiled by the wave spec. [`Backend::Cuda`] (cargo
+//! feature `cuda`, see `cuda.rs`) gives each worker its own stream and
+//! cuBLAS handle on one GPU; the ring, the wave index, the swap window, the
+//! semaphores and the counters are the same for both. A runtime asked for a
+//! backend this build or machine lacks is not built: [`Error::Unavailable`]
+//! says what is missing.
+//!
 //! Dropping the runtime lets the workers drain the ring, then joins them.
 
 use std::collections::HashMap;
@@ -60,6 +70,49 @@ use crate::semaphore::Semaphore;
 use crate::tensor::Tensor;
 use crate::wave::{Tile, check_gemm, run_gemm, wave_bytes};
 
+/// Where waves run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// The worker threads' own cores (the `gemm` crate's SIMD kernels).
+    #[default]
+    Cpu,
+    /// An NVIDIA GPU through cuBLAS: device `device` (0-based). Needs the
+    /// `cuda` feature, the CUDA driver and libcublas.
+    Cuda {
+        /// Device ordinal.
+        device: u32,
+    },
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Cpu => f.write_str("cpu"),
+            Backend::Cuda { device } => write!(f, "cuda:{device}"),
+        }
+    }
+}
+
+/// The backends this build has (the device of `Cuda` is a placeholder).
+pub const BACKENDS_BUILT: &[Backend] = &[
+    Backend::Cpu,
+    #[cfg(feature = "cuda")]
+    Backend::Cuda { device: 0 },
+];
+
+/// CUDA devices this process can see: 0 without the `cuda` feature, the
+/// driver or a device.
+pub fn cuda_devices() -> u32 {
+    #[cfg(feature = "cuda")]
+    {
+        crate::cuda::device_count()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        0
+    }
+}
+
 /// How the runtime is built.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
@@ -69,15 +122,18 @@ pub struct RuntimeConfig {
     pub ring_depth: usize,
     /// Tile shape, swap window and dtype of the waves; it must validate.
     pub wave_spec: WaveSpec,
+    /// Where the waves run.
+    pub backend: Backend,
 }
 
 impl Default for RuntimeConfig {
-    /// Two workers, a 1024-slot ring, [`default_wave_spec`].
+    /// Two workers, a 1024-slot ring, [`default_wave_spec`], the CPU.
     fn default() -> Self {
         RuntimeConfig {
             workers: 2,
             ring_depth: 1024,
             wave_spec: default_wave_spec(),
+            backend: Backend::Cpu,
         }
     }
 }
@@ -234,6 +290,7 @@ pub struct Runtime {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     wave_spec: WaveSpec,
+    backend: Backend,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -285,16 +342,22 @@ impl Runtime {
             sleepers: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
         });
+        // Every worker's engine is made before any thread starts, so a
+        // backend that cannot run fails the call instead of its waves.
+        let engines = (0..config.workers)
+            .map(|_| Engine::new(config.backend))
+            .collect::<Result<Vec<_>>>()?;
         let mut rt = Runtime {
             shared: Arc::clone(&shared),
             workers: Vec::with_capacity(config.workers),
             wave_spec: spec,
+            backend: config.backend,
         };
-        for i in 0..config.workers {
+        for (i, engine) in engines.into_iter().enumerate() {
             let s = Arc::clone(&shared);
             let handle = std::thread::Builder::new()
                 .name(format!("bwrt-worker-{i}"))
-                .spawn(move || worker(&s))
+                .spawn(move || worker(&s, &engine))
                 .map_err(|e| Error::Internal(format!("starting worker {i}: {e}")))?;
             rt.workers.push(handle);
         }
@@ -304,6 +367,11 @@ impl Runtime {
     /// The wave spec the runtime was built with.
     pub fn wave_spec(&self) -> &WaveSpec {
         &self.wave_spec
+    }
+
+    /// Where the runtime's waves run.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// The tile every GEMM wave is cut into.
@@ -461,7 +529,43 @@ impl Drop for Runtime {
     }
 }
 
-fn worker(s: &Shared) {
+/// What one worker runs its waves on.
+enum Engine {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::Worker),
+}
+
+impl Engine {
+    fn new(backend: Backend) -> Result<Engine> {
+        match backend {
+            Backend::Cpu => Ok(Engine::Cpu),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda { device } => Ok(Engine::Cuda(crate::cuda::Worker::new(device)?)),
+            #[cfg(not(feature = "cuda"))]
+            Backend::Cuda { .. } => Err(Error::Unavailable(
+                "this build of bwrt has no CUDA backend; rebuild it with `--features cuda`".into(),
+            )),
+        }
+    }
+
+    /// `C = A · B`; the `(m, n, k)` computed.
+    fn gemm(
+        &self,
+        tile: Tile,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+    ) -> Result<(usize, usize, usize)> {
+        match self {
+            Engine::Cpu => run_gemm(tile, a, b, c),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(worker) => worker.gemm(a, b, c),
+        }
+    }
+}
+
+fn worker(s: &Shared, engine: &Engine) {
     let mut idle_since: Option<Instant> = None;
     let mut spins = 0u32;
     loop {
@@ -471,7 +575,7 @@ fn worker(s: &Shared) {
                 drop(lock(&s.doorbell));
                 s.space.notify_all();
             }
-            execute(s, cmd);
+            execute(s, engine, cmd);
             continue;
         }
         if s.shutdown.load(Ordering::Acquire) {
@@ -498,7 +602,7 @@ fn worker(s: &Shared) {
     }
 }
 
-fn execute(s: &Shared, cmd: Command) {
+fn execute(s: &Shared, engine: &Engine, cmd: Command) {
     s.stats.active.fetch_add(1, Ordering::Relaxed);
     let start = Instant::now();
     let b = match &cmd.b {
@@ -511,7 +615,9 @@ fn execute(s: &Shared, cmd: Command) {
     };
     let result = b.and_then(|b| {
         let Ok(r) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_gemm(s.tile, &cmd.a, &b, &cmd.c).map(|mnk| (mnk, wave_bytes(&cmd.a, &b, &cmd.c)))
+            engine
+                .gemm(s.tile, &cmd.a, &b, &cmd.c)
+                .map(|mnk| (mnk, wave_bytes(&cmd.a, &b, &cmd.c)))
         })) else {
             return Err(Error::Internal("the GEMM kernel panicked".into()));
         };

@@ -25,6 +25,31 @@ fn caps_lists_the_abi_and_the_dtypes() {
         "{run}"
     );
     s.run(&["bwrt", "caps"]).code(0).stdout_has("swap-queue");
+    // This binary is built without bwrt's `cuda` feature.
+    assert_eq!(v["backends"], serde_json::json!(["cpu"]), "{run}");
+    assert_eq!(v["cuda_devices"], 0, "{run}");
+}
+
+/// Asking for the CUDA backend in a build without it is one error line
+/// that says how to get it.
+#[test]
+fn the_cuda_backend_in_a_build_without_it_says_how_to_get_it() {
+    let s = Sandbox::empty();
+    let run = s.run(&[
+        "bwrt",
+        "run",
+        "--backend",
+        "cuda",
+        "--m",
+        "4",
+        "--n",
+        "4",
+        "--k",
+        "4",
+    ]);
+    run.code(2).quiet_stdout();
+    assert!(run.error_line().contains("no CUDA backend"), "{run}");
+    assert!(run.error_line().contains("--features cuda"), "{run}");
 }
 
 #[test]

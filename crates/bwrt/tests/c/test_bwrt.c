@@ -109,19 +109,54 @@ int main(void) {
   EXPECT(api->get_caps(NULL), BWRT_STATUS_NULL_POINTER, "caps is NULL");
   caps.struct_size = 4;
   EXPECT(api->get_caps(&caps), BWRT_STATUS_BAD_STRUCT_SIZE, "struct_size");
+  /* A caller built before `backends` and `cuda_devices` (32 bytes) gets
+   * the fields it knows, and nothing past them is written. */
+  memset(&caps, 0xAB, sizeof caps);
+  caps.struct_size = 32;
+  EXPECT(api->get_caps(&caps), BWRT_STATUS_OK, "");
+  CHECK(caps.struct_size == 32);
+  CHECK(caps.dtype_mask == 7);
+  CHECK(caps.backends == 0xABABABABu);
   caps.struct_size = sizeof caps;
   EXPECT(api->get_caps(&caps), BWRT_STATUS_OK, "");
+  CHECK(caps.struct_size == sizeof caps);
   CHECK(caps.backend == BWRT_BACKEND_CPU);
   CHECK(caps.dtype_mask == 7);
   CHECK(caps.features & BWRT_FEATURE_SWAP_QUEUE);
+  CHECK(caps.backends & (1u << BWRT_BACKEND_CPU));
+  if (!(caps.backends & (1u << BWRT_BACKEND_CUDA))) CHECK(caps.cuda_devices == 0);
 
   /* Runtime creation errors. */
   BwrtRuntime *rt = NULL;
   BwrtRuntimeConfig cfg = config();
   EXPECT(api->runtime_create(NULL, &rt), BWRT_STATUS_NULL_POINTER, "config is NULL");
   EXPECT(api->runtime_create(&cfg, NULL), BWRT_STATUS_NULL_POINTER, "out is NULL");
-  cfg.struct_size = sizeof cfg - 8;
+  cfg.struct_size = 47;
   EXPECT(api->runtime_create(&cfg, &rt), BWRT_STATUS_BAD_STRUCT_SIZE, "config->struct_size");
+  /* A caller built before `backend` and `device` (48 bytes) gets the CPU
+   * backend, whatever lies past its struct. */
+  cfg = config();
+  cfg.struct_size = 48;
+  cfg.backend = 99;
+  EXPECT(api->runtime_create(&cfg, &rt), BWRT_STATUS_OK, "");
+  EXPECT(api->runtime_destroy(rt), BWRT_STATUS_OK, "");
+  rt = NULL;
+  cfg = config();
+  cfg.backend = 99;
+  EXPECT(api->runtime_create(&cfg, &rt), BWRT_STATUS_INVALID_ARGUMENT, "config.backend");
+  /* The CUDA backend runs only in a build that has it, on a machine with a
+   * device; anywhere else it is UNAVAILABLE, saying why. */
+  cfg = config();
+  cfg.backend = BWRT_BACKEND_CUDA;
+  if ((caps.backends & (1u << BWRT_BACKEND_CUDA)) && caps.cuda_devices > 0) {
+    EXPECT(api->runtime_create(&cfg, &rt), BWRT_STATUS_OK, "");
+    EXPECT(api->runtime_destroy(rt), BWRT_STATUS_OK, "");
+    rt = NULL;
+  } else {
+    EXPECT(api->runtime_create(&cfg, &rt), BWRT_STATUS_UNAVAILABLE, "CUDA");
+  }
+  cfg.device = 4096;
+  EXPECT(api->runtime_create(&cfg, &rt), BWRT_STATUS_UNAVAILABLE, "CUDA");
   cfg = config();
   cfg.workers = 0;
   EXPECT(api->runtime_create(&cfg, &rt), BWRT_STATUS_INVALID_ARGUMENT, "config.workers");

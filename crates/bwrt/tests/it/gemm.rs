@@ -8,7 +8,7 @@ use crate::util::{Rng, naive, round, runtime, spec};
 
 /// Runs one wave of `m x n x k` on `dtype` inputs with output `out` and
 /// returns (result, reference).
-fn one(
+pub fn one(
     rt: &bwrt::Runtime,
     rng: &mut Rng,
     (m, n, k): (usize, usize, usize),
@@ -37,7 +37,7 @@ fn one(
     (c.to_f32(), reference)
 }
 
-fn assert_close(got: &[f32], want: &[f32], k: usize, out: DType, what: &str) {
+pub fn assert_close(got: &[f32], want: &[f32], k: usize, out: DType, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     // f32 accumulation over k terms of magnitude <= 1, plus one rounding
     // of the output to its dtype.
@@ -267,6 +267,7 @@ fn runtime_config_errors_name_the_field() {
             workers,
             ring_depth,
             wave_spec,
+            backend: bwrt::Backend::Cpu,
         })
         .unwrap_err()
     };

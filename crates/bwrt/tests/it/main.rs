@@ -4,6 +4,7 @@
 // Test helpers outside #[test] functions unwrap too: a failure is a test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod backend;
 mod barrier;
 mod c_abi;
 mod gemm;

@@ -66,12 +66,23 @@ pub fn spec(tile: (u32, u32, u32), window: (u64, u64)) -> WaveSpec {
 }
 
 pub fn runtime(workers: usize, ring_depth: usize, spec: WaveSpec) -> Runtime {
-    match Runtime::new(RuntimeConfig {
-        workers,
-        ring_depth,
-        wave_spec: spec,
-    }) {
+    match runtime_on(bwrt::Backend::Cpu, workers, ring_depth, spec) {
         Ok(rt) => rt,
         Err(e) => panic!("runtime: {e}"),
     }
+}
+
+/// A runtime on `backend`, or the error that refused it.
+pub fn runtime_on(
+    backend: bwrt::Backend,
+    workers: usize,
+    ring_depth: usize,
+    spec: WaveSpec,
+) -> bwrt::Result<Runtime> {
+    Runtime::new(RuntimeConfig {
+        workers,
+        ring_depth,
+        wave_spec: spec,
+        backend,
+    })
 }
