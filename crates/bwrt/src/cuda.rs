@@ -110,10 +110,11 @@ impl Worker {
         let device = |e: cudarc::driver::DriverError| Error::Device(e.to_string());
         let a_dev = self.stream.clone_htod(&packed(a)).map_err(device)?;
         let b_dev = self.stream.clone_htod(&packed(b)).map_err(device)?;
-        let mut c_dev = self
-            .stream
-            .alloc_zeros::<u8>(m * n * c.dtype.size())
-            .map_err(device)?;
+        let c_bytes = m
+            .checked_mul(n)
+            .and_then(|e| e.checked_mul(c.dtype.size()))
+            .ok_or_else(|| Error::shape("c.shape", format!("{m} x {n} overflows usize")))?;
+        let mut c_dev = self.stream.alloc_zeros::<u8>(c_bytes).map_err(device)?;
         let (alpha, beta) = (1f32, 0f32);
         {
             let (a_ptr, _a_done) = a_dev.device_ptr(&self.stream);
