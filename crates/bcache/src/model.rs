@@ -193,6 +193,11 @@ pub struct ResidentPage {
     /// by the engine for its own reasons).
     #[serde(default)]
     pub pinned: bool,
+    /// KV pool or tensor name, as in requests' `tensor`; empty for a single
+    /// pool. The plan's evictions carry it, so an executor that keys pages
+    /// by pool (stratacache does) finds the page.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tensor: String,
 }
 
 /// A tenant and its byte budget: a token bucket that refills at `rate` and

@@ -623,6 +623,7 @@ impl From<&WindowInput> for proto::WindowInput {
                                     layer: p.layer,
                                     bytes: p.bytes,
                                     pinned: p.pinned,
+                                    tensor: p.tensor.clone(),
                                 })
                                 .collect(),
                         })
@@ -694,6 +695,7 @@ pub fn window_from_proto(w: proto::WindowInput, origin: &str) -> Result<WindowIn
                         layer: p.layer,
                         bytes: p.bytes,
                         pinned: p.pinned,
+                        tensor: p.tensor,
                     })
                     .collect(),
             });
@@ -963,6 +965,7 @@ mod tests {
                 layer: 0,
                 bytes: 65_536,
                 pinned: true,
+                tensor: "kv".into(),
             }],
         };
         WindowInput {

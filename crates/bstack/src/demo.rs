@@ -167,11 +167,12 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
         wrote: "an exec_report.json per node and window".into(),
         figures: format!(
             "{} copied SSD -> CPU = {} planned, 0 failed;\n\
-             {} pages checked byte for byte;\n\
+             {} pages checked byte for byte, {} evicted as planned;\n\
              {} page hits fed back to the planner; {}/s",
             bytes(t.executed_bytes),
             bytes(t.planned_bytes),
             t.verified_pages,
+            t.evicted_pages,
             kv.hits_fed_back,
             bytes((t.executed_bytes as f64 / exec_seconds.max(1e-9)) as u64),
         ),

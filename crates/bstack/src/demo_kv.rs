@@ -47,6 +47,8 @@ use stratacache::{Access, ExecReport, OpStatus, StorageEngine};
 
 use crate::plan::read_back;
 
+/// The KV pool the requests read; the stores key pages by it.
+const POOL: &str = "kv";
 /// Nodes of the demo cluster.
 const NODES: [&str; 2] = ["node0", "node1"];
 /// Bytes of one KV page (one block of one layer): small enough that the
@@ -188,6 +190,8 @@ pub struct WindowFigures {
     pub executed_bytes: u64,
     /// Pages checked byte for byte after the copies.
     pub verified_pages: u64,
+    /// Pages the stores evicted from CPU memory, as the plan said.
+    pub evicted_pages: u64,
 }
 
 /// A whole run of the stage under one placement.
@@ -499,7 +503,7 @@ fn request(id: String, node: usize, pages: Vec<u64>, arrival: u64) -> Request {
         deadline_ns: arrival + TTFT_BUDGET_NS,
         page_bytes: PAGE_BYTES,
         est_fill_ns: 0,
-        tensor: "kv".into(),
+        tensor: POOL.into(),
         tokens: Vec::new(),
     }
 }
@@ -518,6 +522,7 @@ fn node_state(name: &str, resident: &HashSet<u64>) -> Node {
             layer: 0,
             bytes: PAGE_BYTES,
             pinned: false,
+            tensor: POOL.into(),
         })
         .collect();
     Node {
@@ -604,11 +609,26 @@ fn execute(
             }
         }
     }
+    // The planner evicts only pages it was told are resident, so the store
+    // must find every one: a miss means the two views of the tier differ.
+    let planned_evictions: u64 = share.evict.iter().map(|r| r.count.max(1)).sum();
+    ensure!(
+        report.evicted_pages == planned_evictions && report.page_failures.is_empty(),
+        "{}: the store evicted {} of the {planned_evictions} pages the plan evicts{}",
+        report_path.display(),
+        report.evicted_pages,
+        report
+            .page_failures
+            .first()
+            .map(|f| format!(" ({f})"))
+            .unwrap_or_default()
+    );
     for r in share.evict.iter().filter(|r| r.location.ends_with("/cpu")) {
         for page in r.page..r.page + r.count.max(1) {
             resident.remove(&page);
         }
     }
+    w.evicted_pages += report.evicted_pages;
     w.executed_bytes += report.done_bytes;
     Ok(report)
 }
@@ -628,6 +648,7 @@ fn add(total: &mut WindowFigures, w: &WindowFigures) {
     total.ops += w.ops;
     total.executed_bytes += w.executed_bytes;
     total.verified_pages += w.verified_pages;
+    total.evicted_pages += w.evicted_pages;
 }
 
 /// Writes `value` as pretty JSON, atomically.

@@ -25,10 +25,13 @@
 //!    starts; an operation that finishes after its deadline is *late*, by how
 //!    much is reported. Late operations still complete: the bytes are still
 //!    wanted.
-//! 5. **Admit, then evict.** After the copies, pages listed in `admit` are
-//!    copied into their `location` tier from the highest other tier that
-//!    holds them; pages in `evict` are removed from their `location` tier
-//!    only (a dirty page is flushed below first, never dropped).
+//! 5. **Evict, copy, admit, evict.** Pages in `evict` are removed from
+//!    their `location` tier only (a dirty page is flushed below first, never
+//!    dropped). Those the plan neither copies nor admits go before the
+//!    copies: that is the room the copies need. After the copies, pages
+//!    listed in `admit` are copied into their `location` tier from the
+//!    highest other tier that holds them, and then the remaining evictions
+//!    (moves: a page copied out of a tier and dropped from it) run.
 //!
 //! The [`ExecReport`] gives, per operation, what happened (done, late by how
 //! much, or failed and why), the bytes and the bandwidth achieved, and
@@ -283,6 +286,37 @@ pub fn execute_with(
         }
     }
     let queues = Mutex::new(queues);
+    // Evictions of pages the plan does not otherwise touch run first: they
+    // make the room the copies need, so a tier filled to its capacity is
+    // not made to drop pages of its own choosing mid-copy. Evicting a page
+    // the plan copies or admits (a move) waits until that is done.
+    let touched: std::collections::HashSet<(&str, u32, u64)> = plan
+        .ops
+        .iter()
+        .flat_map(|o| &o.kv_refs)
+        .chain(&plan.admit)
+        .flat_map(|r| {
+            let first = r.page;
+            (0..r.count.max(1)).map(move |i| (r.tensor.as_str(), r.layer, first.saturating_add(i)))
+        })
+        .collect();
+    let (early, late): (Vec<&KvPageRef>, Vec<&KvPageRef>) = plan.evict.iter().partition(|r| {
+        (0..r.count.max(1))
+            .all(|i| !touched.contains(&(r.tensor.as_str(), r.layer, r.page.saturating_add(i))))
+    });
+    let evict = |refs: &[&KvPageRef]| {
+        let mut evicted = 0;
+        let mut failures = Vec::new();
+        for r in refs {
+            match resolver.evict(r) {
+                Ok(n) => evicted += n,
+                Err(e) => failures.push(format!("evict {}: {e}", describe(r))),
+            }
+        }
+        (evicted, failures)
+    };
+    let (evicted_early, failures_early) = evict(&early);
+
     let start = Instant::now();
     let results: Mutex<Vec<Option<Ran>>> = Mutex::new(vec![None; plan.ops.len()]);
     std::thread::scope(|scope| {
@@ -382,14 +416,10 @@ pub fn execute_with(
                 .push(format!("admit {}: {e}", describe(r))),
         }
     }
-    for r in &plan.evict {
-        match resolver.evict(r) {
-            Ok(n) => report.evicted_pages += n,
-            Err(e) => report
-                .page_failures
-                .push(format!("evict {}: {e}", describe(r))),
-        }
-    }
+    let (evicted_late, failures_late) = evict(&late);
+    report.evicted_pages = evicted_early + evicted_late;
+    report.page_failures.extend(failures_early);
+    report.page_failures.extend(failures_late);
     Ok(report)
 }
 

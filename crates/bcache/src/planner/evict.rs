@@ -75,7 +75,7 @@ pub(crate) fn select(
                 .find(|t| *t > state.tier && cx.tier(n, *t).is_some());
             let busy = busy(n, state.tier);
             let mut seen = FxHashSet::default();
-            let mut candidates: Vec<(f64, u64, u32, u64)> = state
+            let mut candidates: Vec<(f64, u64, &crate::model::ResidentPage)> = state
                 .resident
                 .iter()
                 .filter(|p| !p.pinned && !busy.contains(&(p.layer, p.page)))
@@ -88,22 +88,22 @@ pub(crate) fn select(
                         None => cx.copy_ns(n, state.tier, p.bytes).saturating_mul(100),
                     };
                     let score = (heat.get_scaled((p.layer, p.page), scale) + 1e-3) * refetch as f64;
-                    (score, p.bytes, p.layer, p.page)
+                    (score, p.bytes, p)
                 })
                 .collect();
             candidates.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)));
             let mut freed = 0.0;
-            for (_, b, layer, page) in candidates {
+            for (_, b, p) in candidates {
                 if freed >= target {
                     break;
                 }
                 freed += b as f64;
                 report.evicted_bytes += b;
                 out.push(KvPageRef {
-                    tensor: String::new(),
-                    page,
+                    tensor: p.tensor.clone(),
+                    page: p.page,
                     head: 0,
-                    layer,
+                    layer: p.layer,
                     location: cx.address(n, state.tier),
                     count: 1,
                 });

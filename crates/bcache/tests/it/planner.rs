@@ -243,6 +243,7 @@ fn space_caps_count_what_eviction_can_free() {
             layer: 0,
             bytes: PAGE,
             pinned: p < 1004,
+            tensor: "kv".into(),
         })
         .collect();
     let (plan, report) = planner.plan(&window).unwrap();
@@ -257,6 +258,13 @@ fn space_caps_count_what_eviction_can_free() {
     );
     assert_eq!(evicted.len(), 4);
     assert!(plan.evict.iter().all(|e| e.location == "tier://node0/gpu"));
+    // Evictions name the resident page's pool, so an executor that keys
+    // pages by pool finds them.
+    assert!(
+        plan.evict.iter().all(|e| e.tensor == "kv"),
+        "{:?}",
+        plan.evict
+    );
 }
 
 #[test]
@@ -278,6 +286,7 @@ fn eviction_has_hysteresis_between_the_watermarks() {
                 layer: 0,
                 bytes: PAGE,
                 pinned: false,
+                tensor: String::new(),
             })
             .collect();
         w
@@ -313,6 +322,7 @@ fn eviction_spares_pages_the_plan_reads_and_takes_the_coldest() {
             layer: 0,
             bytes: PAGE,
             pinned: false,
+            tensor: String::new(),
         })
         .collect();
     let (plan, _) = planner.plan(&w).unwrap();
@@ -733,6 +743,7 @@ fn near_duplicate_window() -> WindowInput {
             layer,
             bytes: PAGE,
             pinned: false,
+            tensor: String::new(),
         })
     };
     let mut node2 = node("node2");

@@ -13,7 +13,12 @@ use stratacache::{
 const PAGE: u64 = 4096;
 
 fn engine() -> StorageEngine {
-    let cpu = Arc::new(MemoryTier::new(64 << 20, 4));
+    engine_with_cpu(64 << 20, 4)
+}
+
+/// An engine whose `cpu` tier holds `capacity` bytes in `shards` shards.
+fn engine_with_cpu(capacity: u64, shards: usize) -> StorageEngine {
+    let cpu = Arc::new(MemoryTier::new(capacity, shards));
     let ssd = Arc::new(MemoryTier::new(64 << 20, 4));
     let chain = TierChain::new(
         vec![
@@ -267,4 +272,45 @@ fn an_invalid_plan_is_refused_whole() {
     bad.length = 0;
     let err = execute(&engine, &plan(vec![bad]), &ExecOptions::default()).unwrap_err();
     assert!(err.to_string().contains("ops[0].length"), "{err}");
+}
+
+/// A full tier: the plan evicts two of its pages to make room for two it
+/// copies in. The evictions run first, so the tier never overflows and
+/// drops pages of its own choosing (here its least recently used, which
+/// the plan wants kept).
+#[test]
+fn evictions_make_room_before_the_copies() {
+    let engine = engine_with_cpu(4 * PAGE, 1);
+    let options = ExecOptions {
+        node: "node0".into(),
+        ..ExecOptions::default()
+    };
+    // cpu holds pages 0..4 of layer 1 (0 the least recently used); ssd
+    // holds pages 4..6, which the plan copies up.
+    seed(&engine, &options.keys, "cpu", 1, 0..4);
+    seed(&engine, &options.keys, "ssd", 1, 4..6);
+    let mut p = plan(vec![op(1, 4, 2, 0, 0)]);
+    p.evict = vec![KvPageRef {
+        tensor: "kv".into(),
+        page: 2,
+        count: 2,
+        layer: 1,
+        location: "tier://node0/cpu".into(),
+        ..KvPageRef::default()
+    }];
+    let report = execute(&engine, &p, &options).unwrap();
+    assert_eq!(report.ops[0].status, OpStatus::Done, "{report:?}");
+    assert_eq!(report.evicted_pages, 2, "{report:?}");
+    let cpu = engine.tier_index("cpu").unwrap();
+    let held = |page| {
+        engine
+            .contains(&options.keys.page_key("kv", 1, page), Access::Exact(cpu))
+            .unwrap()
+    };
+    for page in [0, 1, 4, 5] {
+        assert!(held(page), "page {page} should be in cpu");
+    }
+    for page in [2, 3] {
+        assert!(!held(page), "page {page} was evicted");
+    }
 }
