@@ -54,8 +54,6 @@ const NODES: [&str; 2] = ["node0", "node1"];
 /// Bytes of one KV page (one block of one layer): small enough that the
 /// stage moves a few hundred MiB at most.
 pub const PAGE_BYTES: u64 = 32 << 10;
-/// Length of one planning window on the trace's clock.
-const WINDOW_NS: u64 = 10_000_000_000;
 /// Trace time the stage covers, from the first arrival.
 const SPAN_NS: u64 = 120_000_000_000;
 /// At most this many requests, whatever the span holds.
@@ -65,13 +63,31 @@ const TTFT_BUDGET_NS: u64 = 2_000_000_000;
 /// Windows without arrivals planned after the last one, to drain deferred
 /// work, before the stage gives up.
 pub const MAX_DRAIN_WINDOWS: u64 = 16;
-/// CPU-tier capacity per node, as the planner sees it and as the store has it.
-const CPU_BYTES: u64 = 1 << 30;
 /// SSD-tier capacity per node.
 const SSD_BYTES: u64 = 8 << 30;
-/// Link bandwidths the planner assumes: SSD reads, and CPU-memory reads.
-const SSD_BW: u64 = 2_000_000_000;
+/// Bandwidth of CPU-memory reads the planner assumes.
 const CPU_BW: u64 = 20_000_000_000;
+
+/// The simulated cluster's sizes and speeds.
+#[derive(Debug, Clone, Copy)]
+pub struct Cluster {
+    /// Length of one planning window on the trace's clock, ns.
+    pub window_ns: u64,
+    /// CPU-tier capacity per node, as the planner sees it and as the
+    /// store has it.
+    pub cpu_bytes: u64,
+    /// Bandwidth of SSD reads the planner assumes, bytes per second.
+    pub ssd_bw: u64,
+}
+
+impl Cluster {
+    /// The demo's: 10 s windows, 1 GiB of CPU memory per node, 2 GB/s SSDs.
+    pub const DEFAULT: Cluster = Cluster {
+        window_ns: 10_000_000_000,
+        cpu_bytes: 1 << 30,
+        ssd_bw: 2_000_000_000,
+    };
+}
 
 /// How requests are placed on nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,10 +262,10 @@ struct NodeStore {
 }
 
 impl NodeStore {
-    fn open(dir: &Path, name: &'static str) -> Result<NodeStore> {
+    fn open(dir: &Path, name: &'static str, cluster: &Cluster) -> Result<NodeStore> {
         let mut memory = TierConfig::new(TierKind::Memory);
         memory.name = Some("cpu".into());
-        memory.capacity = Some(ByteSize(CPU_BYTES));
+        memory.capacity = Some(ByteSize(cluster.cpu_bytes));
         let mut disk = TierConfig::new(TierKind::Disk);
         disk.name = Some("ssd".into());
         disk.path = Some(dir.join(name).join("ssd"));
@@ -271,8 +287,19 @@ impl NodeStore {
     }
 }
 
-/// Runs the stage: reads the trace and the WaveSpec, writes under `dir`.
+/// Runs the stage on [`Cluster::DEFAULT`]: reads the trace and the
+/// WaveSpec, writes under `dir`.
 pub fn kv_stage(dir: &Path, trace: &Path, wave_spec: &Path) -> Result<KvOutcome> {
+    kv_stage_on(dir, trace, wave_spec, &Cluster::DEFAULT)
+}
+
+/// [`kv_stage`] on `cluster`.
+pub fn kv_stage_on(
+    dir: &Path,
+    trace: &Path,
+    wave_spec: &Path,
+    cluster: &Cluster,
+) -> Result<KvOutcome> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
@@ -291,7 +318,7 @@ pub fn kv_stage(dir: &Path, trace: &Path, wave_spec: &Path) -> Result<KvOutcome>
 
     let stores: Vec<NodeStore> = NODES
         .iter()
-        .map(|n| NodeStore::open(dir, n))
+        .map(|n| NodeStore::open(dir, n, cluster))
         .collect::<Result<_>>()?;
     let mut outcome = KvOutcome {
         executed: RunFigures::default(),
@@ -307,6 +334,7 @@ pub fn kv_stage(dir: &Path, trace: &Path, wave_spec: &Path) -> Result<KvOutcome>
         start,
         Router::new(Placement::Cohorts, &spec),
         Some((&stores, dir)),
+        cluster,
         &mut outcome,
     );
     for s in &stores {
@@ -320,6 +348,7 @@ pub fn kv_stage(dir: &Path, trace: &Path, wave_spec: &Path) -> Result<KvOutcome>
         start,
         Router::new(Placement::RoundRobin, &spec),
         None,
+        cluster,
         &mut outcome,
     )?;
     Ok(outcome)
@@ -333,8 +362,10 @@ fn run(
     start: u64,
     mut router: Router,
     stores: Option<(&[NodeStore], &Path)>,
+    cluster: &Cluster,
     outcome: &mut KvOutcome,
 ) -> Result<RunFigures> {
+    let window_ns = cluster.window_ns;
     let mut config = bcache::config::Config::default().planner;
     // The stores hold pages as objects, not as one byte range: reading
     // the unrequested pages between two runs would read nothing useful.
@@ -355,14 +386,14 @@ fn run(
         let last_arrival_window = trace
             .requests
             .last()
-            .map_or(0, |r| (r.arrival_ns - start) / WINDOW_NS);
+            .map_or(0, |r| (r.arrival_ns - start) / window_ns);
         if window > last_arrival_window + MAX_DRAIN_WINDOWS {
             let left: u64 = carry.iter().map(|u| u.bytes).sum();
             bail!(
                 "{left} bytes were still deferred {MAX_DRAIN_WINDOWS} windows after the last arrival"
             );
         }
-        let now = window * WINDOW_NS;
+        let now = window * window_ns;
         let mut w = WindowFigures {
             window,
             carried_runs: carry.len() as u64,
@@ -371,7 +402,7 @@ fn run(
         let mut requests = Vec::new();
         while let Some(r) = trace.requests.get(next) {
             let arrival = r.arrival_ns - start;
-            if arrival >= now + WINDOW_NS {
+            if arrival >= now + window_ns {
                 break;
             }
             let node = router.place(&r.blocks);
@@ -406,11 +437,11 @@ fn run(
         let input = WindowInput {
             window_index: window,
             now_ns: now,
-            window_ns: WINDOW_NS,
+            window_ns,
             nodes: NODES
                 .iter()
                 .enumerate()
-                .map(|(n, name)| node_state(name, &resident[n]))
+                .map(|(n, name)| node_state(name, &resident[n], cluster))
                 .collect(),
             tenants: Vec::new(),
             layer_latency_ns: Vec::new(),
@@ -510,11 +541,12 @@ fn request(id: String, node: usize, pages: Vec<u64>, arrival: u64) -> Request {
 
 /// A node as the planner sees it: its CPU tier holding `resident`, its SSD
 /// tier holding every page.
-fn node_state(name: &str, resident: &HashSet<u64>) -> Node {
+fn node_state(name: &str, resident: &HashSet<u64>, cluster: &Cluster) -> Node {
     let used = resident.len() as u64 * PAGE_BYTES;
     let mut pages: Vec<u64> = resident.iter().copied().collect();
     pages.sort_unstable();
-    let mut cpu = TierState::new(Tier::Cpu, CPU_BYTES, CPU_BYTES.saturating_sub(used), CPU_BW);
+    let cap = cluster.cpu_bytes;
+    let mut cpu = TierState::new(Tier::Cpu, cap, cap.saturating_sub(used), CPU_BW);
     cpu.resident = pages
         .into_iter()
         .map(|page| ResidentPage {
@@ -527,7 +559,10 @@ fn node_state(name: &str, resident: &HashSet<u64>) -> Node {
         .collect();
     Node {
         name: name.into(),
-        tiers: vec![cpu, TierState::new(Tier::Ssd, SSD_BYTES, SSD_BYTES, SSD_BW)],
+        tiers: vec![
+            cpu,
+            TierState::new(Tier::Ssd, SSD_BYTES, SSD_BYTES, cluster.ssd_bw),
+        ],
     }
 }
 
@@ -655,4 +690,98 @@ fn add(total: &mut WindowFigures, w: &WindowFigures) {
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     bstack_plan::write_atomic(path, &serde_json::to_vec_pretty(value)?)
         .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bstack_plan::Format;
+
+    /// 40 requests over 20 s, 20 new blocks each after a shared first one,
+    /// as a Mooncake trace file; and a WaveSpec without cohorts.
+    fn inputs(dir: &Path) -> (PathBuf, PathBuf) {
+        let mut text = String::new();
+        for i in 0..40u64 {
+            let ids: Vec<u64> = std::iter::once(0)
+                .chain((0..20).map(|b| 1 + i * 20 + b))
+                .collect();
+            text.push_str(
+                &serde_json::json!({
+                    "timestamp": i * 500, "input_length": 21 * 512,
+                    "output_length": 10, "hash_ids": ids,
+                })
+                .to_string(),
+            );
+            text.push('\n');
+        }
+        let trace = dir.join("trace.jsonl");
+        std::fs::write(&trace, text).unwrap_or_else(|e| panic!("{e}"));
+        let mut spec = bstack_plan::example::wave_spec();
+        spec.cohorts.clear();
+        let spec_path = dir.join("wave_spec.json");
+        Document::WaveSpec(spec)
+            .write(&spec_path, Format::Json)
+            .unwrap_or_else(|e| panic!("{e}"));
+        (trace, spec_path)
+    }
+
+    /// An SSD link too slow for one window's demand: the planner defers,
+    /// the next windows ask for the deferred runs again, and the stores end
+    /// up holding every page, each window's bytes adding up.
+    #[test]
+    fn deferred_runs_carry_over_until_every_page_is_moved() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (trace, spec) = inputs(dir.path());
+        // 1 s windows at 0.5 MB/s per node, against about 0.69 MB of new
+        // pages a second per node for 20 s: every window defers some, and
+        // the backlog drains in the windows after the last arrival.
+        let cluster = Cluster {
+            window_ns: 1_000_000_000,
+            cpu_bytes: 1 << 30,
+            ssd_bw: 500_000,
+        };
+        let out = kv_stage_on(&dir.path().join("kv"), &trace, &spec, &cluster)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let run = &out.executed;
+        let deferred: Vec<&WindowFigures> = run
+            .windows
+            .iter()
+            .filter(|w| w.deferred_bytes > 0)
+            .collect();
+        assert!(
+            !deferred.is_empty(),
+            "nothing was deferred: {:?}",
+            run.windows
+        );
+        assert!(
+            run.windows
+                .iter()
+                .any(|w| w.carried_runs > 0 && w.arrivals == 0),
+            "no drain window after the last arrival: {:?}",
+            run.windows
+        );
+        for w in &run.windows {
+            assert_eq!(
+                w.unique_bytes + w.gap_bytes,
+                w.planned_bytes + w.deferred_bytes + w.dropped_bytes,
+                "window {}",
+                w.window
+            );
+            assert_eq!(w.executed_bytes, w.planned_bytes, "window {}", w.window);
+        }
+        // Every distinct block ended up in its node's CPU tier exactly
+        // once: the pages copied are the blocks placed, per node.
+        let t = &run.total;
+        assert_eq!(t.dropped_bytes, 0);
+        assert_eq!(t.executed_bytes, t.verified_pages * PAGE_BYTES);
+        // 800 blocks of their own plus the shared block 0 on each node
+        // that served a request.
+        let nodes_used = run.node_blocks.iter().filter(|b| **b > 0).count() as u64;
+        assert_eq!(t.verified_pages, 800 + nodes_used);
+        assert_eq!(
+            t.unique_bytes - t.deferred_bytes,
+            t.executed_bytes,
+            "each deferred byte was asked for again and moved once"
+        );
+    }
 }
