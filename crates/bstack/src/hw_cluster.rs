@@ -699,10 +699,13 @@ pub fn serve_source(args: SourceArgs, out: &Output) -> Result<Outcome> {
 /// A table of a driven rollout's consumers, one row each; the first
 /// column's header is `first`.
 pub fn consumers_table(report: &DriveReport, first: &str) -> comfy_table::Table {
+    // A consumer's state is its part in the two-phase commit (pending,
+    // transferring, precommitted = voted yes, excluded); whether it flipped
+    // shows in `version`.
     let mut t = table(
         &[
             first,
-            "state",
+            "vote",
             "bytes",
             "version",
             "pause",
