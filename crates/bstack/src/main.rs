@@ -48,9 +48,10 @@ const VERSION: &str = concat!(
     version = VERSION,
     max_term_width = 100,
     after_help = "Examples:
-  bstack demo                          write every contract to ./out
-  bstack plan validate out/*           check files, every problem with its path
-  bstack plan show out/swap_plan.json  summary and the largest operations
+  bstack demo                          the whole stack in one flow; writes ./out
+  bstack plan examples -o ex           one example file of every contract
+  bstack plan validate ex/*            check files, every problem with its path
+  bstack plan show ex/swap_plan.json   summary and the largest operations
   bstack --json plan show FILE         the same as JSON
 
 Exit codes: 0 ok, 1 problems found, 2 bad usage or unreadable input.
@@ -76,7 +77,8 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Inspect, validate and convert contract files (manifests, cache plans,
-    /// swap windows, swap plans, wave specs), in JSON or protobuf form.
+    /// swap windows, swap plans, wave specs), in JSON or protobuf form, and
+    /// write an example of each.
     #[command(subcommand)]
     Plan(plan::PlanCommand),
 
@@ -105,8 +107,12 @@ enum Command {
     #[command(subcommand)]
     Bwrt(bwrt_cmd::BwrtCommand),
 
-    /// Run the whole stack on built-in examples and write every contract to a
-    /// directory as JSON and protobuf.
+    /// Run the whole stack in one flow on a serving trace, each stage reading
+    /// the files the one before wrote: datajax exports a WaveSpec, bcache
+    /// plans KV movement with its prefix cohorts, stratacache executes the
+    /// plans on real bytes, hotweights rolls a new checkpoint out to two
+    /// worker processes, bwrt swaps weights inside the window. Prints one
+    /// table of what each stage read, wrote and measured.
     Demo(demo::DemoArgs),
 
     /// Measure a component's speed; prints one JSON object per figure, with a
