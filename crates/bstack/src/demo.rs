@@ -144,15 +144,15 @@ pub fn run(args: DemoArgs, out: &Output) -> Result<Outcome> {
         ),
         figures: format!(
             "{} on 2 nodes, {} placed by cohort;\n\
-             {} to move SSD -> CPU, in {};\n\
+             {} moved SSD -> CPU, in {};\n\
              round-robin placement: {}; every block once: {};\n\
              {:.1} % of block reads already in CPU memory (round-robin {:.1} %);\n\
              {} deferred, {} dropped",
             plural(e.requests, "request"),
             e.placed_by_cohort,
-            bytes(t.unique_bytes),
+            bytes(t.planned_bytes),
             plural(t.ops, "op"),
-            bytes(rr.total.unique_bytes),
+            bytes(rr.total.planned_bytes),
             bytes(kv.floor_bytes),
             100.0 * e.hit_rate(),
             100.0 * rr.hit_rate(),

@@ -266,6 +266,10 @@ impl NodeStore {
         let mut memory = TierConfig::new(TierKind::Memory);
         memory.name = Some("cpu".into());
         memory.capacity = Some(ByteSize(cluster.cpu_bytes));
+        // One lock shard: a sharded tier splits its capacity per shard, and
+        // a shard filling before the whole would drop pages on its own,
+        // while the planner sees (and evicts against) the whole capacity.
+        memory.shards = Some(1);
         let mut disk = TierConfig::new(TierKind::Disk);
         disk.name = Some("ssd".into());
         disk.path = Some(dir.join(name).join("ssd"));
@@ -300,6 +304,10 @@ pub fn kv_stage_on(
     wave_spec: &Path,
     cluster: &Cluster,
 ) -> Result<KvOutcome> {
+    ensure!(
+        cluster.window_ns > 0,
+        "the planning window must be longer than 0 ns"
+    );
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
@@ -491,10 +499,15 @@ fn run(
                 );
             }
             None => {
+                // As the stores would: copies arrive, evictions leave.
                 for (n, name) in NODES.iter().enumerate() {
-                    for op in &plan.for_node(name).ops {
-                        for r in &op.kv_refs {
-                            resident[n].extend(r.page..r.page + r.count.max(1));
+                    let share = plan.for_node(name);
+                    for r in share.ops.iter().flat_map(|o| &o.kv_refs) {
+                        resident[n].extend(r.page..r.page + r.count.max(1));
+                    }
+                    for r in share.evict.iter().filter(|r| r.location.ends_with("/cpu")) {
+                        for page in r.page..r.page + r.count.max(1) {
+                            resident[n].remove(&page);
                         }
                     }
                 }
@@ -783,5 +796,25 @@ mod tests {
             t.executed_bytes,
             "each deferred byte was asked for again and moved once"
         );
+    }
+
+    /// CPU tiers of 2 MiB against 13 MiB of pages per node: the planner
+    /// evicts, and each store evicts exactly the pages its share names
+    /// (the stage fails otherwise), so the copies always have room.
+    #[test]
+    fn evictions_the_planner_makes_are_the_ones_the_stores_make() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (trace, spec) = inputs(dir.path());
+        let cluster = Cluster {
+            window_ns: 1_000_000_000,
+            cpu_bytes: 2 << 20,
+            ssd_bw: 2_000_000_000,
+        };
+        let out = kv_stage_on(&dir.path().join("kv"), &trace, &spec, &cluster)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let t = &out.executed.total;
+        assert!(t.evicted_pages > 0, "{t:?}");
+        assert_eq!(t.executed_bytes, t.planned_bytes);
+        assert_eq!(t.dropped_bytes, 0);
     }
 }

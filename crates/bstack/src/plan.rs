@@ -561,7 +561,6 @@ fn summarise_wave_spec(s: &mut Summary, w: &WaveSpec) {
     s.add("deadline", deadline, json!(w.deadline_ns));
 }
 
-/// Checks that `path` can be read back as `doc` in `format`; used by the demo.
 /// `plan examples`: every contract's example in both forms, read back.
 fn examples(dir: &Path, out: &Output) -> Result<Outcome> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

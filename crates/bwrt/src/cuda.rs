@@ -32,17 +32,22 @@ use crate::error::{Error, Result};
 use crate::tensor::{Buffer, Tensor};
 use crate::wave::check_gemm;
 
-/// CUDA devices visible to this process; 0 when the driver is missing or
-/// fails.
+/// CUDA devices this process can run waves on; 0 when the driver or
+/// cuBLAS is missing (a runtime could not be built) or the driver fails.
 pub(crate) fn device_count() -> u32 {
-    // SAFETY: this only tries to load the driver library by name.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    // SAFETY: these only try to load the libraries by name.
+    let present = unsafe {
+        cudarc::driver::sys::is_culib_present() && cudarc::cublas::sys::is_culib_present()
+    };
+    if !present {
         return 0;
     }
     CudaContext::device_count().map_or(0, |n| u32::try_from(n).unwrap_or(0))
 }
 
-/// One worker's stream and cuBLAS handle on one device.
+/// One worker's stream and cuBLAS handle on one device. Made on the worker
+/// thread that uses it, so the CUDA context it binds is that thread's and
+/// never the caller's.
 pub(crate) struct Worker {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
@@ -81,6 +86,11 @@ impl Worker {
         }
         let context = CudaContext::new(ordinal as usize)
             .map_err(|e| Error::Device(format!("opening CUDA device {ordinal}: {e}")))?;
+        // SAFETY: every buffer this worker makes is used on its one stream
+        // only and freed after the stream is synchronised, so cudarc's
+        // cross-stream event tracking has nothing to order (and making the
+        // stream would otherwise synchronise the whole context).
+        unsafe { context.disable_event_tracking() };
         let stream = context
             .new_stream()
             .map_err(|e| Error::Device(format!("creating a stream on device {ordinal}: {e}")))?;

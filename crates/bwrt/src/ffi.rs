@@ -160,7 +160,10 @@ pub struct BwrtRuntimeConfig {
     /// First wave index after the swap window (exclusive); >= swap_begin.
     pub swap_end: u64,
     /// `BWRT_BACKEND_*`; absent from callers built before it (48-byte
-    /// structs): `BWRT_BACKEND_CPU`.
+    /// structs): `BWRT_BACKEND_CPU`. A library older than this field
+    /// ignores it and runs on the CPU: before asking for another backend,
+    /// check that `bwrt_get_caps` filled `backends` (its `struct_size` came
+    /// back >= 40) and that the backend's bit is set.
     pub backend: u32,
     /// Device ordinal for `BWRT_BACKEND_CUDA`; ignored by the CPU backend.
     pub device: u32,
@@ -241,8 +244,10 @@ pub struct BwrtCaps {
     /// Bit `1 << BWRT_BACKEND_*` for each backend in this build (not
     /// filled for callers built before it: 32-byte structs).
     pub backends: u32,
-    /// CUDA devices this process can see: 0 without the CUDA backend, the
-    /// driver or a device.
+    /// CUDA devices this process can run waves on: 0 without the CUDA
+    /// backend, the driver, cuBLAS or a device. In builds with the CUDA
+    /// backend, counting them initialises the CUDA driver in this process
+    /// (as any CUDA call does, a process forked afterwards cannot use CUDA).
     pub cuda_devices: u32,
 }
 

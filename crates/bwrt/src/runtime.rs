@@ -342,24 +342,48 @@ impl Runtime {
             sleepers: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
         });
-        // Every worker's engine is made before any thread starts, so a
-        // backend that cannot run fails the call instead of its waves.
-        let engines = (0..config.workers)
-            .map(|_| Engine::new(config.backend))
-            .collect::<Result<Vec<_>>>()?;
         let mut rt = Runtime {
             shared: Arc::clone(&shared),
             workers: Vec::with_capacity(config.workers),
             wave_spec: spec,
             backend: config.backend,
         };
-        for (i, engine) in engines.into_iter().enumerate() {
+        // Each worker makes its engine on its own thread (a GPU context is
+        // bound to the thread that makes it, and must not become the
+        // caller's) and reports before it takes waves; `new` returns only
+        // when every engine is up, so a backend that cannot run fails this
+        // call, never a wave. On failure, dropping `rt` stops the rest.
+        let (ready, reports) = std::sync::mpsc::channel::<Result<()>>();
+        for i in 0..config.workers {
             let s = Arc::clone(&shared);
+            let ready = ready.clone();
+            let backend = config.backend;
             let handle = std::thread::Builder::new()
                 .name(format!("bwrt-worker-{i}"))
-                .spawn(move || worker(&s, &engine))
+                .spawn(move || match Engine::new(backend) {
+                    Ok(engine) => {
+                        let _ = ready.send(Ok(()));
+                        drop(ready);
+                        worker(&s, &engine);
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                    }
+                })
                 .map_err(|e| Error::Internal(format!("starting worker {i}: {e}")))?;
             rt.workers.push(handle);
+        }
+        drop(ready);
+        for _ in 0..config.workers {
+            match reports.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(Error::Internal(
+                        "a worker stopped before its engine was ready".into(),
+                    ));
+                }
+            }
         }
         Ok(rt)
     }

@@ -79,7 +79,9 @@ pub(crate) fn select(
                 .resident
                 .iter()
                 .filter(|p| !p.pinned && !busy.contains(&(p.layer, p.page)))
-                .filter(|p| seen.insert((p.layer, p.page)))
+                // A page is (pool, layer, id); a page busy in any pool stays,
+                // which keeps the rule simple at the cost of rarely evicting less.
+                .filter(|p| seen.insert((p.tensor.as_str(), p.layer, p.page)))
                 .map(|p| {
                     // Losing a page with no tier below means recomputing it:
                     // price that as a read over a slow link.
