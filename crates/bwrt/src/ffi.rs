@@ -398,12 +398,13 @@ fn entry(name: &str, f: impl FnOnce() -> Result<(), Fail>) -> Status {
 // ---------------------------------------------------------------------------
 // Reading and writing caller structs.
 
-/// Reads the caller's struct `*p`, whose first field is `struct_size`.
+/// The `struct_size` the caller declared at `*p`, if `p` is not NULL and it
+/// is at least `min`.
 ///
 /// # Safety
-/// `p` is NULL or points to at least `struct_size` readable bytes, laid out
-/// as `T` for the first `size_of::<T>()` of them.
-unsafe fn read_struct<T: Copy>(p: *const T, name: &str) -> Result<T, Fail> {
+/// `p` is NULL or points to a readable struct whose first field is the
+/// `u32` struct_size.
+unsafe fn declared_size<T>(p: *const T, name: &str, min: usize) -> Result<usize, Fail> {
     if p.is_null() {
         return Err(null(name));
     }
@@ -411,15 +412,23 @@ unsafe fn read_struct<T: Copy>(p: *const T, name: &str) -> Result<T, Fail> {
     // struct whose first field is the `u32` struct_size (T is repr(C) with
     // that first field, so the pointer is aligned for u32).
     let size = unsafe { p.cast::<u32>().read() } as usize;
-    if size < size_of::<T>() {
+    if size < min {
         return Err(fail(
             Status::BadStructSize,
-            format!(
-                "{name}->struct_size is {size}; this library needs at least {}",
-                size_of::<T>()
-            ),
+            format!("{name}->struct_size is {size}; this library needs at least {min}"),
         ));
     }
+    Ok(size)
+}
+
+/// Reads the caller's struct `*p`, whose first field is `struct_size`.
+///
+/// # Safety
+/// `p` is NULL or points to at least `struct_size` readable bytes, laid out
+/// as `T` for the first `size_of::<T>()` of them.
+unsafe fn read_struct<T: Copy>(p: *const T, name: &str) -> Result<T, Fail> {
+    // SAFETY: forwarded contract.
+    unsafe { declared_size(p, name, size_of::<T>()) }?;
     // SAFETY: the caller says the struct holds `size` >= size_of::<T>()
     // bytes laid out as T.
     Ok(unsafe { p.read() })
@@ -433,18 +442,8 @@ unsafe fn read_struct<T: Copy>(p: *const T, name: &str) -> Result<T, Fail> {
 /// `p` is NULL or points to at least `struct_size` readable bytes, laid out
 /// as `T` for as many of them as `T` has.
 unsafe fn read_prefix<T: Copy + Default>(p: *const T, name: &str, min: usize) -> Result<T, Fail> {
-    if p.is_null() {
-        return Err(null(name));
-    }
-    // SAFETY: non-NULL and aligned for u32 (T's first field is the u32
-    // struct_size), readable by contract.
-    let size = unsafe { p.cast::<u32>().read() } as usize;
-    if size < min {
-        return Err(fail(
-            Status::BadStructSize,
-            format!("{name}->struct_size is {size}; this library needs at least {min}"),
-        ));
-    }
+    // SAFETY: forwarded contract.
+    let size = unsafe { declared_size(p, name, min) }?;
     let mut value = T::default();
     // SAFETY: the caller's struct holds `size` bytes and we copy at most
     // that many, and at most size_of::<T>() into `value`; T is plain data
@@ -468,17 +467,8 @@ unsafe fn read_prefix<T: Copy + Default>(p: *const T, name: &str, min: usize) ->
 /// `p` is NULL or points to `struct_size` writable bytes laid out as `T`
 /// for as many of them as `T` has; `value`'s first field is a `u32`.
 unsafe fn write_prefix<T: Copy>(p: *mut T, name: &str, min: usize, value: T) -> Result<(), Fail> {
-    if p.is_null() {
-        return Err(null(name));
-    }
-    // SAFETY: as in `read_prefix`.
-    let size = unsafe { p.cast::<u32>().read() } as usize;
-    if size < min {
-        return Err(fail(
-            Status::BadStructSize,
-            format!("{name}->struct_size is {size}; this library needs at least {min}"),
-        ));
-    }
+    // SAFETY: forwarded contract.
+    let size = unsafe { declared_size(p.cast_const(), name, min) }?;
     let n = size.min(size_of::<T>());
     // SAFETY: `n` bytes fit both `value` and the caller's struct; the
     // struct_size written back is the u32 at the start, which both have.
@@ -494,20 +484,8 @@ unsafe fn write_prefix<T: Copy>(p: *mut T, name: &str, min: usize, value: T) -> 
 /// # Safety
 /// `p` is NULL or points to a writable `T` whose first field is `struct_size`.
 unsafe fn write_struct<T: Copy>(p: *mut T, name: &str, value: T) -> Result<(), Fail> {
-    if p.is_null() {
-        return Err(null(name));
-    }
-    // SAFETY: non-NULL, aligned for u32 (T's first field), readable by contract.
-    let size = unsafe { p.cast::<u32>().read() } as usize;
-    if size < size_of::<T>() {
-        return Err(fail(
-            Status::BadStructSize,
-            format!(
-                "{name}->struct_size is {size}; this library needs at least {}",
-                size_of::<T>()
-            ),
-        ));
-    }
+    // SAFETY: forwarded contract.
+    unsafe { declared_size(p.cast_const(), name, size_of::<T>()) }?;
     // SAFETY: the caller's struct holds at least size_of::<T>() writable
     // bytes laid out as T.
     unsafe { p.write(value) };

@@ -113,12 +113,17 @@ fn random_shapes_and_tiles() {
 
 #[test]
 fn strided_views_transpose_and_offset() {
-    let rt = runtime(1, 4, spec((4, 4, 4), (0, u64::MAX)));
+    strided_wave(&runtime(1, 4, spec((4, 4, 4), (0, u64::MAX))), 5);
+}
+
+/// One wave on strided views: A stored transposed after 3 padding
+/// elements, C with rows padded to 8 columns (the padding must stay as it
+/// was). Shared by every backend's tests.
+pub fn strided_wave(rt: &bwrt::Runtime, seed: u64) {
     let (m, n, k) = (6, 5, 7);
-    let mut rng = Rng::new(5);
+    let mut rng = Rng::new(seed);
     let av = rng.values(m * k, DType::F32);
     let bv = rng.values(k * n, DType::F32);
-    // A stored transposed (k x m, column-major view of A) after 3 padding elements.
     let mut at = vec![0f32; 3 + m * k];
     for i in 0..m {
         for p in 0..k {
@@ -133,9 +138,8 @@ fn strided_views_transpose_and_offset() {
         offset: 3,
     };
     let b = Tensor::from_f32(&bv, DType::F32, k, n).unwrap();
-    // C rows padded to 8 columns.
     let c = Tensor {
-        buffer: Buffer::zeroed(m * 8 * 4),
+        buffer: Buffer::from_f32(&vec![-9.0; m * 8], DType::F32),
         dtype: DType::F32,
         shape: [m, n],
         strides: [8, 1],
@@ -158,6 +162,10 @@ fn strided_views_transpose_and_offset() {
         DType::F32,
         "strided",
     );
+    let all = c.buffer.to_f32(DType::F32);
+    for r in 0..m {
+        assert_eq!(all[r * 8 + 5..r * 8 + 8], [-9.0; 3], "row {r}'s padding");
+    }
 }
 
 #[test]
