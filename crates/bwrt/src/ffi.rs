@@ -492,14 +492,6 @@ unsafe fn write_struct<T: Copy>(p: *mut T, name: &str, value: T) -> Result<(), F
     Ok(())
 }
 
-/// The `BWRT_BACKEND_*` code of a backend.
-fn backend_code(backend: Backend) -> u32 {
-    match backend {
-        Backend::Cpu => BWRT_BACKEND_CPU,
-        Backend::Cuda { .. } => BWRT_BACKEND_CUDA,
-    }
-}
-
 /// Borrows the object behind a handle.
 ///
 /// # Safety
@@ -770,10 +762,12 @@ pub unsafe extern "C" fn bwrt_get_caps(caps: *mut BwrtCaps) -> Status {
                 | BWRT_FEATURE_BLOCKING_SUBMIT
                 | BWRT_FEATURE_MBARRIER
                 | BWRT_FEATURE_WEIGHT_SLOTS,
-            backends: crate::runtime::BACKENDS_BUILT
-                .iter()
-                .map(|b| 1u32 << backend_code(*b))
-                .sum(),
+            backends: (1 << BWRT_BACKEND_CPU)
+                | if crate::runtime::CUDA_BUILT {
+                    1 << BWRT_BACKEND_CUDA
+                } else {
+                    0
+                },
             cuda_devices: crate::runtime::cuda_devices(),
         };
         // SAFETY: forwarded contract.

@@ -93,12 +93,9 @@ impl std::fmt::Display for Backend {
     }
 }
 
-/// The backends this build has (the device of `Cuda` is a placeholder).
-pub const BACKENDS_BUILT: &[Backend] = &[
-    Backend::Cpu,
-    #[cfg(feature = "cuda")]
-    Backend::Cuda { device: 0 },
-];
+/// Whether this build has the CUDA backend (the `cuda` feature); the CPU
+/// backend is always there.
+pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 
 /// CUDA devices this process can see: 0 without the `cuda` feature, the
 /// driver or a device.

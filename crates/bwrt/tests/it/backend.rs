@@ -24,11 +24,8 @@ fn a_backend_that_is_not_there_says_why() {
     assert!(matches!(err, Error::Unavailable(_)), "{err}");
     assert_eq!(err.status(), Status::Unavailable);
     assert!(err.to_string().contains("CUDA"), "{err}");
-    if cfg!(feature = "cuda") {
-        assert_eq!(bwrt::runtime::BACKENDS_BUILT.len(), 2);
-    } else {
+    if !cfg!(feature = "cuda") {
         assert!(err.to_string().contains("--features cuda"), "{err}");
-        assert_eq!(bwrt::runtime::BACKENDS_BUILT, [Backend::Cpu]);
         assert_eq!(bwrt::runtime::cuda_devices(), 0);
     }
     // Device 0 is there exactly when the process sees a device.
