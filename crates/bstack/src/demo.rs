@@ -334,34 +334,19 @@ fn trace_stage(trace: Option<&Path>, requests: usize, to: &Path) -> Result<Trace
     })
 }
 
-/// A trace of multi-turn conversations: every request starts with a shared
-/// one-block system prompt, and each turn extends its conversation's
-/// previous prompt by 2 to 4 blocks (chained ids, as in Mooncake traces).
-/// Conversations start 0.9 s apart; turns follow each other 4 s apart.
-pub fn synthetic_trace(requests: usize) -> Vec<datajax::wavespec::Request> {
-    const TURNS: u64 = 8;
-    let mut out = Vec::with_capacity(requests);
-    let mut next_id = 1u64;
-    let mut conversation = 0u64;
-    while out.len() < requests {
-        let mut ids: Vec<u64> = vec![0];
-        for turn in 0..TURNS {
-            for _ in 0..(2 + (conversation + turn) % 3) {
-                ids.push(next_id);
-                next_id += 1;
-            }
-            out.push(datajax::wavespec::Request {
-                timestamp: conversation * 900 + turn * 4000,
-                input_length: ids.len() as u64 * 512,
-                output_length: 200,
-                hash_ids: ids.clone(),
-            });
-        }
-        conversation += 1;
-    }
-    out.sort_by_key(|r| r.timestamp);
-    out.truncate(requests);
-    out
+/// bcache's generated conversation trace ([`bcache::trace::Trace::synthetic`],
+/// about eight turns per conversation), as Mooncake requests.
+fn synthetic_trace(requests: usize) -> Vec<datajax::wavespec::Request> {
+    bcache::trace::Trace::synthetic(requests, requests.div_ceil(8), 42)
+        .requests
+        .into_iter()
+        .map(|r| datajax::wavespec::Request {
+            timestamp: r.arrival_ns / 1_000_000,
+            input_length: r.input_tokens,
+            output_length: r.output_tokens,
+            hash_ids: r.blocks,
+        })
+        .collect()
 }
 
 /// Replays the trace under LRU and bcache on the simulator's default

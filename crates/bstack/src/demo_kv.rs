@@ -331,7 +331,7 @@ pub fn kv_stage_on(
     let mut outcome = KvOutcome {
         executed: RunFigures::default(),
         round_robin: RunFigures::default(),
-        floor_bytes: distinct_blocks(&trace) * PAGE_BYTES,
+        floor_bytes: trace.block_stats().0 as u64 * PAGE_BYTES,
         hits_fed_back: 0,
         exec_ns: 0,
         dir: dir.to_owned(),
@@ -499,17 +499,8 @@ fn run(
                 );
             }
             None => {
-                // As the stores would: copies arrive, evictions leave.
                 for (n, name) in NODES.iter().enumerate() {
-                    let share = plan.for_node(name);
-                    for r in share.ops.iter().flat_map(|o| &o.kv_refs) {
-                        resident[n].extend(r.page..r.page + r.count.max(1));
-                    }
-                    for r in share.evict.iter().filter(|r| r.location.ends_with("/cpu")) {
-                        for page in r.page..r.page + r.count.max(1) {
-                            resident[n].remove(&page);
-                        }
-                    }
+                    settle(&mut resident[n], &plan.for_node(name));
                 }
             }
         }
@@ -521,16 +512,6 @@ fn run(
     figures.placed_by_cohort = router.by_cohort;
     figures.node_blocks = router.load;
     Ok(figures)
-}
-
-/// Distinct blocks the requests read.
-fn distinct_blocks(trace: &Trace) -> u64 {
-    let all: HashSet<u64> = trace
-        .requests
-        .iter()
-        .flat_map(|r| r.blocks.iter().copied())
-        .collect();
-    all.len() as u64
 }
 
 /// A request of the window for `pages` of node `node`, arriving at
@@ -652,7 +633,6 @@ fn execute(
                         store.name
                     );
                 }
-                resident.insert(page);
                 w.verified_pages += 1;
             }
         }
@@ -671,14 +651,23 @@ fn execute(
             .map(|f| format!(" ({f})"))
             .unwrap_or_default()
     );
+    settle(resident, &share);
+    w.evicted_pages += report.evicted_pages;
+    w.executed_bytes += report.done_bytes;
+    Ok(report)
+}
+
+/// A node's CPU-tier pages after its share ran: the copies arrive, the
+/// evictions leave.
+fn settle(resident: &mut HashSet<u64>, share: &CachePlan) {
+    for r in share.ops.iter().flat_map(|o| &o.kv_refs) {
+        resident.extend(r.page..r.page + r.count.max(1));
+    }
     for r in share.evict.iter().filter(|r| r.location.ends_with("/cpu")) {
         for page in r.page..r.page + r.count.max(1) {
             resident.remove(&page);
         }
     }
-    w.evicted_pages += report.evicted_pages;
-    w.executed_bytes += report.done_bytes;
-    Ok(report)
 }
 
 /// Adds a window's figures into the running total.
